@@ -1,0 +1,449 @@
+"""The S6 selective scan (Mamba) with one public entry point and three backends.
+
+``selective_scan_fn`` has mamba-ssm's signature, layouts and semantics::
+
+    u, delta, z : (batch, dim, L)
+    A           : (dim, dstate)                        real, negative for a stable scan
+    B, C        : (batch, groups, dstate, L)           variable, one per group of dim/groups channels
+                  (batch, dstate, L)                   variable, one group
+                  (dim, dstate)                        constant over time and batch
+    D, delta_bias : (dim,)
+
+    delta  <- softplus(delta + delta_bias)      (bias and softplus optional)
+    h_t    =  exp(delta_t * A) * h_{t-1} + delta_t * u_t * B_t       h: (batch, dim, dstate), h_{-1} = 0
+    y_t    =  sum_n C_t[n] * h_t[n]  +  D * u_t
+    out    =  y * silu(z)                        (when z is given)
+
+It returns ``out`` (batch, dim, L), or ``(out, last_state)`` with ``last_state = h_{L-1}`` (batch, dim, dstate).
+
+Backends, chosen in one place (:func:`resolve_backend`):
+
+``"cuda"``  mamba-ssm's fused kernel, for CUDA tensors when ``mamba_ssm`` imports.
+``"torch"`` our pure-PyTorch scan (:class:`_ChunkedScan`): the same recurrence, evaluated time-major in
+            chunks of ``CHUNK`` steps by a function that ``torch.compile`` fuses into one kernel per chunk.
+            It only ever multiplies decays ``exp(delta*A) <= 1`` (never divides by a cumulative product,
+            never exponentiates a positive cumulative sum), so it is exact and stays finite for
+            delta*A down to -20 per step and beyond.  It saves its inputs and one state per chunk for
+            backward (never a (batch, dim, L, dstate) tensor) and recomputes the states of one chunk at a
+            time in a reverse chunk scan.  Where ``torch.compile`` is unavailable (no C++ compiler) the same
+            chunk functions run eagerly: same numbers, slower.
+``"ref"``   :func:`selective_scan_ref`, a plain sequential loop, the test oracle.
+``"auto"``  ``cuda`` where possible, else ``torch``.
+
+Everything is computed in float32; fp16/bf16 inputs come back in their own dtype.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["selective_scan_fn", "selective_scan_ref", "resolve_backend", "cuda_backend_available",
+           "BACKENDS", "CHUNK"]
+
+BACKENDS = ("auto", "cuda", "torch", "ref")
+# Time steps per compiled chunk: long enough that the per-call overhead is amortised, short enough
+# that the unrolled graph compiles in well under a minute.
+CHUNK = 16
+# "0" runs the chunk functions eagerly (no compiler needed; tests use this to avoid compile time).
+COMPILE_ENV = "MAMBAALIGN_COMPILE"
+
+_MAMBA_INSTALL_HINT = (
+    "pip install mamba-ssm --no-build-isolation  (needs a CUDA toolkit matching your PyTorch build; "
+    "see https://github.com/state-spaces/mamba)")
+
+_cuda_fn = None
+_cuda_import_error: Optional[BaseException] = None
+_cuda_import_tried = False
+_warned_auto_fallback = False
+
+
+def _import_cuda_kernel():
+    """Import mamba-ssm's selective scan once; remember why it failed (it fails without its extension)."""
+    global _cuda_fn, _cuda_import_error, _cuda_import_tried
+    if not _cuda_import_tried:
+        _cuda_import_tried = True
+        try:
+            from mamba_ssm.ops.selective_scan_interface import selective_scan_fn as fn
+            _cuda_fn = fn
+        except (ImportError, OSError) as exc:  # OSError: the extension's shared library fails to load
+            _cuda_import_error = exc
+    return _cuda_fn
+
+
+def cuda_backend_available() -> bool:
+    """True when mamba-ssm's CUDA kernel imports and a CUDA device is present."""
+    return torch.cuda.is_available() and _import_cuda_kernel() is not None
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """Map a requested backend ("auto", "cuda", "torch", "ref") to the one that runs on ``device``."""
+    global _warned_auto_fallback
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown selective-scan backend {backend!r}; choose one of {BACKENDS}")
+    if backend == "cuda":
+        if _import_cuda_kernel() is None:
+            raise RuntimeError(
+                f"selective-scan backend 'cuda' requested but mamba-ssm is not importable "
+                f"({_cuda_import_error!r}). Install it with: {_MAMBA_INSTALL_HINT}, "
+                f"or use backend='torch' (pure PyTorch, any device).")
+        if device.type != "cuda":
+            raise RuntimeError(f"selective-scan backend 'cuda' needs CUDA tensors, got tensors on {device}; "
+                               f"use backend='torch' or 'auto' for CPU tensors.")
+        return "cuda"
+    if backend == "auto":
+        if device.type == "cuda":
+            if _import_cuda_kernel() is not None:
+                return "cuda"
+            if not _warned_auto_fallback:
+                _warned_auto_fallback = True
+                warnings.warn(f"mamba-ssm is not importable ({_cuda_import_error!r}); the selective scan uses "
+                              f"the pure-PyTorch backend on CUDA. For the fused kernel: {_MAMBA_INSTALL_HINT}",
+                              stacklevel=3)
+        return "torch"
+    return backend
+
+
+# ----------------------------------------------------------------------------------------------------
+# Input checks and canonical layouts
+# ----------------------------------------------------------------------------------------------------
+
+def _canonical_bc(X: torch.Tensor, name: str, batch: int, dim: int, dstate: int, L: int):
+    """Return (X, groups, variable) with variable X as (batch, groups, dstate, L), constant X as (dim, dstate)."""
+    if X.is_complex():
+        raise TypeError(f"{name} must be real; complex selective scans are not supported")
+    if X.dim() == 2:
+        if tuple(X.shape) != (dim, dstate):
+            raise ValueError(f"constant {name} must be (dim, dstate) = {(dim, dstate)}, got {tuple(X.shape)}")
+        return X, 1, False
+    if X.dim() == 3:
+        X = X.unsqueeze(1)
+    if X.dim() != 4 or X.shape[0] != batch or X.shape[2] != dstate or X.shape[3] != L:
+        raise ValueError(f"variable {name} must be (batch, groups, dstate, L) or (batch, dstate, L) with "
+                         f"batch={batch}, dstate={dstate}, L={L}; got {tuple(X.shape)}")
+    groups = X.shape[1]
+    if dim % groups != 0:
+        raise ValueError(f"dim={dim} is not divisible by the {groups} groups of {name}")
+    return X, groups, True
+
+
+def _check_inputs(u, delta, A, D, z, delta_bias):
+    if u.dim() != 3:
+        raise ValueError(f"u must be (batch, dim, L), got {tuple(u.shape)}")
+    if delta.shape != u.shape:
+        raise ValueError(f"delta must have u's shape {tuple(u.shape)}, got {tuple(delta.shape)}")
+    if A.is_complex():
+        raise TypeError("A must be real; complex selective scans are not supported")
+    if A.dim() != 2 or A.shape[0] != u.shape[1]:
+        raise ValueError(f"A must be (dim, dstate) with dim={u.shape[1]}, got {tuple(A.shape)}")
+    for name, t in (("D", D), ("delta_bias", delta_bias)):
+        if t is not None and tuple(t.shape) != (u.shape[1],):
+            raise ValueError(f"{name} must be (dim,) = ({u.shape[1]},), got {tuple(t.shape)}")
+    if z is not None and z.shape != u.shape:
+        raise ValueError(f"z must have u's shape {tuple(u.shape)}, got {tuple(z.shape)}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# The reference: a plain sequential loop (the oracle)
+# ----------------------------------------------------------------------------------------------------
+
+def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                       return_last_state=False):
+    """Sequential selective scan; same signature and result as :func:`selective_scan_fn`.
+
+    u, delta, z: (batch, dim, L); A: (dim, dstate); B, C: see the module docstring; D, delta_bias: (dim,).
+    Computes in float32 and returns u's dtype. The loop walks lists made by ``unbind`` (indexing a big tensor
+    inside the loop would make the backward quadratic in L).
+    """
+    _check_inputs(u, delta, A, D, z, delta_bias)
+    dtype_in = u.dtype
+    batch, dim, L = u.shape
+    dstate = A.shape[1]
+    u, delta, A = u.float(), delta.float(), A.float()
+    if delta_bias is not None:
+        delta = delta + delta_bias.float()[:, None]
+    if delta_softplus:
+        delta = F.softplus(delta)
+    B, _, _ = _canonical_bc(B, "B", batch, dim, dstate, L)
+    C, _, _ = _canonical_bc(C, "C", batch, dim, dstate, L)
+
+    def per_channel(X):  # -> (batch, dim, dstate, L) or (dim, dstate)
+        if X.dim() == 2:
+            return X.float()
+        g = X.shape[1]
+        return X.float().repeat_interleave(dim // g, dim=1)
+
+    B, C = per_channel(B), per_channel(C)
+    deltaA = torch.exp(delta.unsqueeze(-1) * A[:, None, :])         # (batch, dim, L, dstate)
+    if B.dim() == 2:
+        deltaB_u = (delta * u).unsqueeze(-1) * B[:, None, :]         # (batch, dim, L, dstate)
+    else:
+        deltaB_u = (delta * u).unsqueeze(-1) * B.transpose(2, 3)     # (batch, dim, L, dstate)
+    C_steps = [C] * L if C.dim() == 2 else C.unbind(-1)              # L x (batch, dim, dstate) or (dim, dstate)
+    x = u.new_zeros(batch, dim, dstate)
+    ys = []
+    for a_t, bu_t, c_t in zip(deltaA.unbind(2), deltaB_u.unbind(2), C_steps):
+        x = a_t * x + bu_t
+        ys.append((x * c_t).sum(-1))                                 # (batch, dim)
+    y = torch.stack(ys, dim=-1)                                      # (batch, dim, L)
+    out = y if D is None else y + u * D.float()[:, None]
+    if z is not None:
+        out = out * F.silu(z.float())
+    out = out.to(dtype_in)
+    return (out, x) if return_last_state else out
+
+
+# ----------------------------------------------------------------------------------------------------
+# The fast pure-PyTorch scan
+# ----------------------------------------------------------------------------------------------------
+# Layout inside the fast scan: time-major, channels split into groups, so that a time step is one
+# contiguous slice and B/C broadcast over the channels of their group without ever being expanded:
+#   dt, u, y      : (Lp, batch, G, Dg)        Lp = L rounded up to a multiple of CHUNK
+#   Bt, Ct        : (Lp, batch, G, 1, N)      variable     |  (1, 1, G, Dg, N)  constant
+#   A             : (G, Dg, N)
+#   h             : (batch, G, Dg, N)
+# Padded steps have dt = 0 and u = 0: their decay is exp(0) = 1 and their input 0, so they carry the
+# state through unchanged and the last state stays exact.
+
+def _step_slice(X, t):
+    return X[t] if X.shape[0] > 1 else X[0]
+
+
+def _reduce_to(X, like):
+    """Sum a (batch, G, Dg, N) step gradient down to the broadcast shape of a (b', G, Dg', N) step operand."""
+    if like.shape[0] == 1:
+        X = X.sum(0, keepdim=True)
+    if like.shape[2] == 1:
+        X = X.sum(2, keepdim=True)
+    return X
+
+
+def _scan_chunk_fwd(h, dt, u, A, Bt, Ct):
+    """One chunk forward. h: (b, G, Dg, N); dt, u: (T, b, G, Dg); Bt, Ct: (T|1, b', G, Dg', N).
+    Returns y: (T, b, G, Dg) and the state after the chunk."""
+    ys = []
+    for t in range(dt.shape[0]):
+        dt_t = dt[t].unsqueeze(-1)                                   # (b, G, Dg, 1)
+        h = torch.exp(dt_t * A) * h + (dt_t * u[t].unsqueeze(-1)) * _step_slice(Bt, t)
+        ys.append((h * _step_slice(Ct, t)).sum(-1))
+    return torch.stack(ys), h
+
+
+def _scan_chunk_bwd(h0, dh, dt, u, A, Bt, Ct, dy):
+    """One chunk backward: recompute the chunk's states from h0, then walk back.
+
+    dh: adjoint of the state after the chunk (b, G, Dg, N); dy: (T, b, G, Dg).
+    Returns (ddt, du, dBt, dCt, dA, dh0) with ddt, du: (T, b, G, Dg); dBt, dCt shaped like Bt, Ct
+    (summed over the chunk when constant); dA: (G, Dg, N) summed over batch and chunk.
+    """
+    T = dt.shape[0]
+    hs, decays = [h0], []
+    h = h0
+    for t in range(T):
+        dt_t = dt[t].unsqueeze(-1)
+        a = torch.exp(dt_t * A)
+        h = a * h + (dt_t * u[t].unsqueeze(-1)) * _step_slice(Bt, t)
+        hs.append(h)
+        decays.append(a)
+    ddts, dus, dBs, dCs = [None] * T, [None] * T, [None] * T, [None] * T
+    dA = torch.zeros_like(A)
+    for t in range(T - 1, -1, -1):
+        B_t, C_t = _step_slice(Bt, t), _step_slice(Ct, t)
+        dy_t = dy[t].unsqueeze(-1)                                   # (b, G, Dg, 1)
+        dCs[t] = _reduce_to(dy_t * hs[t + 1], C_t)
+        dh = dh + dy_t * C_t                                         # adjoint of h_t
+        dt_t, u_t = dt[t], u[t]
+        dBs[t] = _reduce_to(dh * (dt_t * u_t).unsqueeze(-1), B_t)
+        g_in = (dh * B_t).sum(-1)                                    # d/d(dt*u)
+        g_dA = dh * hs[t] * decays[t]                                # d/d(dt*A), (b, G, Dg, N)
+        ddts[t] = g_in * u_t + (g_dA * A).sum(-1)
+        dus[t] = g_in * dt_t
+        dA = dA + (g_dA * dt_t.unsqueeze(-1)).sum(0)
+        dh = dh * decays[t]
+    dBt = torch.stack(dBs) if Bt.shape[0] > 1 else torch.stack(dBs).sum(0, keepdim=True)
+    dCt = torch.stack(dCs) if Ct.shape[0] > 1 else torch.stack(dCs).sum(0, keepdim=True)
+    return torch.stack(ddts), torch.stack(dus), dBt, dCt, dA, dh
+
+
+_compiled = {}
+_compile_failed: Optional[BaseException] = None
+
+
+def _compile_enabled() -> bool:
+    return os.environ.get(COMPILE_ENV, "1") != "0" and _compile_failed is None
+
+
+def _run_chunk(name, fn, *args):
+    """Run a chunk function compiled with torch.compile; on a compiler failure, warn once and run eagerly."""
+    global _compile_failed
+    if _compile_enabled():
+        if name not in _compiled:
+            # dynamic=True: one kernel with symbolic sizes serves every stage and batch size. Static kernels
+            # run about 2x faster, but each new shape costs a 20-40 s recompile (and the model has several).
+            _compiled[name] = torch.compile(fn, dynamic=True, fullgraph=True)
+        try:
+            return _compiled[name](*args)
+        except Exception as exc:  # the inductor backend raises several types when no C++ compiler works
+            _compile_failed = exc
+            warnings.warn(f"torch.compile of the selective scan failed ({type(exc).__name__}: {exc}); running "
+                          f"the same chunk functions eagerly (identical results, slower). Set "
+                          f"{COMPILE_ENV}=0 to skip the attempt.", stacklevel=3)
+    return fn(*args)
+
+
+class _ChunkedScan(torch.autograd.Function):
+    """Core recurrence y_t = C_t . h_t, h_t = exp(dt_t A) h_{t-1} + dt_t u_t B_t, on float32 inputs.
+
+    u, dt: (batch, dim, L); A: (dim, N); B, C canonical: (batch, G, N, L) or (dim, N).
+    Returns y (batch, dim, L) and the last state (batch, dim, N).
+    """
+
+    @staticmethod
+    def forward(ctx, u, dt, A, B, C):
+        batch, dim, L = u.shape
+        N = A.shape[1]
+        G = _groups(B, C)
+        Dg = dim // G
+        nchunk = -(-L // CHUNK)
+        Lp = nchunk * CHUNK
+        dt_t, u_t = _to_time_major(dt, G, Lp), _to_time_major(u, G, Lp)
+        A_g = A.reshape(G, Dg, N)
+        Bt, Ct = _bc_time_major(B, G, Lp), _bc_time_major(C, G, Lp)
+        h = u.new_zeros(batch, G, Dg, N)
+        y_t = torch.empty_like(u_t)
+        starts = u.new_empty(nchunk, batch, G, Dg, N)             # one state per chunk, kept for backward
+        for c in range(nchunk):
+            s = slice(c * CHUNK, (c + 1) * CHUNK)
+            starts[c] = h
+            y_t[s], h = _run_chunk("fwd", _scan_chunk_fwd, h, dt_t[s], u_t[s], A_g,
+                                   _bc_slice(Bt, s), _bc_slice(Ct, s))
+        ctx.save_for_backward(dt_t, u_t, A_g, Bt, Ct, starts)
+        ctx.meta = (batch, dim, L, N, G, B.dim() == 2, C.dim() == 2)
+        return _from_time_major(y_t, L), h.reshape(batch, dim, N)
+
+    @staticmethod
+    def backward(ctx, dy, dlast):
+        dt_t, u_t, A_g, Bt, Ct, starts = ctx.saved_tensors
+        batch, dim, L, N, G, b_const, c_const = ctx.meta
+        Lp = dt_t.shape[0]
+        dy_t = _to_time_major(dy.float(), G, Lp) if dy is not None else torch.zeros_like(u_t)
+        dh = (dlast.float().reshape(batch, G, dim // G, N) if dlast is not None
+              else u_t.new_zeros(starts.shape[1:]))
+        ddt_t, du_t = torch.empty_like(dt_t), torch.empty_like(u_t)
+        dBt, dCt = torch.zeros_like(Bt), torch.zeros_like(Ct)
+        dA = torch.zeros_like(A_g)
+        for c in range(starts.shape[0] - 1, -1, -1):
+            s = slice(c * CHUNK, (c + 1) * CHUNK)
+            ddt_c, du_c, dB_c, dC_c, dA_c, dh = _run_chunk(
+                "bwd", _scan_chunk_bwd, starts[c], dh, dt_t[s], u_t[s], A_g,
+                _bc_slice(Bt, s), _bc_slice(Ct, s), dy_t[s])
+            ddt_t[s], du_t[s] = ddt_c, du_c
+            _bc_accumulate(dBt, s, dB_c)
+            _bc_accumulate(dCt, s, dC_c)
+            dA += dA_c
+        du, ddt = _from_time_major(du_t, L), _from_time_major(ddt_t, L)
+        dB = _bc_from_time_major(dBt, L, b_const, dim, N)
+        dC = _bc_from_time_major(dCt, L, c_const, dim, N)
+        return du, ddt, dA.reshape(dim, N), dB, dC
+
+
+def _groups(B, C):
+    gb = B.shape[1] if B.dim() == 4 else None
+    gc = C.shape[1] if C.dim() == 4 else None
+    if gb is not None and gc is not None and gb != gc:
+        raise ValueError(f"B and C must have the same number of groups, got {gb} and {gc}")
+    return gb or gc or 1
+
+
+def _to_time_major(x, G, Lp):
+    """(batch, dim, L) -> (Lp, batch, G, Dg), zero-padded in time."""
+    batch, dim, L = x.shape
+    x = x.permute(2, 0, 1).reshape(L, batch, G, dim // G)
+    if Lp > L:
+        x = F.pad(x, (0, 0, 0, 0, 0, 0, 0, Lp - L))
+    return x.contiguous()
+
+
+def _from_time_major(x, L):
+    """(Lp, batch, G, Dg) -> (batch, dim, L)."""
+    Lp, batch, G, Dg = x.shape
+    return x[:L].reshape(L, batch, G * Dg).permute(1, 2, 0).contiguous()
+
+
+def _bc_time_major(X, G, Lp):
+    """Variable (batch, G, N, L) -> (Lp, batch, G, 1, N); constant (dim, N) -> (1, 1, G, Dg, N)."""
+    if X.dim() == 2:
+        dim, N = X.shape
+        return X.reshape(1, 1, G, dim // G, N).contiguous()
+    batch, _, N, L = X.shape
+    Xt = X.permute(3, 0, 1, 2).reshape(L, batch, G, 1, N)
+    if Lp > L:
+        Xt = F.pad(Xt, (0, 0, 0, 0, 0, 0, 0, 0, 0, Lp - L))
+    return Xt.contiguous()
+
+
+def _bc_slice(Xt, s):
+    return Xt[s] if Xt.shape[0] > 1 else Xt
+
+
+def _bc_accumulate(dXt, s, dX_c):
+    if dXt.shape[0] > 1:
+        dXt[s] = dX_c
+    else:
+        dXt += dX_c
+
+
+def _bc_from_time_major(dXt, L, const, dim, N):
+    if const:
+        return dXt.reshape(dim, N)
+    return dXt[:L].squeeze(3).permute(1, 2, 3, 0).contiguous()        # (batch, G, N, L)
+
+
+@torch.compiler.disable
+def _selective_scan_torch(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state):
+    dtype_in = u.dtype
+    batch, dim, L = u.shape
+    dstate = A.shape[1]
+    u32, A32 = u.float(), A.float()
+    # We keep delta in float32 before the softplus: softplus of bf16 loses the small steps.
+    delta = delta.float()
+    if delta_bias is not None:
+        delta = delta + delta_bias.float()[:, None]
+    if delta_softplus:
+        delta = F.softplus(delta)
+    B, gb, _ = _canonical_bc(B, "B", batch, dim, dstate, L)
+    C, gc, _ = _canonical_bc(C, "C", batch, dim, dstate, L)
+    y, last = _ChunkedScan.apply(u32, delta, A32, B.float(), C.float())
+    out = y if D is None else y + u32 * D.float()[:, None]
+    if z is not None:
+        out = out * F.silu(z.float())
+    out = out.to(dtype_in)
+    return (out, last) if return_last_state else out
+
+
+# ----------------------------------------------------------------------------------------------------
+# The public entry point
+# ----------------------------------------------------------------------------------------------------
+
+def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                      return_last_state=False, backend: str = "auto"):
+    """Mamba's selective scan (see the module docstring for the definition and layouts).
+
+    u, delta, z: (batch, dim, L); A: (dim, dstate); B, C: (batch, groups, dstate, L), (batch, dstate, L) or
+    (dim, dstate); D, delta_bias: (dim,). Returns out (batch, dim, L) in u's dtype, and with
+    ``return_last_state`` also the final state (batch, dim, dstate) in float32.
+    ``backend``: "auto" | "cuda" | "torch" | "ref".
+    """
+    _check_inputs(u, delta, A, D, z, delta_bias)
+    chosen = resolve_backend(backend, u.device)
+    if chosen == "cuda":
+        return _cuda_fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+    if chosen == "ref":
+        return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+    return _selective_scan_torch(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)

@@ -1,0 +1,35 @@
+"""Shared test set-up: small, CPU, deterministic.
+
+The fast selective scan is normally compiled with torch.compile; a first compile takes minutes on a
+2-core machine, so tests run its chunk functions eagerly (same code, same numbers) unless a test turns
+compilation on itself (tests/test_selective_scan.py::test_compiled_matches_ref).
+"""
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("MAMBAALIGN_COMPILE", "0")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+torch.set_num_threads(2)
+
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+
+@pytest.fixture
+def shared_data():
+    """Path to ../shared/data (real MulSen-AD and MVTec samples); skips where a clone has none."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"real sample data not found at {SHARED_DATA} (only CI and the team's machines have it)")
+    return SHARED_DATA
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

@@ -1,0 +1,176 @@
+"""The fast `torch` selective scan against the sequential `ref` oracle: outputs, last state, every gradient."""
+import math
+import os
+
+import pytest
+import torch
+
+import selective_scan
+from selective_scan import selective_scan_fn, selective_scan_ref
+
+# mamba-ssm's float32 tolerances (tests/ops/test_selective_scan.py).
+RTOL, ATOL = 6e-4, 2e-3
+
+
+def make_inputs(batch, dim, L, dstate, groups, layout, init="mamba", seed=0):
+    """layout: "var4" (batch, groups, dstate, L), "var3" (batch, dstate, L), "const" (dim, dstate)."""
+    g = torch.Generator().manual_seed(seed)
+    u = torch.randn(batch, dim, L, generator=g)
+    z = torch.randn(batch, dim, L, generator=g)
+    D = torch.randn(dim, generator=g)
+    if init == "mamba":
+        # Mamba's initialisation: A = -exp(A_log), A_log = log(1..N); softplus(dt bias) in [1e-3, 1e-1].
+        A = -torch.arange(1, dstate + 1, dtype=torch.float32).repeat(dim, 1)
+        dt = torch.exp(torch.rand(dim, generator=g) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3))
+        delta_bias = dt + torch.log(-torch.expm1(-dt))
+        delta = 0.1 * torch.randn(batch, dim, L, generator=g)
+    else:  # strong decay: delta*A down to -20 per step for the largest |A|
+        A = -torch.linspace(1.0, float(dstate), dstate).repeat(dim, 1)
+        delta_bias = torch.zeros(dim)
+        delta = torch.full((batch, dim, L), 20.0 / dstate) * (0.5 + torch.rand(batch, dim, L, generator=g))
+        delta = torch.log(torch.expm1(delta))  # inverse softplus, so softplus(delta) is the step above
+    if layout == "const":
+        B, C = torch.randn(dim, dstate, generator=g), torch.randn(dim, dstate, generator=g)
+    elif layout == "var3":
+        B, C = torch.randn(batch, dstate, L, generator=g), torch.randn(batch, dstate, L, generator=g)
+    else:
+        B = torch.randn(batch, groups, dstate, L, generator=g)
+        C = torch.randn(batch, groups, dstate, L, generator=g)
+    return dict(u=u, delta=delta, A=A, B=B, C=C, D=D, z=z, delta_bias=delta_bias)
+
+
+def run(inputs, backend, with_grad=True, seed=1):
+    leaves = {k: v.clone().requires_grad_(with_grad) for k, v in inputs.items()}
+    out, last = selective_scan_fn(**leaves, delta_softplus=True, return_last_state=True, backend=backend)
+    grads = {}
+    if with_grad:
+        g = torch.Generator().manual_seed(seed)
+        w_out = torch.randn(out.shape, generator=g)
+        w_last = torch.randn(last.shape, generator=g)
+        ((out * w_out).sum() + (last * w_last).sum()).backward()
+        grads = {k: v.grad for k, v in leaves.items()}
+    return out.detach(), last.detach(), grads
+
+
+def assert_same(a, b, what):
+    torch.testing.assert_close(a, b, rtol=RTOL, atol=ATOL, msg=lambda m: f"{what}: {m}")
+
+
+CASES = [(L, groups, layout) for L in (1, 7, 100, 257) for groups in (1, 2, 4) for layout in ("var4",)]
+CASES += [(L, 1, "var3") for L in (1, 7, 100, 257)] + [(L, 1, "const") for L in (1, 7, 100, 257)]
+
+
+@pytest.mark.parametrize("L,groups,layout", CASES)
+def test_torch_matches_ref(L, groups, layout):
+    inputs = make_inputs(2, 8, L, 4, groups, layout)
+    out_r, last_r, g_r = run(inputs, "ref")
+    out_t, last_t, g_t = run(inputs, "torch")
+    assert_same(out_t, out_r, "out")
+    assert_same(last_t, last_r, "last_state")
+    for name in inputs:
+        assert g_r[name] is not None and g_t[name] is not None, name
+        assert_same(g_t[name], g_r[name], f"grad {name}")
+
+
+@pytest.mark.parametrize("layout", ["var4", "const"])
+def test_strong_decay_finite_and_exact(layout):
+    inputs = make_inputs(2, 8, 300, 16, 4 if layout == "var4" else 1, layout, init="strong")
+    step = torch.nn.functional.softplus(inputs["delta"]) * inputs["A"][:, -1][None, :, None]
+    assert step.min() < -20, "the case must reach delta*A < -20 per step"
+    out_r, last_r, g_r = run(inputs, "ref")
+    out_t, last_t, g_t = run(inputs, "torch")
+    for t in [out_t, last_t, *g_t.values()]:
+        assert torch.isfinite(t).all()
+    assert_same(out_t, out_r, "out")
+    for name in inputs:
+        assert_same(g_t[name], g_r[name], f"grad {name}")
+
+
+def test_extreme_decay_stays_finite():
+    # delta*A of -1000 per step: any scheme that divides by a cumulative decay overflows here.
+    inputs = make_inputs(1, 4, 64, 4, 1, "var4", init="strong")
+    inputs["delta"] = torch.full_like(inputs["delta"], 300.0)
+    out, last, grads = run(inputs, "torch")
+    assert torch.isfinite(out).all() and torch.isfinite(last).all()
+    assert all(torch.isfinite(g).all() for g in grads.values())
+    out_r, _, _ = run(inputs, "ref", with_grad=False)
+    assert_same(out, out_r, "out")
+
+
+def test_optional_arguments_and_plain_output():
+    inputs = make_inputs(2, 8, 33, 4, 2, "var4")
+    # Without softplus the caller must pass a positive step.
+    inputs["delta"] = torch.nn.functional.softplus(inputs["delta"] + inputs["delta_bias"][:, None])
+    inputs["delta_bias"] = 0.01 * torch.rand(8)
+    for drop in ("D", "z", "delta_bias"):
+        kw = {k: v for k, v in inputs.items() if k != drop}
+        a = selective_scan_fn(**kw, delta_softplus=False, backend="torch")
+        b = selective_scan_ref(**kw, delta_softplus=False)
+        assert a.shape == (2, 8, 33)
+        assert_same(a, b, f"without {drop}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_inputs_return_input_dtype(dtype):
+    inputs = make_inputs(2, 8, 40, 4, 2, "var4")
+    low = {k: v.to(dtype) for k, v in inputs.items()}
+    out = selective_scan_fn(**low, delta_softplus=True, backend="torch")
+    assert out.dtype == dtype
+    ref = selective_scan_ref(**{k: v.float() for k, v in low.items()}, delta_softplus=True)
+    torch.testing.assert_close(out.float(), ref, rtol=1e-2, atol=1e-2)
+
+
+def test_backend_selection_and_errors():
+    assert selective_scan.resolve_backend("auto", torch.device("cpu")) == "torch"
+    assert selective_scan.resolve_backend("ref", torch.device("cpu")) == "ref"
+    with pytest.raises(ValueError, match="unknown selective-scan backend"):
+        selective_scan.resolve_backend("fast", torch.device("cpu"))
+    if not selective_scan.cuda_backend_available():
+        with pytest.raises(RuntimeError, match="pip install mamba-ssm"):
+            selective_scan.resolve_backend("cuda", torch.device("cpu"))
+
+
+def test_shape_errors_name_the_argument():
+    inputs = make_inputs(2, 8, 10, 4, 2, "var4")
+    bad = dict(inputs, B=torch.randn(2, 3, 4, 10))
+    with pytest.raises(ValueError, match="divisible"):
+        selective_scan_fn(**bad)
+    bad = dict(inputs, A=torch.randn(7, 4))
+    with pytest.raises(ValueError, match="A must be"):
+        selective_scan_fn(**bad)
+    bad = dict(inputs, C=torch.randn(2, 2, 4, 9))
+    with pytest.raises(ValueError, match="variable C"):
+        selective_scan_fn(**bad)
+
+
+def test_ref_backward_is_linear_in_length():
+    # The oracle itself must be usable at realistic lengths (its backward walks unbind lists).
+    inputs = make_inputs(1, 4, 2048, 4, 1, "var4")
+    out, last, grads = run(inputs, "ref")
+    assert torch.isfinite(grads["u"]).all()
+
+
+@pytest.mark.slow
+def test_compiled_matches_ref(monkeypatch):
+    """The torch.compile'd chunk kernels (the default outside tests) agree with the oracle."""
+    monkeypatch.setenv(selective_scan.COMPILE_ENV, "1")
+    inputs = make_inputs(2, 16, 70, 16, 4, "var4")
+    out_r, last_r, g_r = run(inputs, "ref")
+    out_t, last_t, g_t = run(inputs, "torch")
+    assert selective_scan._compile_failed is None, f"compile failed: {selective_scan._compile_failed!r}"
+    assert "fwd" in selective_scan._compiled and "bwd" in selective_scan._compiled
+    assert_same(out_t, out_r, "out")
+    assert_same(last_t, last_r, "last_state")
+    for name in inputs:
+        assert_same(g_t[name], g_r[name], f"grad {name}")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_matches_torch():
+    inputs = {k: v.cuda() for k, v in make_inputs(2, 16, 300, 16, 4, "var4").items()}
+    out_t, last_t, g_t = run(inputs, "torch")
+    backend = "cuda" if selective_scan.cuda_backend_available() else "torch"
+    out_c, last_c, g_c = run(inputs, backend)
+    assert_same(out_c, out_t, "out")
+    for name in inputs:
+        assert_same(g_c[name], g_t[name], f"grad {name}")
