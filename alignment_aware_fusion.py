@@ -1,0 +1,111 @@
+"""Alignment-Aware Fusion (AAF): offset-aware, gated, top-down fusion over stages 5 -> 4 -> 3.
+
+At each stage s (coarse to fine):
+  1. project RGB and aux features to ``out_channels``;
+  2. predict an offset field (B, 2, H, W) in pixels of that stage from [rgb, aux, upsampled coarser fused map],
+     as a residual on the upsampled coarser offsets (x2, because pixels halve in size), so a shift found at
+     stride 32 is refined at 16 and 8. The last offset conv starts near zero: AAF starts as an identity warp;
+  3. warp the aux features onto the RGB grid with ``grid_sample`` (bilinear, border padding);
+  4. fuse with a learned per-pixel gate g (sigmoid): g * rgb + (1 - g) * aux_warped, refine with a 3x3 conv,
+     add the upsampled coarser fused map.
+
+Modes: ``align=False`` (the ablation without AAF) fuses rgb + aux with no offsets and no gate; without aux
+(RGB-only models) a stage is just the refined RGB projection plus the coarser map.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+__all__ = ["AlignmentAwareFusion", "warp", "conv_norm_act"]
+
+
+def conv_norm_act(cin: int, cout: int, k: int = 1) -> nn.Sequential:
+    """Conv + GroupNorm + GELU (GroupNorm: batch-size independent, so small training batches are fine)."""
+    return nn.Sequential(nn.Conv2d(cin, cout, k, padding=k // 2, bias=False),
+                         nn.GroupNorm(min(8, cout), cout), nn.GELU())
+
+
+def warp(x: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+    """Sample x at (pixel + offset). x: (B, C, H, W); offset: (B, 2, H, W) as (dx, dy) in pixels."""
+    B, _, H, W = x.shape
+    ys = torch.arange(H, device=x.device, dtype=x.dtype)
+    xs = torch.arange(W, device=x.device, dtype=x.dtype)
+    gy, gx = torch.meshgrid(ys, xs, indexing="ij")
+    px = gx.unsqueeze(0) + offset[:, 0].to(x.dtype)
+    py = gy.unsqueeze(0) + offset[:, 1].to(x.dtype)
+    # Pixel centres -> normalised coordinates for align_corners=False.
+    grid = torch.stack([(2 * px + 1) / W - 1, (2 * py + 1) / H - 1], dim=-1)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+class _Stage(nn.Module):
+    def __init__(self, c_in: int, out: int, has_aux: bool, align: bool, coarser: bool):
+        super().__init__()
+        self.has_aux, self.align = has_aux, align and has_aux
+        self.proj_rgb = conv_norm_act(c_in, out)
+        self.proj_aux = conv_norm_act(c_in, out) if has_aux else None
+        if self.align:
+            ctx = 3 * out if coarser else 2 * out
+            self.offset = nn.Sequential(nn.Conv2d(ctx, out // 2, 3, padding=1), nn.GELU(),
+                                        nn.Conv2d(out // 2, 2, 3, padding=1))
+            # Near-zero start (identity warp); not exactly zero, so the layer before also learns from step 1.
+            nn.init.normal_(self.offset[-1].weight, std=1e-3)
+            nn.init.zeros_(self.offset[-1].bias)
+            self.gate = nn.Sequential(nn.Conv2d(2 * out, out // 2, 3, padding=1), nn.GELU(),
+                                      nn.Conv2d(out // 2, 1, 1))
+        self.refine = conv_norm_act(out, out, 3)
+
+    def forward(self, rgb, aux, coarse_fused, coarse_offset):
+        r = self.proj_rgb(rgb)
+        H, W = r.shape[2:]
+        up = None if coarse_fused is None else F.interpolate(coarse_fused, size=(H, W), mode="bilinear",
+                                                             align_corners=False)
+        offset = None
+        if not self.has_aux:
+            x = r
+        elif not self.align:
+            x = r + self.proj_aux(aux)
+        else:
+            a = self.proj_aux(aux)
+            ctx = [r, a] if up is None else [r, a, up]
+            offset = self.offset(torch.cat(ctx, dim=1))
+            if coarse_offset is not None:
+                scale = torch.tensor([W / coarse_offset.shape[3], H / coarse_offset.shape[2]],
+                                     device=r.device, dtype=r.dtype).view(1, 2, 1, 1)
+                offset = offset + scale * F.interpolate(coarse_offset, size=(H, W), mode="bilinear",
+                                                        align_corners=False)
+            a = warp(a, offset)
+            g = torch.sigmoid(self.gate(torch.cat([r, a], dim=1)))
+            x = g * r + (1 - g) * a
+        x = self.refine(x)
+        return (x if up is None else x + up), offset
+
+
+class AlignmentAwareFusion(nn.Module):
+    """channels: input channels of stages (3, 4, 5) (finest first). forward(rgb_feats, aux_feats) with lists
+    finest first returns (fused, offsets): fused (B, out_channels, H_s, W_s) per stage, finest first, and the
+    predicted offsets (B, 2, H_s, W_s) per stage in pixels of that stage (None where not predicted)."""
+
+    def __init__(self, channels: Sequence[int], out_channels: int, has_aux: bool = True, align: bool = True):
+        super().__init__()
+        self.has_aux, self.align = has_aux, align and has_aux
+        n = len(channels)
+        self.stages = nn.ModuleList(_Stage(c, out_channels, has_aux, align, coarser=i < n - 1)
+                                    for i, c in enumerate(channels))
+
+    def forward(self, rgb_feats: List[torch.Tensor], aux_feats: Optional[List[torch.Tensor]] = None
+                ) -> Tuple[List[torch.Tensor], List[Optional[torch.Tensor]]]:
+        if self.has_aux and (aux_feats is None or len(aux_feats) != len(rgb_feats)):
+            raise ValueError("AAF was built for two modalities: pass one aux feature map per stage")
+        fused: List[Optional[torch.Tensor]] = [None] * len(rgb_feats)
+        offsets: List[Optional[torch.Tensor]] = [None] * len(rgb_feats)
+        coarse_f, coarse_o = None, None
+        for i in range(len(rgb_feats) - 1, -1, -1):
+            aux = aux_feats[i] if self.has_aux else None
+            coarse_f, coarse_o = self.stages[i](rgb_feats[i], aux, coarse_f, coarse_o)
+            fused[i], offsets[i] = coarse_f, coarse_o
+        return fused, offsets
