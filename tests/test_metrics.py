@@ -1,0 +1,124 @@
+"""Metrics against scikit-learn, brute-force loops and a slow, obviously-correct AUPRO reference."""
+import warnings
+
+import numpy as np
+import pytest
+from scipy import ndimage
+from sklearn.metrics import average_precision_score, roc_auc_score
+
+import metrics
+
+
+def ref_aupro(maps, masks, limit):
+    """Region by region, threshold by threshold, then the trapezoid rule with interpolation at the limit."""
+    regions = []
+    for i in range(len(masks)):
+        lab, n = ndimage.label(masks[i], structure=np.ones((3, 3)))
+        regions += [(i, lab == r) for r in range(1, n + 1)]
+    normal = ~masks
+    xs, ys = [0.0], [0.0]
+    for t in sorted(np.unique(maps), reverse=True):
+        xs.append((maps[normal] >= t).sum() / normal.sum())
+        ys.append(np.mean([(maps[i][r] >= t).mean() for i, r in regions]))
+    area = 0.0
+    for (x0, y0), (x1, y1) in zip(zip(xs, ys), zip(xs[1:], ys[1:])):
+        if x0 >= limit:
+            break
+        if x1 > limit:
+            y1 = y0 + (y1 - y0) * (limit - x0) / (x1 - x0)
+            x1 = limit
+        area += (x1 - x0) * (y0 + y1) / 2
+    return area / limit
+
+
+def _toy_set(seed, n=4, size=10, decimals=1):
+    rng = np.random.default_rng(seed)
+    masks = np.zeros((n, size, size), bool)
+    for i in range(n):
+        for _ in range(rng.integers(1, 3)):
+            y, x = rng.integers(0, size - 3, 2)
+            masks[i, y:y + rng.integers(1, 4), x:x + rng.integers(1, 4)] = True
+    maps = np.round(rng.random((n, size, size)) + 0.4 * masks, decimals)  # many ties
+    return maps, masks
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("limit", [0.3, 0.05, 1.0])
+def test_aupro_equals_slow_reference(seed, limit):
+    maps, masks = _toy_set(seed)
+    assert abs(metrics.aupro(maps, masks, limit) - ref_aupro(maps, masks, limit)) < 1e-9
+
+
+def test_aupro_perfect_and_inverted_maps():
+    _, masks = _toy_set(0)
+    perfect = masks.astype(float) + 0.01 * np.random.default_rng(1).random(masks.shape)
+    assert metrics.aupro(perfect, masks) == pytest.approx(1.0, abs=1e-12)
+    inverted = 1.0 - masks.astype(float)
+    assert metrics.aupro(inverted, masks) == pytest.approx(0.0, abs=1e-12)
+    assert 0.0 <= metrics.aupro(np.random.default_rng(2).random(masks.shape), masks) <= 1.0
+
+
+def test_aupro_counts_regions_not_pixels():
+    # One big region fully detected, one small region missed: PRO = mean over regions = 0.5 (a pixel-weighted
+    # score would say ~0.9).
+    masks = np.zeros((1, 20, 20), bool)
+    masks[0, 2:12, 2:12] = True    # 100 px
+    masks[0, 15:17, 15:17] = True  # 4 px
+    maps = np.zeros((1, 20, 20))
+    maps[0, 2:12, 2:12] = 1.0
+    fpr, pro = metrics.pro_curve(maps, masks)
+    assert pro[1] == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_image_metrics_equal_sklearn(seed):
+    rng = np.random.default_rng(seed)
+    s = np.round(rng.random(300), 2)
+    y = rng.random(300) < 0.3
+    assert metrics.image_auroc(s, y) == pytest.approx(roc_auc_score(y, s), abs=1e-12)
+    assert metrics.average_precision(s, y) == pytest.approx(average_precision_score(y, s), abs=1e-12)
+    maps, masks = _toy_set(seed)
+    assert metrics.pixel_auroc(maps, masks) == pytest.approx(roc_auc_score(masks.ravel(), maps.ravel()), abs=1e-12)
+    assert metrics.pixel_ap(maps, masks) == pytest.approx(average_precision_score(masks.ravel(), maps.ravel()),
+                                                          abs=1e-12)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_f1_max_equals_brute_force(seed):
+    rng = np.random.default_rng(seed)
+    s = np.round(rng.random(200), 2)
+    y = rng.random(200) < 0.4
+    best, best_t = 0.0, None
+    for t in np.unique(s):
+        pred = s >= t
+        tp = (pred & y).sum()
+        p = tp / pred.sum()
+        r = tp / y.sum()
+        f1 = 0.0 if tp == 0 else 2 * p * r / (p + r)
+        if f1 > best:
+            best, best_t = f1, t
+    f1, t = metrics.f1_max(s, y, return_threshold=True)
+    assert f1 == pytest.approx(best, abs=1e-12) and t == best_t
+
+
+def test_degenerate_inputs_give_nan_with_warning():
+    with pytest.warns(RuntimeWarning, match="both classes"):
+        assert np.isnan(metrics.image_auroc([0.1, 0.2], [0, 0]))
+    with pytest.warns(RuntimeWarning):
+        assert np.isnan(metrics.f1_max([0.1, 0.2], [1, 1]))
+    with pytest.warns(RuntimeWarning, match="regions"):
+        assert np.isnan(metrics.aupro(np.zeros((2, 4, 4)), np.zeros((2, 4, 4), bool)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = metrics.compute_metrics([0.1, 0.9], [0, 1], np.zeros((2, 4, 4)), np.zeros((2, 4, 4), bool))
+    assert out["image_auroc"] == 1.0 and np.isnan(out["pixel_auroc"]) and np.isnan(out["aupro"])
+    assert set(out) == set(metrics.METRIC_KEYS)
+
+
+def test_bad_inputs_raise():
+    with pytest.raises(ValueError, match="differ in size"):
+        metrics.image_auroc([0.1, 0.2, 0.3], [0, 1])
+    with pytest.raises(ValueError, match="NaN"):
+        metrics.image_auroc([0.1, float("nan")], [0, 1])
+    with pytest.raises(ValueError, match="fpr_limit"):
+        metrics.aupro(np.zeros((1, 2, 2)), np.ones((1, 2, 2), bool), 0.0)
