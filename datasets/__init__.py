@@ -1,0 +1,74 @@
+"""Datasets: one file per family, one entry point.
+
+    build_dataset(name, root, object_name, split, img_size, aux_ch, **kw) -> AnomalyDataset
+    list_objects(name, root) -> list of object/class names
+
+Names: mulsenad, realiadd3, mvtec3d, eyecandies (after ``prepare_data.py eyecandies``), mvtec (MVTec AD, VisA in
+MVTec layout, BTAD, MPDD), rgbd (generic folder), synthetic (procedural, root=None). Every sample is a dict:
+rgb (3, H, W), aux (aux_ch, H, W) unless aux_ch == 0, mask (1, H, W) in {0, 1}, label, defect, object, path,
+and valid (1, H, W) for modalities with missing data.
+"""
+from __future__ import annotations
+
+import os
+from typing import Dict, List, Optional, Tuple
+
+from .base import AnomalyDataset, Record
+from .transforms import DatasetError
+
+__all__ = ["build_dataset", "list_objects", "DATASETS", "AUX_CHANNELS", "AnomalyDataset", "DatasetError",
+           "Record"]
+
+# name -> (module, class, aux_ch choices, default aux_ch)
+DATASETS: Dict[str, Tuple[str, str, Tuple[int, ...], int]] = {
+    "mulsenad": ("mulsen_ad", "MulSenAD", (1, 0), 1),
+    "realiadd3": ("real_iad_d3", "RealIADD3", (3, 0), 3),
+    "mvtec3d": ("mvtec3d", "MVTec3D", (3, 1, 0), 3),
+    "eyecandies": ("mvtec3d", "MVTec3D", (3, 1, 0), 3),
+    "mvtec": ("mvtec_ad", "MVTecAD", (0,), 0),
+    "rgbd": ("rgbd", "RGBDFolder", (1, 3, 0), 1),
+    "synthetic": ("synthetic", "SyntheticDataset", (3, 1, 0), 3),
+}
+AUX_CHANNELS = {name: spec[2] for name, spec in DATASETS.items()}
+
+
+def _class(name: str):
+    if name not in DATASETS:
+        raise DatasetError(f"unknown dataset {name!r}; choose one of {sorted(DATASETS)}")
+    import importlib
+    module, cls, _, _ = DATASETS[name]
+    return getattr(importlib.import_module(f".{module}", __name__), cls)
+
+
+def build_dataset(name: str, root: Optional[str], object_name: str, split: str, img_size=256,
+                  aux_ch: Optional[int] = None, **kw) -> AnomalyDataset:
+    """Build the `split` of `object_name` from the dataset family `name` (see the module docstring)."""
+    cls = _class(name)
+    choices = DATASETS[name][2]
+    aux_ch = DATASETS[name][3] if aux_ch is None else aux_ch
+    if aux_ch not in choices:
+        raise DatasetError(f"dataset {name!r} provides aux_ch in {choices} (0 = RGB only), got aux_ch={aux_ch}")
+    if name != "synthetic":
+        if not root:
+            raise DatasetError(f"dataset {name!r} needs a data root (--data_root)")
+        if not os.path.isdir(root):
+            raise DatasetError(f"data root not found: {root}")
+        objects = list_objects(name, root)
+        if object_name not in objects:
+            raise DatasetError(f"object {object_name!r} not found in {root}; available: {', '.join(objects) or 'none'}")
+    if name == "eyecandies":
+        kw.setdefault("family", "Eyecandies")
+    return cls(root, object_name, split, img_size, aux_ch, **kw)
+
+
+def list_objects(name: str, root: Optional[str] = None) -> List[str]:
+    """Object / class names available for dataset `name` under `root` (folders that hold the family's layout)."""
+    if name == "synthetic":
+        from .synthetic import OBJECT_TYPES
+        return list(OBJECT_TYPES)
+    _class(name)
+    if not root or not os.path.isdir(root):
+        raise DatasetError(f"data root not found: {root}")
+    marker = {"mulsenad": "RGB", "mvtec": "train", "mvtec3d": "train", "eyecandies": "train", "realiadd3": "train",
+              "rgbd": "train"}[name]
+    return sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d, marker)))

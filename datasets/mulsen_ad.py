@@ -1,0 +1,105 @@
+"""MulSen-AD (RGB + infrared; the point clouds are not used), in its official tree:
+
+    <root>/<class>/RGB/train/<n>.png
+    <root>/<class>/RGB/test/<defect>/<n>.png          (incl. good)
+    <root>/<class>/RGB/GT/<defect>/<n>.png            RGB masks; some anomalous images have none
+    <root>/<class>/RGB/GT/<defect>/data.csv           optional labels: object, RGB, Infrared, Pointcloud
+    <root>/<class>/Infrared/{train,test/<defect>}/<n>.png   same names as RGB
+
+Labels: from data.csv when present (``label_source``: "any" = anomalous in any of the three sensors, the
+MulSen-AD setting; or "rgb", "infrared", "rgb_or_infrared"), otherwise from the folder (good = 0). A test image
+without an RGB mask gets an all-zero mask and keeps its label. RGB and infrared come from two cameras and are
+not registered; they may differ in size (each is resized to img_size).
+"""
+from __future__ import annotations
+
+import csv
+import os
+from typing import Dict, List, Optional
+
+import numpy as np
+
+from .base import AnomalyDataset, Record, list_images, require_dir
+from .transforms import DatasetError, read_image
+
+CLASSNAMES = ("button_cell", "capsule", "cotton", "cube", "flat_pad", "light", "nut", "piggy", "plastic_cylinder",
+              "screen", "screw", "solar_panel", "spring_pad", "toothbrush", "zipper")
+LABEL_SOURCES = {"any": (0, 1, 2), "rgb": (0,), "infrared": (1,), "rgb_or_infrared": (0, 1)}
+
+
+def read_label_csv(path: str, stems: List[str], label_source: str) -> Dict[str, int]:
+    """data.csv rows (object, RGB, Infrared, Pointcloud) -> {stem: label}. Rows are matched by the first
+    column when it names the files, else by order (the official files list samples in numeric order)."""
+    cols = LABEL_SOURCES[label_source]
+    with open(path, newline="") as fh:
+        rows = [r for r in csv.reader(fh) if any(c.strip() for c in r)]
+    if len(rows) < 2:
+        raise DatasetError(f"label file {path} has no rows")
+    body = rows[1:]
+    try:
+        labels = [max(int(float(r[1 + c])) for c in cols) for r in body]
+    except (IndexError, ValueError) as exc:
+        raise DatasetError(f"label file {path}: expected rows 'object, RGB, Infrared, Pointcloud' with 0/1 "
+                           f"labels, got {body[0]!r} ({exc})") from exc
+    keys = [os.path.splitext(os.path.basename(r[0].strip()))[0] for r in body]
+    if set(stems) <= set(keys):
+        return {k: v for k, v in zip(keys, labels)}
+    if len(body) == len(stems):
+        return dict(zip(stems, labels))
+    raise DatasetError(f"label file {path} has {len(body)} rows for {len(stems)} images and its first column "
+                       f"does not name them")
+
+
+class MulSenAD(AnomalyDataset):
+    aux_kind = "intensity"
+    aux_matches_rgb = False
+
+    def __init__(self, root: str, object_name: str, split: str = "train", img_size=256, aux_ch: int = 1,
+                 label_source: str = "any", **kw):
+        if aux_ch not in (0, 1):
+            raise DatasetError(f"MulSen-AD provides infrared (aux_ch=1) or RGB only (aux_ch=0); got aux_ch={aux_ch}")
+        if label_source not in LABEL_SOURCES:
+            raise ValueError(f"label_source must be one of {sorted(LABEL_SOURCES)}, got {label_source!r}")
+        if split not in ("train", "test"):
+            raise DatasetError(f"MulSen-AD has the splits train and test, got {split!r}")
+        base = require_dir(os.path.join(root, object_name), f"MulSen-AD class {object_name!r}")
+        rgb_dir = require_dir(os.path.join(base, "RGB"), "MulSen-AD RGB folder")
+        ir_dir = os.path.join(base, "Infrared")
+        if aux_ch:
+            require_dir(ir_dir, "MulSen-AD Infrared folder")
+        records: List[Record] = []
+        if split == "train":
+            for p in list_images(os.path.join(rgb_dir, "train"), "MulSen-AD RGB/train"):
+                records.append(Record(p, self._aux_path(ir_dir, "train", p, aux_ch), None, 0, "good", object_name))
+        else:
+            test_dir = require_dir(os.path.join(rgb_dir, "test"), "MulSen-AD RGB/test")
+            for defect in sorted(os.listdir(test_dir)):
+                if not os.path.isdir(os.path.join(test_dir, defect)):
+                    continue
+                files = list_images(os.path.join(test_dir, defect), f"MulSen-AD RGB/test/{defect}")
+                stems = [os.path.splitext(os.path.basename(p))[0] for p in files]
+                gt_dir = os.path.join(rgb_dir, "GT", defect)
+                csv_path = os.path.join(gt_dir, "data.csv")
+                labels = (read_label_csv(csv_path, stems, label_source) if os.path.isfile(csv_path)
+                          else {s: int(defect != "good") for s in stems})
+                for p, s in zip(files, stems):
+                    mask = os.path.join(gt_dir, os.path.basename(p))
+                    records.append(Record(p, self._aux_path(ir_dir, os.path.join("test", defect), p, aux_ch),
+                                          mask if os.path.isfile(mask) else None, labels[s], defect, object_name))
+        super().__init__(records, img_size, aux_ch, split, f"MulSen-AD {object_name}", **kw)
+
+    @staticmethod
+    def _aux_path(ir_dir: str, sub: str, rgb_path: str, aux_ch: int) -> Optional[str]:
+        if not aux_ch:
+            return None
+        p = os.path.join(ir_dir, sub, os.path.basename(rgb_path))
+        if not os.path.isfile(p):
+            raise DatasetError(f"infrared image missing for {rgb_path}: expected {p}")
+        return p
+
+    def _load_aux(self, path):
+        ir = read_image(path)
+        if ir.ndim == 3:
+            ir = ir[..., :3].mean(axis=2)
+        scale = 65535.0 if ir.dtype == np.uint16 or ir.max() > 255 else 255.0
+        return (ir.astype(np.float32) / scale)[..., None], None

@@ -1,0 +1,229 @@
+"""A procedural multimodal object dataset: the embedded default that runs with no download.
+
+Each sample is an object on a grey table, seen from above by an RGB camera and a registered depth sensor:
+  * object types (``OBJECT_TYPES``): ``tile`` (a bevelled textured square plate), ``disc`` (a spherical cap),
+    ``ring`` (a torus); pose (position, rotation, scale), colour and texture vary per sample;
+  * geometry: a height map h (pixels) -> exact depth (``TABLE_DEPTH - h``) and normals
+    n = normalise(-dh/dx, -dh/dy, -1) (camera frame, pointing at the camera, as everywhere in this repo);
+  * RGB: albedo x Lambert shading of the DEFECT-FREE geometry under a fixed light.
+
+Test defects, each with an exact mask:
+  * ``stain``  RGB-only: the albedo changes inside a blob; geometry untouched;
+  * ``dent``   geometry-only: a smooth dent or bump in the height map; RGB is the defect-free render, so the
+               defect is invisible in RGB and visible only in depth/normals;
+  * ``crack``  both: a thin groove that darkens the albedo and lowers the surface;
+  * ``good``   no defect.
+
+Everything is a deterministic function of (seed, split, index). ``write_mvtec3d_tree`` writes the dataset as an
+MVTec 3D-AD tree (rgb PNG, xyz TIFF from a pinhole camera, gt PNG) so the same files exercise the real loader.
+"""
+from __future__ import annotations
+
+import os
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+from scipy import ndimage
+
+from .base import AnomalyDataset, Record
+from .transforms import DatasetError, to_hw
+
+__all__ = ["OBJECT_TYPES", "DEFECT_TYPES", "render_sample", "SyntheticDataset", "write_mvtec3d_tree",
+           "TABLE_DEPTH", "FOCAL"]
+
+OBJECT_TYPES = ("disc", "ring", "tile")
+DEFECT_TYPES = ("stain", "dent", "crack")
+# Written xyz: a pinhole camera with focal length = table distance, so one pixel spans one height unit at the
+# table and the view is nearly orthographic (objects are < 1% of the distance tall), like the renderer.
+TABLE_DEPTH = 10000.0
+FOCAL = 10000.0
+DENT_MIN_ANGLE = 2.0         # degrees: a geometry defect's mask is where the normal turns by more than this
+LIGHT = np.array([-0.4, -0.5, -0.77])  # direction towards the light (camera frame), roughly from the camera
+DEFAULT_COUNTS = {"train": 48, "test_good": 16, "test_defect": 16}
+_SPLIT_IDS = {"train": 0, "validation": 1, "test": 2}
+
+
+def _smooth_noise(rng: np.random.Generator, H: int, W: int, sigma: float) -> np.ndarray:
+    n = ndimage.gaussian_filter(rng.standard_normal((H, W)), sigma, mode="wrap")
+    return n / (n.std() + 1e-8)
+
+
+def _object_geometry(obj: str, H: int, W: int, rng: np.random.Generator):
+    """Height map (pixels) and object mask for one pose of object type `obj`."""
+    yy, xx = np.mgrid[0:H, 0:W].astype(np.float64)
+    s = min(H, W)
+    cy, cx = H / 2 + rng.uniform(-0.08, 0.08) * H, W / 2 + rng.uniform(-0.08, 0.08) * W
+    scale = rng.uniform(0.8, 1.0)
+    theta = rng.uniform(0, np.pi)
+    u = (xx - cx) * np.cos(theta) + (yy - cy) * np.sin(theta)
+    v = -(xx - cx) * np.sin(theta) + (yy - cy) * np.cos(theta)
+    if obj == "tile":
+        half = 0.3 * s * scale
+        d = np.maximum(np.abs(u), np.abs(v))
+        h = 0.06 * s * np.clip((half - d) / (0.05 * s), 0, 1)   # plateau with a bevel
+        inside = d < half
+    elif obj == "disc":
+        R = 0.33 * s * scale
+        r2 = u ** 2 + v ** 2
+        h = np.where(r2 < R ** 2, 0.25 * s * (np.sqrt(np.clip(1 - r2 / R ** 2, 0, 1))), 0.0)
+        inside = r2 < R ** 2
+    elif obj == "ring":
+        R, a = 0.25 * s * scale, 0.09 * s * scale
+        dr = np.sqrt(u ** 2 + v ** 2) - R
+        h = np.where(np.abs(dr) < a, np.sqrt(np.clip(a ** 2 - dr ** 2, 0, None)), 0.0)
+        inside = np.abs(dr) < a
+    else:
+        raise DatasetError(f"unknown synthetic object type {obj!r}; choose one of {OBJECT_TYPES}")
+    return h, inside
+
+
+def _normals(h: np.ndarray) -> np.ndarray:
+    gy, gx = np.gradient(h)
+    n = np.stack([-gx, -gy, -np.ones_like(h)], axis=-1)
+    return n / np.linalg.norm(n, axis=-1, keepdims=True)
+
+
+def _blob(rng: np.random.Generator, H: int, W: int, region: np.ndarray, radius: float,
+          margin: float = 0.0) -> np.ndarray:
+    """A random smooth blob of about `radius` pixels centred inside `region`, at least `radius + margin` pixels
+    from its border where the region is large enough."""
+    core = ndimage.binary_erosion(region, iterations=int(radius + margin))
+    ys, xs = np.nonzero(core if core.sum() > 20 else region)
+    k = rng.integers(len(ys))
+    yy, xx = np.mgrid[0:H, 0:W]
+    r = np.sqrt((yy - ys[k]) ** 2 + (xx - xs[k]) ** 2)
+    wobble = 1 + 0.35 * _smooth_noise(rng, H, W, radius / 2)
+    return (r < radius * np.clip(wobble, 0.5, 1.6)) & region
+
+
+def _crack(rng: np.random.Generator, H: int, W: int, region: np.ndarray, length: float) -> np.ndarray:
+    """A thin random-walk line inside `region`."""
+    ys, xs = np.nonzero(ndimage.binary_erosion(region, iterations=3) if region.sum() > 400 else region)
+    k = rng.integers(len(ys))
+    y, x = float(ys[k]), float(xs[k])
+    ang = rng.uniform(0, 2 * np.pi)
+    m = np.zeros((H, W), bool)
+    for _ in range(int(length)):
+        ang += rng.normal(0, 0.25)
+        y, x = y + np.sin(ang), x + np.cos(ang)
+        iy, ix = int(round(y)), int(round(x))
+        if 0 <= iy < H and 0 <= ix < W:
+            m[iy, ix] = True
+    return ndimage.binary_dilation(m, iterations=1) & region
+
+
+def render_sample(rng: np.random.Generator, size, obj: str, defect: str = "good") -> Dict[str, np.ndarray]:
+    """Render one sample. Returns rgb (H, W, 3) uint8, depth (H, W) float32, normals (H, W, 3) float32,
+    mask (H, W) bool, and ``rgb_clean``: the same scene rendered without any defect (for tests)."""
+    H, W = to_hw(size)
+    s = min(H, W)
+    h, inside = _object_geometry(obj, H, W, rng)
+    base_col = {"tile": (0.75, 0.45, 0.25), "disc": (0.25, 0.45, 0.75), "ring": (0.55, 0.7, 0.3)}[obj]
+    col = np.clip(np.array(base_col) + rng.uniform(-0.1, 0.1, 3), 0.05, 0.95)
+    tex = 1 + 0.08 * _smooth_noise(rng, H, W, rng.uniform(1.5, 3.0))
+    albedo = np.where(inside[..., None], col * tex[..., None], 0.5 * (1 + 0.03 * _smooth_noise(rng, H, W, 2))[..., None])
+    h_clean = h + inside * 0.004 * s * _smooth_noise(rng, H, W, 2.0)   # fine surface texture, part of normal
+    mask = np.zeros((H, W), bool)
+    h_def, albedo_def = h_clean, albedo
+    if defect == "stain":
+        mask = _blob(rng, H, W, inside, rng.uniform(0.05, 0.1) * s)
+        tint = np.clip(col * rng.uniform(0.3, 0.6) + rng.uniform(-0.15, 0.15, 3), 0, 1)
+        albedo_def = np.where(mask[..., None], tint, albedo)
+    elif defect == "dent":
+        sigma = 0.02 * s
+        region = _blob(rng, H, W, inside, rng.uniform(0.06, 0.11) * s, margin=4 * sigma + 2)
+        bump = ndimage.gaussian_filter(region.astype(np.float64), sigma)
+        bump = bump / (bump.max() + 1e-8) * rng.choice([-1, 1]) * rng.uniform(0.04, 0.07) * s
+        h_def = h_clean + bump * inside
+        cos = np.clip(np.sum(_normals(h_def) * _normals(h_clean), axis=-1), -1, 1)
+        mask = np.degrees(np.arccos(cos)) > DENT_MIN_ANGLE
+    elif defect == "crack":
+        mask = _crack(rng, H, W, inside, rng.uniform(0.25, 0.45) * s)
+        h_def = h_clean - mask * 0.03 * s
+        albedo_def = np.where(mask[..., None], albedo * 0.35, albedo)
+    elif defect != "good":
+        raise DatasetError(f"unknown synthetic defect {defect!r}; choose good or one of {DEFECT_TYPES}")
+
+    def shade(alb, height):
+        n = _normals(height)
+        lam = np.clip(np.sum(n * LIGHT / np.linalg.norm(LIGHT), axis=-1), 0, 1)
+        return np.clip(alb * (0.35 + 0.65 * lam)[..., None], 0, 1)
+
+    # Geometry-only defects must not show in RGB: RGB always shades the defect-free geometry, except the
+    # crack, whose groove is meant to be visible in both modalities.
+    rgb = shade(albedo_def, h_def if defect == "crack" else h_clean)
+    rgb_clean = shade(albedo, h_clean)
+    to8 = lambda x: (np.round(x * 255)).astype(np.uint8)
+    return {"rgb": to8(rgb), "rgb_clean": to8(rgb_clean), "depth": (TABLE_DEPTH - h_def).astype(np.float32),
+            "normals": _normals(h_def).astype(np.float32), "mask": mask, "object_mask": inside}
+
+
+def _plan(split: str, counts: Dict[str, int]) -> List[str]:
+    if split in ("train", "validation"):
+        return ["good"] * counts["train" if split == "train" else "test_good"]
+    return ["good"] * counts["test_good"] + [d for d in DEFECT_TYPES for _ in range(counts["test_defect"])]
+
+
+class SyntheticDataset(AnomalyDataset):
+    """``build_dataset("synthetic", root=None, object_name=<type>, split, img_size, aux_ch)``.
+
+    aux_ch 3: normals, 1: depth, 0: RGB only. ``counts`` overrides DEFAULT_COUNTS (train, test_good,
+    test_defect per defect type). Samples are rendered at ``render_size`` (default: img_size) on access.
+    """
+    has_valid = True
+
+    def __init__(self, root: Optional[str] = None, object_name: str = "disc", split: str = "train", img_size=128,
+                 aux_ch: int = 3, seed: int = 0, counts: Optional[Dict[str, int]] = None, render_size=None, **kw):
+        if object_name not in OBJECT_TYPES:
+            raise DatasetError(f"unknown synthetic object {object_name!r}; choose one of {OBJECT_TYPES}")
+        if split not in _SPLIT_IDS:
+            raise DatasetError(f"synthetic splits are {tuple(_SPLIT_IDS)}, got {split!r}")
+        if aux_ch not in (0, 1, 3):
+            raise DatasetError(f"synthetic data gives normals (aux_ch=3), depth (1) or RGB only (0); got {aux_ch}")
+        self.aux_kind = {3: "normals", 1: "depth", 0: None}[aux_ch]
+        self.counts = {**DEFAULT_COUNTS, **(counts or {})}
+        self.render_size = to_hw(render_size or img_size)
+        self.data_seed = seed
+        records = [Record(f"synthetic://{object_name}/{split}/{d}/{i:03d}", None, None, int(d != "good"), d,
+                          object_name) for i, d in enumerate(_plan(split, self.counts))]
+        super().__init__(records, img_size, aux_ch, split, f"synthetic {object_name}", seed=seed, **kw)
+
+    def render(self, i: int) -> Dict[str, np.ndarray]:
+        r = self.records[i]
+        rng = np.random.default_rng((self.data_seed, _SPLIT_IDS[self.split], OBJECT_TYPES.index(r.object), i))
+        return render_sample(rng, self.render_size, r.object, r.defect)
+
+    def load_raw(self, i: int):
+        s = self.render(i)
+        aux = valid = None
+        if self.aux_ch == 3:
+            aux = s["normals"]
+        elif self.aux_ch == 1:
+            aux = s["depth"][..., None]
+        if self.aux_ch:
+            valid = np.ones(s["mask"].shape, bool)
+        return s["rgb"], aux, s["mask"], valid
+
+
+def write_mvtec3d_tree(out_root: str, object_name: str = "disc", size=128, seed: int = 0,
+                       counts: Optional[Dict[str, int]] = None) -> str:
+    """Write the synthetic object as an MVTec 3D-AD tree under out_root/<object>; returns that folder."""
+    import tifffile
+    from PIL import Image
+    H, W = to_hw(size)
+    yy, xx = np.mgrid[0:H, 0:W].astype(np.float32)
+    for split in ("train", "validation", "test"):
+        ds = SyntheticDataset(None, object_name, split, size, aux_ch=3, seed=seed, counts=counts)
+        for i, r in enumerate(ds.records):
+            s = ds.render(i)
+            folder = os.path.join(out_root, object_name, split, r.defect)
+            for sub in ("rgb", "xyz") + (("gt",) if split == "test" else ()):
+                os.makedirs(os.path.join(folder, sub), exist_ok=True)
+            name = f"{i:03d}"
+            Image.fromarray(s["rgb"]).save(os.path.join(folder, "rgb", name + ".png"))
+            z = s["depth"]
+            xyz = np.stack([(xx - W / 2) * z / FOCAL, (yy - H / 2) * z / FOCAL, z], axis=-1).astype(np.float32)
+            tifffile.imwrite(os.path.join(folder, "xyz", name + ".tiff"), xyz, photometric="minisblack")
+            if split == "test":
+                Image.fromarray((s["mask"] * 255).astype(np.uint8)).save(os.path.join(folder, "gt", name + ".png"))
+    return os.path.join(out_root, object_name)

@@ -1,0 +1,224 @@
+"""Reading files and aligned transforms shared by every dataset.
+
+All modalities of a sample go through the same resize / centre crop / flip, so they stay aligned:
+  * RGB: bilinear (antialiased) resize, ImageNet normalisation;
+  * normals (aux_kind "normals"): resized as vectors weighted by the valid mask, then re-normalised to unit
+    length; a horizontal flip negates the x component, a vertical flip the y component;
+  * depth ("depth"): resized with the valid mask as weights, then standardised per image over valid pixels
+    (invalid pixels are 0);
+  * infrared / intensity ("intensity"): values in [0, 1] mapped to (x - 0.5) / 0.25;
+  * masks: binarised with ``> 0`` (some official masks store 253..255 or class ids, not 255), resized nearest.
+
+Normals convention: camera frame (x right, y down, z forward), unit vectors pointing towards the camera.
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "AUX_KINDS", "DatasetError", "read_image", "read_mask",
+           "read_tiff", "to_hw", "AlignedTransform", "normals_from_xyz", "decode_normals_png",
+           "denormalize_rgb"]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+AUX_KINDS = {"normals": 3, "depth": 1, "intensity": 1}
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+
+
+class DatasetError(ValueError):
+    """A dataset file or folder is missing, unreadable or not what the loader expects (the message says)."""
+
+
+def to_hw(size: Union[int, Sequence[int]]) -> Tuple[int, int]:
+    if isinstance(size, int):
+        return size, size
+    h, w = size
+    return int(h), int(w)
+
+
+def read_image(path: str, mode: Optional[str] = None) -> np.ndarray:
+    """Read an image fully (truncated files fail here, not later) and convert it to ``mode`` if given."""
+    from PIL import Image, UnidentifiedImageError
+    try:
+        with Image.open(path) as im:
+            im.load()
+            if mode is not None and im.mode != mode:
+                im = im.convert(mode)
+            return np.array(im)
+    except FileNotFoundError:
+        raise DatasetError(f"file not found: {path}") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise DatasetError(f"cannot read image {path}: {exc}") from exc
+
+
+def read_mask(path: str) -> np.ndarray:
+    """A ground-truth mask as a bool (H, W) array: any non-zero value is anomalous."""
+    m = read_image(path)
+    if m.ndim == 3:
+        m = m.max(axis=2)
+    return m > 0
+
+
+def read_tiff(path: str) -> np.ndarray:
+    import tifffile
+    try:
+        arr = np.asarray(tifffile.imread(path))
+    except FileNotFoundError:
+        raise DatasetError(f"file not found: {path}") from None
+    except Exception as exc:  # tifffile raises many types (TiffFileError, ValueError, struct.error) on bad files
+        raise DatasetError(f"cannot read TIFF {path}: {exc}") from exc
+    if arr.size == 0:  # tifffile returns an empty array for some corrupt files instead of raising
+        raise DatasetError(f"cannot read TIFF {path}: no image data (truncated or corrupt file)")
+    return arr
+
+
+def decode_normals_png(arr: np.ndarray, axis_order: str = "xyz", flip: str = "", path: str = ""
+                       ) -> Tuple[np.ndarray, np.ndarray]:
+    """Decode normals stored as an 8- or 16-bit RGB image: [0, max] -> [-1, 1] per channel, reorder channels
+    (``axis_order``: which of x, y, z each stored channel holds), negate the axes in ``flip`` and normalise.
+    Returns unit normals (H, W, 3) and a valid mask (H, W) (False where the stored vector is ~0)."""
+    if arr.ndim != 3 or arr.shape[2] < 3:
+        raise DatasetError(f"normals image {path} must have 3 channels, got shape {arr.shape}")
+    scale = 65535.0 if arr.dtype == np.uint16 else 255.0 if arr.dtype == np.uint8 else 1.0
+    n = arr[..., :3].astype(np.float32)
+    n = n / scale * 2 - 1 if scale != 1.0 else n
+    if sorted(axis_order) != ["x", "y", "z"]:
+        raise ValueError(f"axis_order must be a permutation of 'xyz', got {axis_order!r}")
+    out = np.empty_like(n)
+    for i, axis in enumerate(axis_order):
+        out[..., "xyz".index(axis)] = n[..., i]
+    for axis in flip:
+        out[..., "xyz".index(axis)] *= -1
+    norm = np.linalg.norm(out, axis=2, keepdims=True)
+    valid = norm[..., 0] > 1e-3
+    out = np.where(norm > 1e-3, out / np.maximum(norm, 1e-12), 0).astype(np.float32)
+    return out, valid
+
+
+def normals_from_xyz(xyz: np.ndarray, path: str = "") -> Tuple[np.ndarray, np.ndarray]:
+    """Unit normals (H, W, 3) and a valid mask (H, W) from an organised point cloud (H, W, 3), zeros = missing.
+
+    n = (P[i, j+1] - P[i, j-1]) x (P[i+1, j] - P[i-1, j]), normalised, oriented towards the camera (n . P < 0).
+    A pixel is valid when it and its four neighbours have points (border pixels are invalid).
+    """
+    if xyz.ndim != 3 or xyz.shape[2] != 3:
+        raise DatasetError(f"xyz file {path} must be an organised H x W x 3 point cloud, got shape {xyz.shape}")
+    P = xyz.astype(np.float64)
+    has = np.any(P != 0, axis=2)
+    valid = np.zeros_like(has)
+    valid[1:-1, 1:-1] = (has[1:-1, 1:-1] & has[1:-1, 2:] & has[1:-1, :-2] & has[2:, 1:-1] & has[:-2, 1:-1])
+    dx = np.zeros_like(P)
+    dy = np.zeros_like(P)
+    dx[:, 1:-1] = P[:, 2:] - P[:, :-2]
+    dy[1:-1] = P[2:] - P[:-2]
+    n = np.cross(dx, dy)
+    norm = np.linalg.norm(n, axis=2, keepdims=True)
+    valid &= norm[..., 0] > 1e-12
+    n = n / np.maximum(norm, 1e-12)
+    flip = np.sum(n * P, axis=2) > 0
+    n[flip] *= -1
+    n[~valid] = 0
+    return n.astype(np.float32), valid
+
+
+def denormalize_rgb(rgb: torch.Tensor) -> torch.Tensor:
+    """Undo the ImageNet normalisation: (3, H, W) or (B, 3, H, W) -> values in [0, 1]."""
+    mean = torch.tensor(IMAGENET_MEAN, dtype=rgb.dtype, device=rgb.device).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, dtype=rgb.dtype, device=rgb.device).view(3, 1, 1)
+    return (rgb * std + mean).clamp(0, 1)
+
+
+def _resize(x: torch.Tensor, size, mode: str) -> torch.Tensor:
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    if mode == "nearest":
+        return F.interpolate(x[None], size=size, mode="nearest-exact")[0]
+    return F.interpolate(x[None], size=size, mode="bilinear", align_corners=False, antialias=True)[0]
+
+
+def _center_crop(x: torch.Tensor, size) -> torch.Tensor:
+    H, W = x.shape[-2:]
+    h, w = size
+    if h > H or w > W:
+        raise ValueError(f"crop size {size} is larger than the resized image {(H, W)}")
+    top, left = (H - h) // 2, (W - w) // 2
+    return x[..., top:top + h, left:left + w]
+
+
+class AlignedTransform:
+    """Resize (and optionally centre-crop and flip) rgb, aux, mask and valid together, then normalise.
+
+    img_size: int or (H, W) after resizing; crop_size: optional centre crop after the resize; hflip / vflip:
+    probabilities of random flips (training augmentation; needs ``rng``); aux_kind: normals | depth | intensity.
+    Inputs are numpy arrays: rgb (H, W, 3) uint8, aux (H, W, C) float32, mask / valid (H, W) bool.
+    """
+
+    def __init__(self, img_size, aux_kind: Optional[str] = None, crop_size=None, hflip: float = 0.0,
+                 vflip: float = 0.0, normalize_rgb: bool = True):
+        if aux_kind is not None and aux_kind not in AUX_KINDS:
+            raise ValueError(f"aux_kind must be one of {sorted(AUX_KINDS)} or None, got {aux_kind!r}")
+        self.size = to_hw(img_size)
+        self.crop = to_hw(crop_size) if crop_size else None
+        self.aux_kind, self.hflip, self.vflip, self.normalize_rgb = aux_kind, hflip, vflip, normalize_rgb
+
+    def __call__(self, rgb: np.ndarray, aux: Optional[np.ndarray] = None, mask: Optional[np.ndarray] = None,
+                 valid: Optional[np.ndarray] = None, rng: Optional[np.random.Generator] = None
+                 ) -> Dict[str, torch.Tensor]:
+        out: Dict[str, torch.Tensor] = {}
+        rgb_t = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).float() / 255.0
+        out["rgb"] = _resize(rgb_t, self.size, "bilinear")
+        mask_t = torch.zeros(1, *rgb.shape[:2]) if mask is None else torch.from_numpy(mask.astype(np.float32))[None]
+        out["mask"] = _resize(mask_t, self.size, "nearest")
+        if aux is not None:
+            aux_t = torch.from_numpy(np.ascontiguousarray(aux, dtype=np.float32))
+            aux_t = aux_t[None] if aux_t.dim() == 2 else aux_t.permute(2, 0, 1)
+            if valid is not None:
+                v = torch.from_numpy(valid.astype(np.float32))[None]
+                # Mask-weighted resize: missing points do not bleed into their neighbours.
+                num = _resize(aux_t * v, self.size, "bilinear")
+                den = _resize(v, self.size, "bilinear")
+                aux_t = num / den.clamp_min(1e-6)
+                out["valid"] = (den > 0.5).float()
+                aux_t = aux_t * out["valid"]
+            else:
+                aux_t = _resize(aux_t, self.size, "bilinear")
+            out["aux"] = aux_t
+        if self.crop:
+            out = {k: _center_crop(v, self.crop) for k, v in out.items()}
+        if rng is not None:
+            if self.hflip and rng.random() < self.hflip:
+                out = {k: v.flip(-1) for k, v in out.items()}
+                if self.aux_kind == "normals":
+                    out["aux"][0] = -out["aux"][0]
+            if self.vflip and rng.random() < self.vflip:
+                out = {k: v.flip(-2) for k, v in out.items()}
+                if self.aux_kind == "normals":
+                    out["aux"][1] = -out["aux"][1]
+        if "aux" in out:
+            out["aux"] = self._normalize_aux(out["aux"], out.get("valid"))
+        if self.normalize_rgb:
+            mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+            std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+            out["rgb"] = (out["rgb"] - mean) / std
+        out["mask"] = (out["mask"] > 0.5).float()
+        return out
+
+    def _normalize_aux(self, aux: torch.Tensor, valid: Optional[torch.Tensor]) -> torch.Tensor:
+        if self.aux_kind == "normals":
+            norm = aux.norm(dim=0, keepdim=True)
+            return torch.where(norm > 1e-6, aux / norm.clamp_min(1e-6), torch.zeros_like(aux))
+        if self.aux_kind == "depth":
+            v = valid if valid is not None else torch.ones_like(aux[:1])
+            n = v.sum()
+            if n < 2:
+                return torch.zeros_like(aux)
+            mean = (aux * v).sum() / n
+            std = torch.sqrt((((aux - mean) * v) ** 2).sum() / n).clamp_min(1e-6)
+            return (aux - mean) / std * v
+        if self.aux_kind == "intensity":
+            return (aux - 0.5) / 0.25
+        return aux

@@ -1,0 +1,165 @@
+"""Training-anomaly synthesis and the procedural synthetic dataset."""
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from datasets import DatasetError, build_dataset
+from datasets.synthesis import (AnomalySynthesizer, SynthesisDataset, TextureSource, contact_sheet, misalign,
+                                perlin_mask, synthesize)
+from datasets.synthetic import SyntheticDataset, render_sample, write_mvtec3d_tree
+
+
+@pytest.fixture(scope="module")
+def sample():
+    return SyntheticDataset(None, "disc", "train", 64, aux_ch=3)[0]
+
+
+def _run(sample, mode, seed, kind="normals", **kw):
+    return synthesize(sample["rgb"], sample["aux"], np.random.default_rng(seed), aux_kind=kind, mode=mode, **kw)
+
+
+def test_same_seed_same_output_different_seed_different(sample):
+    a = _run(sample, "both", 3)
+    b = _run(sample, "both", 3)
+    c = _run(sample, "both", 4)
+    assert all(torch.equal(x, y) for x, y in zip(a[:3], b[:3]))
+    assert not torch.equal(a[2], c[2])
+
+
+@pytest.mark.parametrize("mode", ["rgb", "aux", "both", "mixed"])
+def test_masks_binary_and_non_empty(sample, mode):
+    for seed in range(5):
+        rgb, aux, mask, used = _run(sample, mode, seed)
+        assert mask.shape == (1, 64, 64) and set(mask.unique().tolist()) <= {0.0, 1.0} and mask.sum() > 0
+        assert used in ("rgb", "aux", "both")
+
+
+def test_rgb_mode_leaves_aux_and_aux_mode_leaves_rgb(sample):
+    rgb, aux, mask, _ = _run(sample, "rgb", 0)
+    assert torch.equal(aux, sample["aux"]) and not torch.equal(rgb, sample["rgb"])
+    rgb, aux, mask, _ = _run(sample, "aux", 0)
+    assert torch.equal(rgb, sample["rgb"]) and not torch.equal(aux, sample["aux"])
+
+
+def test_normal_anomalies_stay_inside_dilated_mask_and_unit_length(sample):
+    from scipy import ndimage
+    for seed in range(4):
+        _, aux, mask, _ = _run(sample, "aux", seed)
+        changed = (aux - sample["aux"]).abs().amax(0) > 1e-5
+        # The height field is the mask blurred with BUMP_SIGMA = 2 (support 4 sigma) plus one pixel of gradient.
+        dilated = ndimage.binary_dilation(mask[0].numpy() > 0, structure=np.ones((3, 3)), iterations=9)
+        assert changed.any() and not (changed.numpy() & ~dilated).any()
+        assert torch.allclose(aux.norm(dim=0), torch.ones(64, 64), atol=1e-5)
+
+
+def test_depth_and_intensity_anomalies(sample):
+    depth = SyntheticDataset(None, "disc", "train", 64, aux_ch=1)[0]
+    _, aux, mask, _ = synthesize(depth["rgb"], depth["aux"], np.random.default_rng(0), aux_kind="depth", mode="aux")
+    assert (aux - depth["aux"]).abs().max() > 0.5
+    ir = torch.zeros(1, 64, 64)
+    _, aux, mask, _ = synthesize(depth["rgb"], ir, np.random.default_rng(1), aux_kind="intensity", mode="aux")
+    assert aux[mask.bool()].abs().mean() > 0.3
+
+
+def test_textures_from_folder(sample, tmp_path):
+    for i, col in enumerate([(255, 0, 0), (0, 255, 0)]):
+        Image.fromarray(np.full((20, 30, 3), col, np.uint8)).save(tmp_path / f"t{i}.jpg")
+    src = TextureSource(str(tmp_path))
+    rgb, _, mask, _ = _run(sample, "rgb", 0, texture_source=src, blend_range=(1.0, 1.0))
+    from datasets.synthesis import _to01
+    inside = _to01(rgb)[:, mask[0] > 0]
+    # Fully opaque blend of a pure red or green image: the anomalous pixels are that colour.
+    assert ((inside[0] > 0.95) & (inside[2] < 0.05)).all() or ((inside[1] > 0.95) & (inside[2] < 0.05)).all()
+    with pytest.raises(DatasetError, match="not found"):
+        TextureSource(str(tmp_path / "nope"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DatasetError, match="has no images"):
+        TextureSource(str(tmp_path / "empty"))
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "x.png").write_bytes(b"not a png")
+    with pytest.raises(DatasetError, match="cannot read image"):
+        TextureSource(str(tmp_path / "bad")).sample(np.random.default_rng(0), (8, 8))
+
+
+def test_misalignment_moves_aux_by_the_requested_amount():
+    aux = torch.zeros(1, 32, 32)
+    aux[0, 10, 10] = 1.0
+    out = misalign(aux, None, 0.0, shift=(3.0, -2.0))
+    assert out[0, 8, 13] == pytest.approx(1.0) and out.sum() == pytest.approx(1.0)
+    n = torch.zeros(3, 16, 16)
+    n[0], n[2] = 0.6, -0.8
+    rot = misalign(n, np.random.default_rng(0), 0.0, max_deg=10.0, aux_kind="normals")
+    assert torch.allclose(rot.norm(dim=0), torch.ones(16, 16), atol=1e-5) and rot[1].abs().max() > 0.01
+
+
+def test_synthesizer_prob_and_mask_follows_rgb(sample):
+    syn = AnomalySynthesizer("normals", "mixed", synth_prob=0.0, misalign_px=2.0)
+    out = syn(sample, np.random.default_rng(0))
+    assert out["label"] == 0 and out["mask"].sum() == 0 and not torch.equal(out["aux"], sample["aux"])
+    assert torch.equal(out["rgb"], sample["rgb"])
+    syn = AnomalySynthesizer("normals", "rgb", synth_prob=1.0)
+    out = syn(sample, np.random.default_rng(0))
+    assert out["label"] == 1 and out["mask"].sum() > 0
+    with pytest.raises(ValueError, match="synth_prob"):
+        AnomalySynthesizer("normals", synth_prob=1.5)
+
+
+def test_fixed_synthesis_dataset_alternates_and_repeats():
+    base = SyntheticDataset(None, "ring", "train", 32, aux_ch=3)
+    ds = SynthesisDataset(base, AnomalySynthesizer("normals", "mixed", 1.0), seed=5, fixed=True, indices=[0, 1, 2, 3])
+    labels = [ds[i]["label"] for i in range(4)]
+    assert labels == [1, 0, 1, 0]
+    ds.set_epoch(3)
+    assert torch.equal(ds[0]["mask"], SynthesisDataset(base, ds.synth, seed=5, fixed=True, indices=[0])[0]["mask"])
+
+
+def test_synthetic_dataset_deterministic_and_defect_kinds():
+    a = SyntheticDataset(None, "tile", "test", 64, aux_ch=3, seed=1)
+    b = SyntheticDataset(None, "tile", "test", 64, aux_ch=3, seed=1)
+    c = SyntheticDataset(None, "tile", "test", 64, aux_ch=3, seed=2)
+    assert torch.equal(a[20]["rgb"], b[20]["rgb"]) and not torch.equal(a[20]["rgb"], c[20]["rgb"])
+    assert a.defect_counts() == {"good": 16, "stain": 16, "dent": 16, "crack": 16}
+    for i, r in enumerate(a.records):
+        s = a[i]
+        assert (s["mask"].sum() > 0) == (r.label == 1)
+    assert build_dataset("synthetic", None, "ring", "train", 32, 1)[0]["aux"].shape == (1, 32, 32)
+
+
+@pytest.mark.parametrize("obj", ["disc", "ring", "tile"])
+def test_geometry_only_defects_invisible_in_rgb_visible_in_normals(obj):
+    for seed in range(3):
+        s = render_sample(np.random.default_rng(seed), 96, obj, "dent")
+        clean = render_sample(np.random.default_rng(seed), 96, obj, "good")
+        assert np.abs(s["rgb"].astype(int) - s["rgb_clean"].astype(int)).max() <= 1
+        assert np.array_equal(s["rgb"], clean["rgb"])
+        m = s["mask"]
+        angle = np.degrees(np.arccos(np.clip((s["normals"] * clean["normals"]).sum(-1), -1, 1)))
+        assert angle[m].max() > 10 and angle[~m].max() <= 2.0  # the mask is exactly where normals turn > 2 deg
+    stain = render_sample(np.random.default_rng(0), 96, obj, "stain")
+    ref = render_sample(np.random.default_rng(0), 96, obj, "good")
+    assert np.array_equal(stain["normals"], ref["normals"]) and not np.array_equal(stain["rgb"], ref["rgb"])
+
+
+def test_written_tree_loads_through_mvtec3d_loader(tmp_path):
+    counts = {"train": 2, "test_good": 1, "test_defect": 1}
+    write_mvtec3d_tree(str(tmp_path), "disc", 64, seed=0, counts=counts)
+    train = build_dataset("mvtec3d", str(tmp_path), "disc", "train", 64, 3)
+    test = build_dataset("mvtec3d", str(tmp_path), "disc", "test", 64, 3)
+    assert len(train) == 2 and test.defect_counts() == {"crack": 1, "dent": 1, "good": 1, "stain": 1}
+    s = test[[r.defect for r in test.records].index("dent")]
+    ref = SyntheticDataset(None, "disc", "test", 64, aux_ch=3, counts=counts)
+    r = ref[[x.defect for x in ref.records].index("dent")]
+    assert torch.equal(s["mask"], r["mask"]) and torch.allclose(s["rgb"], r["rgb"], atol=1e-6)
+    v = s["valid"][0] > 0
+    cos = (s["aux"] * r["aux"]).sum(0)[v]
+    assert cos.mean() > 0.95  # normals from the written xyz agree with the renderer's
+
+
+def test_contact_sheet(tmp_path):
+    path = contact_sheet(str(tmp_path / "sheet.png"), size=32, per_mode=2)
+    img = Image.open(path)
+    assert img.size[0] == 2 * (3 * 32 + 4) and img.size[1] == 4 * (32 + 18)
+    assert np.asarray(img).std() > 10
