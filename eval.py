@@ -1,0 +1,246 @@
+"""Evaluate a MambaAlign checkpoint on the test split: metrics, per-image CSV, summaries, visualisations.
+
+    python eval.py --dataset synthetic --object disc --checkpoint runs/demo/best_checkpoint.pth --out_dir runs/demo/eval --save_vis
+    python eval.py --data_root /path/to/MulSen_AD --dataset mulsenad --objects all \\
+        --checkpoint "runs/mulsen_{object}/best_checkpoint.pth" --out_dir results/mulsen
+
+Writes to --out_dir: eval_results.csv (one row per test image: path, object, defect, label, score, score_logit,
+pixel_auroc), summary.json and summary.txt (every metric overall, per defect type, per object and the mean over
+objects) and, with --save_vis, vis/heatmaps/ and vis/overlays/ (one PNG per test image).
+
+Scores are the model's own: ``score`` = sigmoid(score_logit) of the image head, no normalisation over the test
+set; metrics rank by score_logit (the same order, without sigmoid saturation). Per-defect metrics use the good
+test images plus that defect's images. F1-max values use the best threshold on the test set itself: an oracle.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import sys
+import time
+import warnings
+from typing import Dict, List
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+import metrics
+from datasets import DATASETS, build_dataset, list_objects
+from datasets.transforms import denormalize_rgb
+from engine import git_revision, resolve_device, run_inference
+from MambaAlign import MambaAlign, MambaAlignConfig
+
+CSV_COLUMNS = ("path", "object", "defect", "label", "score", "score_logit", "pixel_auroc")
+# viridis, sampled at 9 evenly spaced points (perceptually uniform, colour-blind friendly)
+_VIRIDIS = np.array([(68, 1, 84), (71, 44, 122), (59, 81, 139), (44, 113, 142), (33, 144, 141), (39, 173, 129),
+                     (92, 200, 99), (170, 220, 50), (253, 231, 37)], dtype=np.float64)
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser("MambaAlign evaluation", add_help=True,
+                                description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", default=None, choices=sorted(DATASETS),
+                   help="dataset family (default: the one the checkpoint was trained on)")
+    g.add_argument("--data_root", default=None, help="root folder of the dataset tree (not needed for synthetic)")
+    g.add_argument("--object", default=None, help="object/class to evaluate (default: the checkpoint's)")
+    g.add_argument("--objects", default=None,
+                   help="comma-separated objects, or 'all' (overrides --object); use {object} in --checkpoint "
+                        "for one checkpoint per object")
+    g.add_argument("--img_size", type=int, default=None, help="input size (default: the checkpoint's training size)")
+    g.add_argument("--batch_size", type=int, default=8, help="images per forward pass")
+    g.add_argument("--num_workers", type=int, default=0, help="DataLoader worker processes")
+    g = p.add_argument_group("model")
+    g.add_argument("--checkpoint", required=True,
+                   help="checkpoint from train.py (or a raw state dict with --config); may contain {object}")
+    g.add_argument("--config", default=None,
+                   help="JSON file with the MambaAlignConfig fields, for raw state dicts without a config")
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    g.add_argument("--use_amp", action="store_true", help="mixed precision inference (bf16 where supported)")
+    g = p.add_argument_group("evaluation")
+    g.add_argument("--fpr_limit", type=float, default=0.3, help="FPR integration limit of AUPRO (MVTec: 0.3)")
+    g.add_argument("--aux_shift", type=float, default=0.0,
+                   help="robustness study: shift aux right by this many pixels before the model sees it")
+    g.add_argument("--out_dir", required=True, help="folder for eval_results.csv, summary.{txt,json} and vis/")
+    g.add_argument("--save_vis", action="store_true", help="write a heatmap and an overlay per test image")
+    g.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+def _colormap(x: np.ndarray) -> np.ndarray:
+    """(H, W) values in [0, 1] -> (H, W, 3) uint8 viridis."""
+    t = np.clip(x, 0, 1) * (len(_VIRIDIS) - 1)
+    i = np.minimum(t.astype(int), len(_VIRIDIS) - 2)
+    f = (t - i)[..., None]
+    return (_VIRIDIS[i] * (1 - f) + _VIRIDIS[i + 1] * f).astype(np.uint8)
+
+
+def _aux_image(aux: torch.Tensor) -> np.ndarray:
+    if aux.shape[0] == 3:  # unit normals -> colours
+        return ((aux.permute(1, 2, 0).numpy() * 0.5 + 0.5).clip(0, 1) * 255).astype(np.uint8)
+    a = aux[0].numpy()
+    a = (a - a.min()) / (a.max() - a.min() + 1e-8)
+    return np.repeat((a * 255).astype(np.uint8)[..., None], 3, axis=2)
+
+
+def save_visualisations(res: Dict, out_dir: str) -> int:
+    """vis/heatmaps/<name>.png: the anomaly map (fixed [0, 1] range, viridis). vis/overlays/<name>.png: RGB with
+    the map blended in and the ground-truth contour in red, the aux modality beside it."""
+    from PIL import Image
+    from scipy import ndimage
+    hdir, odir = os.path.join(out_dir, "vis", "heatmaps"), os.path.join(out_dir, "vis", "overlays")
+    os.makedirs(hdir, exist_ok=True)
+    os.makedirs(odir, exist_ok=True)
+    n = len(res["path"])
+    for i in range(n):
+        name = f"{res['object'][i]}_{res['defect'][i]}_{os.path.splitext(os.path.basename(res['path'][i]))[0]}.png"
+        heat = _colormap(res["maps"][i])
+        Image.fromarray(heat).save(os.path.join(hdir, name))
+        rgb = (denormalize_rgb(res["rgb"][i]).permute(1, 2, 0).numpy() * 255).astype(np.uint8)
+        over = (0.55 * rgb + 0.45 * heat).astype(np.uint8)
+        m = res["masks"][i]
+        contour = m & ~ndimage.binary_erosion(m)
+        over[contour] = (255, 0, 0)
+        panels = [over]
+        if res.get("aux") is not None:
+            panels.append(_aux_image(res["aux"][i]))
+        Image.fromarray(np.concatenate(panels, axis=1)).save(os.path.join(odir, name))
+    return n
+
+
+def _per_image_pixel_auroc(maps, masks) -> List[float]:
+    out = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        for m, g in zip(maps, masks):
+            out.append(metrics.pixel_auroc(m, g) if 0 < g.sum() < g.size else float("nan"))
+    return out
+
+
+def _metrics(res: Dict, idx: np.ndarray, fpr_limit: float) -> Dict[str, float]:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # NaN for degenerate subsets is reported as such
+        return metrics.compute_metrics(res["score_logit"][idx], res["label"][idx], res["maps"][idx],
+                                       res["masks"][idx], fpr_limit)
+
+
+def summarise(res: Dict, fpr_limit: float) -> Dict[str, object]:
+    """Metrics overall, per defect type (good images + that defect), per object, and the mean over objects."""
+    objects = np.asarray(res["object"])
+    defects = np.asarray(res["defect"])
+    all_idx = np.arange(len(objects))
+    summary: Dict[str, object] = {"overall": _metrics(res, all_idx, fpr_limit), "per_defect": {}, "per_object": {}}
+    good = defects == "good"
+    for d in sorted(set(defects) - {"good"}):
+        summary["per_defect"][d] = _metrics(res, np.nonzero(good | (defects == d))[0], fpr_limit)
+    for o in sorted(set(objects)):
+        summary["per_object"][o] = _metrics(res, np.nonzero(objects == o)[0], fpr_limit)
+    summary["mean_over_objects"] = {k: metrics.nanmean(v[k] for v in summary["per_object"].values())
+                                    for k in metrics.METRIC_KEYS}
+    summary["counts"] = {"images": int(len(objects)), "anomalous": int(res["label"].sum()),
+                         "with_mask": int(sum(m.any() for m in res["masks"]))}
+    return summary
+
+
+def format_table(summary: Dict[str, object]) -> str:
+    keys = metrics.METRIC_KEYS
+    rows = [("overall", summary["overall"]), ("mean over objects", summary["mean_over_objects"])]
+    rows += [(f"object {o}", v) for o, v in summary["per_object"].items()]
+    rows += [(f"defect {d}", v) for d, v in summary["per_defect"].items()]
+    width = max(len(r[0]) for r in rows)
+    fmt = lambda x: "  nan " if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:6.4f}"
+    lines = [" " * width + " | " + " | ".join(f"{k:>12}" for k in keys)]
+    lines.append("-" * len(lines[0]))
+    for name, v in rows:
+        lines.append(f"{name:<{width}} | " + " | ".join(f"{fmt(v[k]):>12}" for k in keys))
+    return "\n".join(lines)
+
+
+def _load_model(path: str, config_path, device):
+    if not os.path.isfile(path):
+        raise SystemExit(f"checkpoint not found: {path}")
+    config = None
+    if config_path:
+        with open(config_path) as fh:
+            config = json.load(fh)
+    try:
+        model = MambaAlign.from_checkpoint(path, map_location="cpu", config=config)
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    train_args = ckpt.get("args", {}) if isinstance(ckpt, dict) and "model" in ckpt else {}
+    return model.to(device), train_args
+
+
+def main(args) -> Dict[str, object]:
+    device = resolve_device(args.device)
+    t0 = time.time()
+    print(f"MambaAlign eval | git {git_revision()} | device {device}")
+    first_ckpt = args.checkpoint.replace("{object}", args.object or "")
+    if "{object}" not in args.checkpoint:
+        model, train_args = _load_model(args.checkpoint, args.config, device)
+    else:
+        model, train_args = None, {}
+    dataset = args.dataset or train_args.get("dataset")
+    if dataset is None:
+        raise SystemExit("--dataset is required: the checkpoint does not say which dataset it was trained on")
+    data_root = args.data_root if args.data_root is not None else train_args.get("data_root")
+    img_size = args.img_size or train_args.get("img_size") or 256
+    if args.objects:
+        objects = list_objects(dataset, data_root) if args.objects == "all" else args.objects.split(",")
+    else:
+        obj = args.object or train_args.get("object")
+        if obj is None:
+            raise SystemExit("--object (or --objects) is required: the checkpoint does not name its object")
+        objects = [obj]
+    os.makedirs(args.out_dir, exist_ok=True)
+    results: List[Dict] = []
+    for obj in objects:
+        if model is None or "{object}" in args.checkpoint:
+            model, _ = _load_model(args.checkpoint.replace("{object}", obj), args.config, device)
+        aux_ch = model.config.aux_ch
+        kw = {"seed": train_args.get("data_seed", 0)} if dataset == "synthetic" else {}
+        ds = build_dataset(dataset, data_root, obj, "test", img_size, aux_ch, **kw)
+        loader = DataLoader(ds, batch_size=args.batch_size, shuffle=False, num_workers=args.num_workers)
+        res = run_inference(model, loader, device, amp=args.use_amp, aux_shift=args.aux_shift,
+                            progress=not args.quiet, desc=f"test {obj}", keep_inputs=args.save_vis)
+        if args.save_vis:
+            save_visualisations(res, args.out_dir)
+        results.append(res)
+    merged = {k: np.concatenate([r[k] for r in results]) for k in ("score", "score_logit", "label", "maps", "masks")}
+    for k in ("path", "defect", "object"):
+        merged[k] = [x for r in results for x in r[k]]
+    per_image = _per_image_pixel_auroc(merged["maps"], merged["masks"])
+    with open(os.path.join(args.out_dir, "eval_results.csv"), "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(CSV_COLUMNS)
+        for i in range(len(merged["path"])):
+            w.writerow([merged["path"][i], merged["object"][i], merged["defect"][i], int(merged["label"][i]),
+                        f"{merged['score'][i]:.6f}", f"{merged['score_logit'][i]:.6f}",
+                        "" if math.isnan(per_image[i]) else f"{per_image[i]:.6f}"])
+    summary = summarise(merged, args.fpr_limit)
+    summary["settings"] = {"checkpoint": args.checkpoint, "dataset": dataset, "objects": objects,
+                           "img_size": img_size, "fpr_limit": args.fpr_limit, "aux_shift": args.aux_shift,
+                           "git": git_revision(), "score": "image head, sigmoid(score_logit); metrics rank by "
+                                                           "score_logit; F1-max uses an oracle threshold"}
+    with open(os.path.join(args.out_dir, "summary.json"), "w") as fh:
+        json.dump(summary, fh, indent=2, allow_nan=True)
+    table = format_table(summary)
+    with open(os.path.join(args.out_dir, "summary.txt"), "w") as fh:
+        fh.write(f"MambaAlign evaluation of {args.checkpoint} on {dataset} ({', '.join(objects)}), "
+                 f"{summary['counts']['images']} test images, img_size {img_size}, AUPRO FPR limit {args.fpr_limit}"
+                 f"{f', aux shifted {args.aux_shift} px' if args.aux_shift else ''}\n"
+                 f"F1-max uses the best threshold on the test set (oracle).\n\n{table}\n")
+    print(table)
+    print(f"\nwrote {args.out_dir}/eval_results.csv, summary.txt, summary.json"
+          + (f", vis/heatmaps/ and vis/overlays/ ({len(merged['path'])} images each)" if args.save_vis else "")
+          + f" in {time.time() - t0:.1f} s")
+    return summary
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())

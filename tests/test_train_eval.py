@@ -1,0 +1,163 @@
+"""train.py and eval.py end to end on the synthetic dataset (tiny shapes, CPU)."""
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import eval as eval_script
+import train as train_script
+from MambaAlign import MambaAlign, mambaalign_tiny
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FAST = ["--dataset", "synthetic", "--object", "ring", "--img_size", "64", "--batch_size", "2", "--quiet",
+        "--val_fraction", "0.05"]
+
+
+def _train(out_dir, *extra):
+    args = train_script.get_args_parser().parse_args(FAST + ["--out_dir", str(out_dir), *extra])
+    return train_script.main(args)
+
+
+def _losses(out_dir):
+    with open(os.path.join(out_dir, "steps.jsonl")) as fh:
+        return [json.loads(l)["loss"] for l in fh]
+
+
+def test_short_run_writes_checkpoints_and_logs(tmp_path):
+    _train(tmp_path, "--epochs", "1", "--max_steps", "2")
+    for f in ("last.pth", "best_checkpoint.pth", "log.jsonl", "steps.jsonl", "splits.json"):
+        assert (tmp_path / f).is_file(), f
+    ckpt = torch.load(tmp_path / "last.pth", weights_only=True)
+    for k in ("model", "config", "args", "optimizer", "scheduler", "scaler", "epoch", "step", "best", "rng"):
+        assert k in ckpt, k
+    assert ckpt["step"] == 2 and isinstance(ckpt["config"], dict)
+    record = json.loads((tmp_path / "log.jsonl").read_text().splitlines()[-1])
+    assert record["step"] == 2 and set(record["val"]) >= {"image_auroc", "aupro", "criterion"}
+    model = MambaAlign.from_checkpoint(tmp_path / "best_checkpoint.pth")
+    assert model.config.aux_ch == 3
+
+
+def test_resume_continues_exactly(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    _train(a, "--epochs", "2", "--max_steps", "3")
+    _train(b, "--epochs", "2", "--max_steps", "2")
+    _train(b, "--epochs", "2", "--max_steps", "3", "--resume", "auto")
+    la, lb = _losses(a), _losses(b)
+    assert len(la) == 3 and len(lb) == 3
+    assert lb[:2] == la[:2]
+    assert lb[2] == pytest.approx(la[2], rel=1e-6, abs=1e-7)
+
+
+def test_validation_is_carved_from_train_split(tmp_path):
+    _train(tmp_path, "--epochs", "1", "--max_steps", "1", "--val_fraction", "0.2")
+    splits = json.loads((tmp_path / "splits.json").read_text())
+    from datasets import build_dataset
+    train_paths = {r.rgb for r in build_dataset("synthetic", None, "ring", "train", 64, 3).records}
+    test_paths = {r.rgb for r in build_dataset("synthetic", None, "ring", "test", 64, 3).records}
+    assert splits["validation"] and set(splits["validation"]) <= train_paths
+    assert not set(splits["validation"]) & test_paths and not set(splits["validation"]) & set(splits["train"])
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--dataset", "mvtec", "--data_root", "/nonexistent/root", "--object", "x", "--aux_ch", "0"],
+     "data root not found"),
+    (["--dataset", "synthetic", "--object", "teapot"], "unknown synthetic object"),
+    (["--dataset", "synthetic", "--object", "ring", "--aux_ch", "2"], "aux_ch"),
+    (["--dataset", "synthetic", "--object", "ring", "--img_size", "70"], "multiple of 32"),
+])
+def test_bad_inputs_fail_before_training(tmp_path, argv, message):
+    args = train_script.get_args_parser().parse_args(argv + ["--out_dir", str(tmp_path / "o"), "--quiet"])
+    with pytest.raises(SystemExit, match=message):
+        train_script.main(args)
+    assert not (tmp_path / "o" / "steps.jsonl").exists()
+
+
+def test_missing_split_unwritable_dir_and_foreign_resume(tmp_path, shared_data):
+    args = train_script.get_args_parser().parse_args(
+        ["--dataset", "mvtec", "--data_root", str(shared_data / "hazelnut_toy"), "--object", "hazelnut",
+         "--aux_ch", "3", "--out_dir", str(tmp_path / "o")])
+    with pytest.raises(SystemExit, match="aux_ch"):
+        train_script.main(args)
+    root = tmp_path / "tree" / "obj"
+    (root / "test" / "good").mkdir(parents=True)
+    (root / "train").mkdir()
+    args = train_script.get_args_parser().parse_args(
+        ["--dataset", "mvtec", "--data_root", str(tmp_path / "tree"), "--object", "obj", "--aux_ch", "0",
+         "--out_dir", str(tmp_path / "o")])
+    with pytest.raises(SystemExit, match="train/good not found"):
+        train_script.main(args)
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    args = train_script.get_args_parser().parse_args(FAST + ["--out_dir", str(blocker / "sub")])
+    with pytest.raises(SystemExit, match="not writable"):
+        train_script.main(args)
+    other = tmp_path / "other"
+    _train(other, "--epochs", "1", "--max_steps", "1", "--no_cmi")
+    args = train_script.get_args_parser().parse_args(FAST + ["--out_dir", str(tmp_path / "r"),
+                                                             "--resume", str(other / "last.pth")])
+    with pytest.raises(SystemExit, match="another architecture.*use_cmi"):
+        train_script.main(args)
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    d = tmp_path_factory.mktemp("ckpt")
+    model = mambaalign_tiny(aux_ch=3)
+    path = d / "model.pth"
+    torch.save({"model": model.state_dict(), "config": model.config.to_dict(),
+                "args": {"dataset": "synthetic", "object": "tile", "img_size": 64}}, path)
+    raw = d / "raw.pth"
+    torch.save(model.state_dict(), raw)
+    cfg = d / "config.json"
+    cfg.write_text(json.dumps(model.config.to_dict()))
+    return path, raw, cfg
+
+
+def test_eval_writes_reports_and_visualisations(tmp_path, tiny_checkpoint):
+    path, _, _ = tiny_checkpoint
+    args = eval_script.get_args_parser().parse_args(["--checkpoint", str(path), "--out_dir", str(tmp_path),
+                                                     "--save_vis", "--quiet", "--batch_size", "16"])
+    summary = eval_script.main(args)
+    with open(tmp_path / "eval_results.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert tuple(rows[0].keys()) == eval_script.CSV_COLUMNS and len(rows) == 64
+    assert all(r["pixel_auroc"] == "" for r in rows if r["label"] == "0")
+    assert all(r["pixel_auroc"] != "" for r in rows if r["label"] == "1")
+    js = json.loads((tmp_path / "summary.json").read_text())
+    assert set(js) >= {"overall", "per_defect", "per_object", "mean_over_objects", "settings", "counts"}
+    import metrics
+    assert set(js["overall"]) == set(metrics.METRIC_KEYS)
+    assert set(js["per_defect"]) == {"stain", "dent", "crack"} and set(js["per_object"]) == {"tile"}
+    assert "image_auroc" in (tmp_path / "summary.txt").read_text()
+    assert len(os.listdir(tmp_path / "vis" / "heatmaps")) == 64
+    assert len(os.listdir(tmp_path / "vis" / "overlays")) == 64
+    assert summary["counts"]["images"] == 64
+
+
+def test_eval_raw_state_dict_needs_config(tmp_path, tiny_checkpoint):
+    _, raw, cfg = tiny_checkpoint
+    base = ["--checkpoint", str(raw), "--out_dir", str(tmp_path), "--quiet", "--dataset", "synthetic",
+            "--object", "tile", "--img_size", "64", "--batch_size", "32"]
+    with pytest.raises(SystemExit, match="config"):
+        eval_script.main(eval_script.get_args_parser().parse_args(base))
+    summary = eval_script.main(eval_script.get_args_parser().parse_args(base + ["--config", str(cfg),
+                                                                               "--aux_shift", "3"]))
+    assert summary["settings"]["aux_shift"] == 3.0
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_gloo(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1", MAMBAALIGN_COMPILE="0")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+           os.path.join(ROOT, "train.py"), *FAST, "--epochs", "1", "--max_steps", "2", "--device", "cpu",
+           "--out_dir", str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "world 2" in proc.stdout
+    model = MambaAlign.from_checkpoint(tmp_path / "best_checkpoint.pth")
+    assert isinstance(model, MambaAlign)
+    assert len((tmp_path / "steps.jsonl").read_text().splitlines()) == 2

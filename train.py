@@ -1,0 +1,480 @@
+"""Train MambaAlign on normal images with synthetic anomalies (single process or torchrun / DDP).
+
+    python train.py --dataset synthetic --object disc --out_dir runs/demo --epochs 8 --img_size 128
+    python train.py --data_root /path/to/MulSen_AD --dataset mulsenad --object capsule --aux_ch 1 \\
+        --out_dir outputs/mamba_capsule --epochs 300 --batch_size 8 --img_size 512 --use_amp --pretrained_backbone
+    torchrun --nproc_per_node=4 train.py ...            (the same flags; DistributedDataParallel)
+
+Loss: focal + dice on the segmentation logits, BCE on the image logit. AdamW, linear warm-up then cosine.
+Model selection: a validation set carved (seeded) from the TRAIN normals, every other image given a fixed seeded
+synthetic anomaly; the criterion is the mean of image AUROC and AUPRO on it (image AUROC alone if AUPRO is
+undefined). The test split is never read here. Checkpoints: out_dir/last.pth (every epoch) and
+out_dir/best_checkpoint.pth, written atomically; ``--resume auto`` continues exactly from last.pth.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import os
+import random
+import sys
+import time
+import warnings
+from typing import Dict, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Sampler
+
+import metrics
+from datasets import DATASETS, DatasetError, build_dataset
+from datasets.synthesis import MODES, AnomalySynthesizer, SynthesisDataset
+from engine import autocast_context, dist_info, git_revision, resolve_device, run_inference
+from MambaAlign import PRESETS, MambaAlign, MambaAlignConfig
+from rgbx_backbone import BACKBONES
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser("MambaAlign training", add_help=True,
+                                description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", default="synthetic", choices=sorted(DATASETS),
+                   help="dataset family; 'synthetic' is built in and needs no --data_root")
+    g.add_argument("--data_root", default=None, help="root folder of the dataset tree")
+    g.add_argument("--object", default="disc", help="object/class to train on (one model per object)")
+    g.add_argument("--img_size", type=int, default=256, help="square input size; a multiple of 32")
+    g.add_argument("--aux_ch", type=int, default=None,
+                   help="aux channels: 3 normals, 1 depth/infrared, 0 RGB only (default: the dataset's)")
+    g.add_argument("--num_workers", type=int, default=0, help="DataLoader worker processes per rank")
+    g.add_argument("--val_fraction", type=float, default=0.1,
+                   help="share of the TRAIN normals held out for model selection (at least 2 images)")
+    g.add_argument("--data_seed", type=int, default=0, help="seed of the synthetic dataset (dataset=synthetic)")
+    g = p.add_argument_group("anomaly synthesis")
+    g.add_argument("--synth_prob", type=float, default=0.5, help="chance that a training image gets an anomaly")
+    g.add_argument("--synth_mode", default="mixed", choices=MODES,
+                   help="which modality the anomaly lives in: rgb, aux, both, or mixed (one per sample)")
+    g.add_argument("--anomaly_source_path", default=None,
+                   help="folder of texture images (e.g. DTD) for RGB anomalies; default: procedural textures")
+    g.add_argument("--misalign_px", type=float, default=0.0,
+                   help="random aux-vs-RGB shift up to this many pixels on every training image (0 = off)")
+    g.add_argument("--misalign_deg", type=float, default=0.0, help="random aux-vs-RGB rotation up to this angle")
+    g = p.add_argument_group("model")
+    g.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="architecture preset")
+    g.add_argument("--backbone", default=None, choices=sorted(BACKBONES), help="override the preset's backbone")
+    g.add_argument("--pretrained_backbone", action="store_true",
+                   help="ImageNet weights through torchvision (its cache first, then download)")
+    g.add_argument("--backbone_weights", default=None,
+                   help="a local torchvision-format state dict for the backbone (offline alternative)")
+    g.add_argument("--no_pmm", action="store_true", help="ablation: no Per-Modal Mamba stacks")
+    g.add_argument("--no_cmi", action="store_true", help="ablation: no Cross Mamba Interaction")
+    g.add_argument("--no_aaf", action="store_true", help="ablation: plain fusion instead of Alignment-Aware Fusion")
+    g.add_argument("--scan_backend", default="auto", choices=("auto", "cuda", "torch", "ref"),
+                   help="selective-scan implementation (auto: mamba-ssm on CUDA if installed, else torch)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the whole model")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=int, default=30, help="training epochs")
+    g.add_argument("--max_steps", type=int, default=0, help="stop after this many optimizer steps (0 = no limit)")
+    g.add_argument("--batch_size", type=int, default=8, help="images per step per rank")
+    g.add_argument("--accum_steps", type=int, default=1, help="gradient accumulation steps per optimizer step")
+    g.add_argument("--lr", type=float, default=5e-4, help="peak learning rate (AdamW)")
+    g.add_argument("--min_lr", type=float, default=1e-6, help="final learning rate of the cosine schedule")
+    g.add_argument("--weight_decay", type=float, default=0.01,
+                   help="AdamW weight decay (not applied to biases, norms, A_log and D)")
+    g.add_argument("--warmup_epochs", type=float, default=1.0, help="linear warm-up length in epochs")
+    g.add_argument("--clip_grad", type=float, default=1.0, help="max gradient norm (0 = no clipping)")
+    g.add_argument("--use_amp", action="store_true",
+                   help="mixed precision: bf16 where supported (fp16 + GradScaler on older GPUs); off on CPU "
+                        "unless given")
+    g.add_argument("--w_focal", type=float, default=1.0, help="weight of the focal loss on the map")
+    g.add_argument("--w_dice", type=float, default=1.0, help="weight of the dice loss on the map")
+    g.add_argument("--w_cls", type=float, default=0.5, help="weight of the BCE loss on the image logit")
+    g.add_argument("--focal_gamma", type=float, default=2.0, help="focal loss gamma")
+    g = p.add_argument_group("run")
+    g.add_argument("--out_dir", required=True, help="folder for checkpoints and log.jsonl")
+    g.add_argument("--resume", default=None, help="checkpoint to continue from, or 'auto' for out_dir/last.pth")
+    g.add_argument("--eval_every", type=int, default=1, help="validate every N epochs (and after the last)")
+    g.add_argument("--seed", type=int, default=0, help="random seed (data order, synthesis, initialisation)")
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    g.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+# --------------------------------------------------------------------------------------------------------
+# Losses
+# --------------------------------------------------------------------------------------------------------
+
+def focal_loss(logits, target, gamma: float = 2.0):
+    """Binary focal loss, mean over pixels."""
+    bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    p_t = torch.exp(-bce)
+    return ((1 - p_t) ** gamma * bce).mean()
+
+
+def dice_loss(logits, target, eps: float = 1.0):
+    p = torch.sigmoid(logits).flatten(1)
+    t = target.flatten(1)
+    return (1 - (2 * (p * t).sum(1) + eps) / (p.sum(1) + t.sum(1) + eps)).mean()
+
+
+def compute_loss(out, mask, label, args):
+    seg = out["seg_logits"].float()
+    lf = focal_loss(seg, mask, args.focal_gamma)
+    ld = dice_loss(seg, mask)
+    lc = F.binary_cross_entropy_with_logits(out["score_logit"].float(), label.float())
+    total = args.w_focal * lf + args.w_dice * ld + args.w_cls * lc
+    return total, {"focal": lf.item(), "dice": ld.item(), "cls": lc.item()}
+
+
+# --------------------------------------------------------------------------------------------------------
+# Data
+# --------------------------------------------------------------------------------------------------------
+
+class EpochSampler(Sampler):
+    """A permutation of range(n) seeded by (seed, epoch), sharded over ranks (like DistributedSampler, padded to
+    equal shards), starting after ``skip`` samples of this rank: resuming mid-epoch sees the remaining batches."""
+
+    def __init__(self, n: int, seed: int, rank: int = 0, world: int = 1):
+        self.n, self.seed, self.rank, self.world = n, seed, rank, world
+        self.epoch, self.skip = 0, 0
+        self.per_rank = math.ceil(n / world)
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        self.epoch, self.skip = epoch, skip
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
+        perm = torch.randperm(self.n, generator=g).tolist()
+        perm += perm[: self.per_rank * self.world - self.n]
+        return itertools.islice(iter(perm[self.rank::self.world]), self.skip, None)
+
+    def __len__(self) -> int:
+        return self.per_rank - self.skip
+
+
+def split_train_val(n: int, val_fraction: float, seed: int):
+    """Seeded split of the train normals into (train indices, validation indices)."""
+    n_val = max(2, int(round(n * val_fraction))) if val_fraction > 0 else 0
+    if n - n_val < 1:
+        raise SystemExit(f"--val_fraction {val_fraction} leaves no training images out of {n}")
+    perm = np.random.default_rng(seed).permutation(n)
+    return sorted(perm[n_val:].tolist()), sorted(perm[:n_val].tolist())
+
+
+# --------------------------------------------------------------------------------------------------------
+# Checkpoints
+# --------------------------------------------------------------------------------------------------------
+
+def save_atomic(obj, path: str) -> None:
+    tmp = f"{path}.tmp.{os.getpid()}"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _rng_state():
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state()[1].tolist(),
+            "numpy_pos": int(np.random.get_state()[2]), "python": repr(random.getstate()),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def _set_rng_state(s):
+    torch.set_rng_state(s["torch"])
+    np.random.set_state(("MT19937", np.asarray(s["numpy"], dtype=np.uint32), s["numpy_pos"], 0, 0.0))
+    import ast
+    random.setstate(ast.literal_eval(s["python"]))
+    if torch.cuda.is_available() and s["cuda"]:
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+def _plain(v):
+    return v if isinstance(v, (int, float, str, bool, type(None))) else str(v)
+
+
+# --------------------------------------------------------------------------------------------------------
+
+def build_config(args, aux_ch: int) -> MambaAlignConfig:
+    overrides = dict(aux_ch=aux_ch, pretrained=args.pretrained_backbone, backbone_weights=args.backbone_weights,
+                     use_pmm=not args.no_pmm, use_cmi=not args.no_cmi, use_aaf=not args.no_aaf,
+                     scan_backend=args.scan_backend)
+    if args.backbone:
+        overrides["backbone"] = args.backbone
+    return MambaAlignConfig.preset(args.preset, **overrides)
+
+
+def _architecture(cfg: dict) -> dict:
+    # Where weights come from is not architecture: a resumed run never re-reads them.
+    return {k: v for k, v in cfg.items() if k not in ("pretrained", "backbone_weights", "scan_backend")}
+
+
+def check_out_dir(path: str) -> None:
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, f".write_test.{os.getpid()}")
+        with open(probe, "w") as fh:
+            fh.write("ok")
+        os.remove(probe)
+    except OSError as exc:
+        raise SystemExit(f"--out_dir {path} is not writable: {exc}") from None
+
+
+def lr_lambda_factory(args, steps_per_epoch: int, total_steps: int):
+    warmup = max(1, int(round(args.warmup_epochs * steps_per_epoch)))
+    floor = args.min_lr / args.lr
+
+    def f(step):
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+    return f
+
+
+def param_groups(model, weight_decay: float):
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if p.ndim <= 1 or getattr(p, "_no_weight_decay", False) or name.endswith(".bias"):
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def validate(model, loader, device, args, rank, world) -> Dict[str, float]:
+    res = run_inference(model, loader, device, amp=args.use_amp, progress=False)
+    keys = ("score_logit", "label", "maps", "masks", "path")
+    if world > 1:
+        gathered = [None] * world
+        dist.all_gather_object(gathered, {k: res[k] for k in keys})
+        res = {k: (np.concatenate([g[k] for g in gathered]) if k != "path" else sum((g[k] for g in gathered), []))
+               for k in keys}
+        # The sharded sampler pads with repeats: keep the first occurrence of each image.
+        _, first = np.unique(np.asarray(res["path"]), return_index=True)
+        res = {k: (v[np.sort(first)] if k != "path" else [v[i] for i in np.sort(first)]) for k, v in res.items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        m = metrics.compute_metrics(res["score_logit"], res["label"], res["maps"], res["masks"])
+    m["criterion"] = m["image_auroc"] if math.isnan(m["aupro"]) else 0.5 * (m["image_auroc"] + m["aupro"])
+    return m
+
+
+def main(args):
+    rank, world, local_rank = dist_info()
+    distributed = world > 1
+    device = resolve_device(args.device)
+    if distributed:
+        if device.type == "cuda":
+            device = torch.device("cuda", local_rank)
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    is_main = rank == 0
+    log = print if is_main else (lambda *a, **k: None)
+
+    # ---- checks that must fail before any training step -----------------------------------------------
+    if args.img_size % 32:
+        raise SystemExit(f"--img_size must be a multiple of 32, got {args.img_size}")
+    if args.batch_size < 1 or args.accum_steps < 1:
+        raise SystemExit("--batch_size and --accum_steps must be >= 1")
+    check_out_dir(args.out_dir)
+    aux_ch = DATASETS[args.dataset][3] if args.aux_ch is None else args.aux_ch
+    try:
+        extra = {"seed": args.data_seed} if args.dataset == "synthetic" else {}
+        base = build_dataset(args.dataset, args.data_root, args.object, "train", args.img_size, aux_ch, **extra)
+        first = base[0]
+    except DatasetError as exc:
+        raise SystemExit(f"data error: {exc}") from None
+    if aux_ch and first["aux"].shape[0] != aux_ch:
+        raise SystemExit(f"--aux_ch {aux_ch} does not match the data: {first['path']} gives "
+                         f"{first['aux'].shape[0]} aux channels")
+    cfg = build_config(args, aux_ch)
+    resume_path = os.path.join(args.out_dir, "last.pth") if args.resume == "auto" else args.resume
+    ckpt = None
+    if resume_path:
+        if not os.path.isfile(resume_path):
+            if args.resume == "auto":
+                resume_path = None
+            else:
+                raise SystemExit(f"--resume: checkpoint not found: {resume_path}")
+        if resume_path:
+            ckpt = torch.load(resume_path, map_location="cpu", weights_only=True)
+            if not isinstance(ckpt, dict) or "config" not in ckpt or "optimizer" not in ckpt:
+                raise SystemExit(f"--resume {resume_path} is not a training checkpoint written by train.py")
+            if _architecture(ckpt["config"]) != _architecture(cfg.to_dict()):
+                diff = {k: (ckpt["config"].get(k), v) for k, v in _architecture(cfg.to_dict()).items()
+                        if ckpt["config"].get(k) != v}
+                raise SystemExit(f"--resume {resume_path} holds another architecture: (checkpoint, requested) "
+                                 f"differ in {diff}")
+            cfg = MambaAlignConfig.from_dict({**ckpt["config"], "pretrained": False, "backbone_weights": None,
+                                              "scan_backend": args.scan_backend})
+
+    # ---- data ------------------------------------------------------------------------------------------
+    torch.manual_seed(args.seed)
+    np.random.seed(args.seed)
+    random.seed(args.seed)
+    train_idx, val_idx = split_train_val(len(base), args.val_fraction, args.seed)
+    kind = base.aux_kind if aux_ch else None
+    synth = AnomalySynthesizer(kind, args.synth_mode, args.synth_prob, args.anomaly_source_path,
+                               args.misalign_px, args.misalign_deg)
+    train_ds = SynthesisDataset(base, synth, seed=args.seed, indices=train_idx)
+    val_synth = AnomalySynthesizer(kind, args.synth_mode, 1.0, args.anomaly_source_path, args.misalign_px,
+                                   args.misalign_deg)
+    val_ds = SynthesisDataset(base, val_synth, seed=args.seed + 1, fixed=True, indices=val_idx) if val_idx else None
+    sampler = EpochSampler(len(train_ds), args.seed, rank, world)
+    loader_gen = torch.Generator().manual_seed(args.seed)  # keeps DataLoader from drawing on the global RNG
+    train_loader = DataLoader(train_ds, batch_size=args.batch_size, sampler=sampler, num_workers=args.num_workers,
+                              drop_last=len(train_ds) // world >= args.batch_size, generator=loader_gen,
+                              persistent_workers=False)
+    val_loader = None
+    if val_ds is not None:
+        val_loader = DataLoader(val_ds, batch_size=args.batch_size,
+                                sampler=list(range(rank, len(val_ds), world)) if distributed else None,
+                                num_workers=args.num_workers)
+    batches_per_epoch = len(train_loader)
+    steps_per_epoch = max(1, batches_per_epoch // args.accum_steps)
+    # The schedule spans --epochs; --max_steps only stops early, so a run stopped and resumed follows the
+    # same learning-rate curve as an uninterrupted one.
+    total_steps = steps_per_epoch * args.epochs
+
+    # ---- model, optimiser --------------------------------------------------------------------------------
+    model = MambaAlign(cfg).to(device)
+    optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.999))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda_factory(args, steps_per_epoch, total_steps))
+    use_scaler = args.use_amp and device.type == "cuda" and not torch.cuda.is_bf16_supported()
+    scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
+    start_epoch, step, skip_batches = 0, 0, 0
+    best = {"criterion": -math.inf, "epoch": None}
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"], strict=True)
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        scaler.load_state_dict(ckpt["scaler"])
+        start_epoch, step, skip_batches = ckpt["epoch"], ckpt["step"], ckpt.get("batches_done", 0)
+        best = ckpt.get("best", best)
+        _set_rng_state(ckpt["rng"])
+    net = model
+    if args.compile:
+        net = torch.compile(net)
+    if distributed:
+        net = torch.nn.parallel.DistributedDataParallel(
+            net, device_ids=[device.index] if device.type == "cuda" else None)
+
+    if is_main:
+        log(f"MambaAlign train | git {git_revision()} | device {device} | world {world}")
+        for k in sorted(vars(args)):
+            log(f"  {k}: {getattr(args, k)}")
+        n_params = sum(p.numel() for p in model.parameters())
+        log(f"model: preset {args.preset}, aux_ch {aux_ch}, {n_params / 1e6:.2f} M parameters; "
+            f"train {len(train_idx)} images, validation {len(val_idx)} (from the train split); "
+            f"{steps_per_epoch} steps/epoch, {total_steps} steps"
+            + (f" (stopping at step {args.max_steps})" if args.max_steps else ""))
+        if ckpt is not None:
+            log(f"resumed from {resume_path} at epoch {start_epoch}, step {step}")
+    log_path = os.path.join(args.out_dir, "log.jsonl")
+    if is_main:
+        with open(os.path.join(args.out_dir, "splits.json"), "w") as fh:
+            json.dump({"train": [base.records[i].rgb for i in train_idx],
+                       "validation": [base.records[i].rgb for i in val_idx],
+                       "note": "both carved from the train split; the test split is never read by train.py"},
+                      fh, indent=1)
+    args_plain = {k: _plain(v) for k, v in vars(args).items()}
+    steps_path = os.path.join(args.out_dir, "steps.jsonl")
+
+    def checkpoint(epoch, batches_done, val=None):
+        return {"model": model.state_dict(), "config": cfg.to_dict(), "args": args_plain,
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict(), "epoch": epoch, "step": step, "batches_done": batches_done,
+                "best": best, "rng": _rng_state(), "metrics": val or {}}
+
+    from tqdm import tqdm
+    done = args.max_steps and step >= args.max_steps
+    epoch = start_epoch
+    while epoch < args.epochs and not done:
+        sampler.set_epoch(epoch, skip_batches * args.batch_size)
+        train_ds.set_epoch(epoch)
+        model.train()
+        t0, seen, losses = time.time(), 0, []
+        bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not is_main or args.quiet,
+                   leave=False, initial=skip_batches, total=skip_batches + len(train_loader))
+        batches_done = skip_batches
+        optimizer.zero_grad(set_to_none=True)
+        for batch in bar:
+            rgb = batch["rgb"].to(device, non_blocking=True)
+            aux = batch["aux"].to(device, non_blocking=True) if aux_ch else None
+            mask = batch["mask"].to(device, non_blocking=True)
+            label = torch.as_tensor(batch["label"], device=device)
+            with autocast_context(device, args.use_amp):
+                out = net(rgb, aux)
+            loss, parts = compute_loss(out, mask, label, args)
+            if not torch.isfinite(loss):
+                raise SystemExit(f"non-finite loss ({loss.item()}) at epoch {epoch + 1}, step {step + 1} "
+                                 f"(parts {parts}); lower --lr, enable --clip_grad or check the data")
+            scaler.scale(loss / args.accum_steps).backward()
+            batches_done += 1
+            if batches_done % args.accum_steps == 0:
+                if args.clip_grad > 0:
+                    scaler.unscale_(optimizer)
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+                scheduler.step()
+                step += 1
+                losses.append(loss.item())
+                seen += rgb.shape[0] * args.accum_steps * world
+                bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}",
+                                img_s=f"{seen / (time.time() - t0):.1f}")
+                if is_main:
+                    with open(steps_path, "a") as fh:
+                        fh.write(json.dumps({"step": step, "loss": loss.item()}) + "\n")
+                if args.max_steps and step >= args.max_steps:
+                    done = True
+                    break
+        bar.close()
+        epoch_complete = batches_done >= batches_per_epoch
+        skip_batches = 0
+        val = None
+        last_epoch = epoch + 1 >= args.epochs or done
+        if val_loader is not None and ((epoch + 1) % args.eval_every == 0 or last_epoch):
+            val = validate(model, val_loader, device, args, rank, world)
+            if val["criterion"] > best["criterion"]:
+                best = {"criterion": val["criterion"], "epoch": epoch + 1, "step": step}
+                if is_main:
+                    save_atomic(checkpoint(epoch + 1, 0, val), os.path.join(args.out_dir, "best_checkpoint.pth"))
+        # A run stopped by --max_steps mid-epoch resumes inside that epoch, after the batches it has done.
+        next_epoch = epoch + 1 if epoch_complete else epoch
+        if is_main:
+            state = checkpoint(next_epoch, 0 if epoch_complete else batches_done, val)
+            save_atomic(state, os.path.join(args.out_dir, "last.pth"))
+            if val_loader is None:  # no validation split (--val_fraction 0): the latest model is the one kept
+                save_atomic(state, os.path.join(args.out_dir, "best_checkpoint.pth"))
+            record = {"epoch": epoch + 1, "step": step, "lr": scheduler.get_last_lr()[0],
+                      "train_loss": float(np.mean(losses)) if losses else None,
+                      "time_s": round(time.time() - t0, 2), "val": val, "best": best}
+            with open(log_path, "a") as fh:
+                fh.write(json.dumps(record, allow_nan=True) + "\n")
+            msg = f"epoch {epoch + 1}: loss {record['train_loss'] if losses else float('nan'):.4f}"
+            if val:
+                msg += (f" | val image AUROC {val['image_auroc']:.4f}, AUPRO {val['aupro']:.4f}, "
+                        f"criterion {val['criterion']:.4f} (best {best['criterion']:.4f} @ epoch {best['epoch']})")
+            log(msg)
+        epoch = next_epoch
+    if distributed:
+        dist.barrier()
+    if is_main:
+        best_path = os.path.join(args.out_dir, "best_checkpoint.pth")
+        log(f"\nbest checkpoint: {best_path} (epoch {best['epoch']}, criterion {best['criterion']:.4f} = mean of "
+            f"validation image AUROC and AUPRO)")
+        root = f" --data_root {args.data_root}" if args.data_root else ""
+        log(f"evaluate it with:\n  python eval.py --dataset {args.dataset}{root} --object {args.object} "
+            f"--checkpoint {best_path} --out_dir {os.path.join(args.out_dir, 'eval')} --save_vis")
+    if distributed:
+        dist.destroy_process_group()
+    return best
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())
