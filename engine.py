@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import subprocess
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import numpy as np
 import torch
@@ -39,12 +39,6 @@ def autocast_context(device: torch.device, enabled: bool):
     else:
         dtype = torch.bfloat16
     return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-def amp_dtype(device: torch.device) -> torch.dtype:
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        return torch.float16
-    return torch.bfloat16
 
 
 def git_revision() -> str:

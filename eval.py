@@ -19,7 +19,6 @@ import csv
 import json
 import math
 import os
-import sys
 import time
 import warnings
 from typing import Dict, List
@@ -32,7 +31,7 @@ import metrics
 from datasets import DATASETS, build_dataset, list_objects
 from datasets.transforms import denormalize_rgb
 from engine import git_revision, resolve_device, run_inference
-from MambaAlign import MambaAlign, MambaAlignConfig
+from MambaAlign import MambaAlign
 
 CSV_COLUMNS = ("path", "object", "defect", "label", "score", "score_logit", "pixel_auroc")
 # viridis, sampled at 9 evenly spaced points (perceptually uniform, colour-blind friendly)
@@ -180,7 +179,6 @@ def main(args) -> Dict[str, object]:
     device = resolve_device(args.device)
     t0 = time.time()
     print(f"MambaAlign eval | git {git_revision()} | device {device}")
-    first_ckpt = args.checkpoint.replace("{object}", args.object or "")
     if "{object}" not in args.checkpoint:
         model, train_args = _load_model(args.checkpoint, args.config, device)
     else:

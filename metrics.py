@@ -26,7 +26,7 @@ __all__ = ["image_auroc", "average_precision", "f1_max", "pixel_auroc", "pixel_a
            "pro_curve", "compute_metrics", "METRIC_KEYS"]
 
 METRIC_KEYS = ("image_auroc", "image_ap", "image_f1_max", "pixel_auroc", "pixel_ap", "pixel_f1_max", "aupro")
-ArrayLike = Union[np.ndarray, Sequence[float], "torch.Tensor"]  # noqa: F821
+ArrayLike = Union[np.ndarray, Sequence[float]]  # torch tensors are accepted too (converted with .numpy())
 
 
 def _np(x) -> np.ndarray:

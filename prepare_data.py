@@ -18,10 +18,9 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import sys
 from functools import partial
 from multiprocessing import Pool
-from typing import List, Optional, Tuple
+from typing import List, Tuple
 
 import numpy as np
 

@@ -37,7 +37,7 @@ from __future__ import annotations
 import logging
 import os
 import warnings
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 import torch.nn.functional as F

@@ -19,10 +19,9 @@ import json
 import math
 import os
 import random
-import sys
 import time
 import warnings
-from typing import Dict, Optional
+from typing import Dict
 
 import numpy as np
 import torch

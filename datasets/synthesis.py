@@ -7,7 +7,7 @@ rgb ImageNet-normalised (3, H, W); aux (C, H, W) as normals / standardised depth
   * mask: Perlin noise at a random lattice scale, thresholded, kept inside the foreground (``valid`` where
     given, else an estimate: pixels that differ from the border colour);
   * RGB: a texture (a random image from ``texture_source``, e.g. DTD; else a procedural one: coloured Perlin
-    noise or a displaced patch of the image itself) blended in with a random opacity;
+    noise, a near-uniform colour, or a displaced patch of the image itself) blended in with a random opacity;
   * aux, consistent with the modality: depth gets a smooth bump or dent shaped by the mask; normals are bent by
     the gradient of that same height field (they stay unit vectors); intensity (infrared) a hot or cold spot;
   * mode: "rgb" (aux untouched), "aux" (RGB untouched), "both", or "mixed" (one of the three per sample, with
@@ -122,13 +122,16 @@ class TextureSource:
 
 
 def _procedural_texture(rgb01: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+    """One of: coloured Perlin noise, a near-uniform colour (a stain / discolouration) or a displaced,
+    colour-jittered copy of the image itself, with equal probability."""
     H, W = rgb01.shape[1:]
-    if rng.random() < 0.5:  # coloured Perlin noise
+    kind = rng.integers(3)
+    if kind < 2:
         res = 2 ** int(rng.integers(2, 5))
         chans = [perlin_noise((H, W), (res, res), rng) for _ in range(3)]
         base = rng.uniform(0, 1, 3)[:, None, None]
-        return torch.from_numpy(np.clip(base + 0.4 * np.stack(chans), 0, 1)).float()
-    # A displaced, colour-jittered copy of the image itself.
+        amplitude = 0.4 if kind == 0 else 0.04   # kind 1: almost flat colour, no texture to give it away
+        return torch.from_numpy(np.clip(base + amplitude * np.stack(chans), 0, 1)).float()
     dy, dx = int(rng.integers(H // 4, 3 * H // 4 + 1)), int(rng.integers(W // 4, 3 * W // 4 + 1))
     jitter = torch.from_numpy(rng.uniform(0.6, 1.4, 3)).float()[:, None, None]
     return (torch.roll(rgb01, (dy, dx), (1, 2)) * jitter).clamp(0, 1)

@@ -20,7 +20,7 @@ MVTec 3D-AD tree (rgb PNG, xyz TIFF from a pinhole camera, gt PNG) so the same f
 from __future__ import annotations
 
 import os
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional
 
 import numpy as np
 from scipy import ndimage

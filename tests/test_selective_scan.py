@@ -1,6 +1,5 @@
 """The fast `torch` selective scan against the sequential `ref` oracle: outputs, last state, every gradient."""
 import math
-import os
 
 import pytest
 import torch

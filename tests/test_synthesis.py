@@ -1,5 +1,4 @@
 """Training-anomaly synthesis and the procedural synthetic dataset."""
-import os
 
 import numpy as np
 import pytest
@@ -8,7 +7,7 @@ from PIL import Image
 
 from datasets import DatasetError, build_dataset
 from datasets.synthesis import (AnomalySynthesizer, SynthesisDataset, TextureSource, contact_sheet, misalign,
-                                perlin_mask, synthesize)
+                                synthesize)
 from datasets.synthetic import SyntheticDataset, render_sample, write_mvtec3d_tree
 
 

@@ -1,0 +1,342 @@
+"""Speed and memory benchmarks. Every ratio is measured in the same run; nothing here is a test.
+
+    python bench.py scan       selective scan: fast `torch` backend vs the sequential `ref`
+    python bench.py block      one QSVSS block: forward / forward+backward time, peak memory, scan share
+    python bench.py model      whole model vs the bare two-branch backbone, tiny and base presets
+    python bench.py metrics    AUPRO on 200 maps of 256x256
+    python bench.py ablation   train + evaluate the ablation variants with one budget, one table
+    python bench.py all        scan, block, model, metrics
+
+Peak memory is the process's resident-set high-water mark (Linux VmHWM, reset before each measurement)
+minus the resident size just before it: what the measured call added on top of its inputs. bench.py re-runs
+itself with glibc's mmap threshold fixed at 64 KiB, so every tensor buffer is returned to the system when
+freed; otherwise freed heap pages stay resident, get reused, and the high-water mark misses them.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import statistics
+import sys
+import time
+from typing import Callable, List
+
+import torch
+
+
+# ----------------------------------------------------------------------------------------------------
+# Measurement helpers
+# ----------------------------------------------------------------------------------------------------
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not found in /proc/self/status")
+
+
+def peak_extra_mib(fn: Callable[[], object]) -> float:
+    """Run fn once and return the peak resident memory it added, in MiB (Linux only; NaN elsewhere)."""
+    gc.collect()
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")                       # resets VmHWM to the current RSS
+        before = _status_kib("VmRSS")
+    except OSError:
+        return float("nan")
+    fn()
+    return (_status_kib("VmHWM") - before) / 1024.0
+
+
+def time_it(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
+    """Median wall time of fn over `repeats` runs, after `warmup` runs (which also trigger compilation)."""
+    for _ in range(warmup):
+        fn()
+    times: List[float] = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def print_table(title: str, header: List[str], rows: List[List[str]]) -> None:
+    widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
+    print(f"\n{title}")
+    print("| " + " | ".join(h.ljust(w) for h, w in zip(header, widths)) + " |")
+    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for r in rows:
+        print("| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths)) + " |")
+
+
+def _pin_threads(n: int) -> int:
+    n = n or os.cpu_count() or 1
+    torch.set_num_threads(n)
+    return n
+
+
+# ----------------------------------------------------------------------------------------------------
+# scan
+# ----------------------------------------------------------------------------------------------------
+
+def _scan_inputs(batch, dim, L, dstate, groups, seed=0):
+    import math
+    g = torch.Generator().manual_seed(seed)
+    dt = torch.exp(torch.rand(dim, generator=g) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3))
+    return dict(
+        u=torch.randn(batch, dim, L, generator=g),
+        delta=0.1 * torch.randn(batch, dim, L, generator=g),
+        A=-torch.arange(1, dstate + 1, dtype=torch.float32).repeat(dim, 1),
+        B=torch.randn(batch, groups, dstate, L, generator=g),
+        C=torch.randn(batch, groups, dstate, L, generator=g),
+        D=torch.ones(dim),
+        z=torch.randn(batch, dim, L, generator=g),
+        delta_bias=dt + torch.log(-torch.expm1(-dt)),
+    )
+
+
+def bench_scan(args) -> None:
+    from selective_scan import selective_scan_fn
+    shapes = [(2, 384, 4096, 16, 4), (2, 192, 1024, 16, 4)]
+    rows = []
+    for shape in shapes:
+        inputs = _scan_inputs(*shape)
+        res = {}
+        for backend in ("ref", "torch"):
+            leaves = {k: v.clone().requires_grad_(True) for k, v in inputs.items()}
+
+            def fwd():
+                with torch.no_grad():
+                    return selective_scan_fn(**leaves, delta_softplus=True, backend=backend)
+
+            def fwd_bwd():
+                for v in leaves.values():
+                    v.grad = None
+                selective_scan_fn(**leaves, delta_softplus=True, backend=backend).sum().backward()
+
+            t_f = time_it(fwd, args.repeats)
+            t_fb = time_it(fwd_bwd, args.repeats)
+            mem = peak_extra_mib(fwd_bwd)
+            res[backend] = (t_f, t_fb, mem)
+        (rf, rfb, rm), (tf, tfb, tm) = res["ref"], res["torch"]
+        rows.append([str(shape), f"{rf * 1e3:.0f}", f"{tf * 1e3:.0f}", f"{rf / tf:.1f}x",
+                     f"{rfb * 1e3:.0f}", f"{tfb * 1e3:.0f}", f"{rfb / tfb:.1f}x", f"{rm:.0f}", f"{tm:.0f}"])
+    print_table(f"selective scan on CPU ({torch.get_num_threads()} threads), median of {args.repeats}; "
+                f"shape = (batch, dim, L, dstate, groups)",
+                ["shape", "fwd ref ms", "fwd torch ms", "fwd speed-up", "fwd+bwd ref ms", "fwd+bwd torch ms",
+                 "fwd+bwd speed-up", "peak ref MiB", "peak torch MiB"], rows)
+
+
+# ----------------------------------------------------------------------------------------------------
+# block
+# ----------------------------------------------------------------------------------------------------
+
+def bench_block(args) -> None:
+    import pmm_qsvss
+    from pmm_qsvss import QSVSSBlock
+    rows = []
+    for (b, c, h, w) in [(8, 128, 32, 32), (2, 256, 64, 64)]:
+        torch.manual_seed(0)
+        blk = QSVSSBlock(c, d_state=16)
+        x = torch.randn(b, c, h, w, requires_grad=True)
+        captured = {}
+        original = pmm_qsvss.selective_scan_fn
+
+        def capture(*a, **kw):
+            captured.setdefault("args", (a, kw))
+            return original(*a, **kw)
+
+        pmm_qsvss.selective_scan_fn = capture
+        try:
+            blk(x)
+        finally:
+            pmm_qsvss.selective_scan_fn = original
+        s_args, s_kw = captured["args"]
+        s_leaves = [t.detach().clone().requires_grad_(t.requires_grad) if torch.is_tensor(t) else t
+                    for t in s_args]
+        s_kw = {k: (v.detach().clone().requires_grad_(True) if torch.is_tensor(v) else v) for k, v in s_kw.items()}
+
+        def fwd():
+            with torch.no_grad():
+                blk(x)
+
+        def fwd_bwd():
+            blk.zero_grad(set_to_none=True)
+            blk(x).sum().backward()
+
+        def scan_fwd_bwd():
+            original(*s_leaves, **s_kw).sum().backward()
+
+        t_f = time_it(fwd, args.repeats)
+        t_fb = time_it(fwd_bwd, args.repeats)
+        t_scan = time_it(scan_fwd_bwd, args.repeats)
+        mem = peak_extra_mib(fwd_bwd)
+        rows.append([str((b, c, h, w)), f"{t_f * 1e3:.0f}", f"{t_fb * 1e3:.0f}", f"{mem:.0f}",
+                     f"{100 * t_scan / t_fb:.0f}%"])
+    print_table(f"QSVSS block on CPU ({torch.get_num_threads()} threads), d_state 16, ssm_ratio 2, "
+                f"median of {args.repeats}",
+                ["input (B, C, H, W)", "fwd ms", "fwd+bwd ms", "peak fwd+bwd MiB", "scan share of fwd+bwd"],
+                rows)
+
+
+# ----------------------------------------------------------------------------------------------------
+# model
+# ----------------------------------------------------------------------------------------------------
+
+def bench_model(args) -> None:
+    from MambaAlign import MambaAlign, MambaAlignConfig
+    from rgbx_backbone import RGBXBackbone
+    rows = []
+    size = args.size
+    for preset in ("tiny", "base"):
+        cfg = MambaAlignConfig.preset(preset, aux_ch=3)
+        model = MambaAlign(cfg).eval()
+        backbone = RGBXBackbone(cfg.backbone, 3, stages=(2, 3, 4, 5)).eval()
+        rgb, aux = torch.randn(1, 3, size, size), torch.randn(1, 3, size, size)
+
+        def run_model():
+            with torch.no_grad():
+                model(rgb, aux)
+
+        def run_backbone():
+            with torch.no_grad():
+                backbone(rgb, aux)
+
+        t_m = time_it(run_model, args.repeats, warmup=2)
+        t_b = time_it(run_backbone, args.repeats, warmup=2)
+        mem = peak_extra_mib(run_model)
+        params = sum(p.numel() for p in model.parameters()) / 1e6
+        bparams = sum(p.numel() for p in backbone.parameters()) / 1e6
+        rows.append([preset, cfg.backbone, f"{params:.1f}", f"{bparams:.1f}", f"{t_m * 1e3:.0f}", f"{t_b * 1e3:.0f}",
+                     f"{t_m / t_b:.2f}x", f"{mem:.0f}"])
+    print_table(f"inference per image on CPU ({torch.get_num_threads()} threads), RGB + normals at {size}x{size}, "
+                f"batch 1, median of {args.repeats}",
+                ["preset", "backbone", "params M", "backbone params M", "model ms", "bare backbone ms",
+                 "model / backbone", "peak MiB"], rows)
+
+
+# ----------------------------------------------------------------------------------------------------
+# metrics
+# ----------------------------------------------------------------------------------------------------
+
+def bench_metrics(args) -> None:
+    import numpy as np
+    import metrics
+    rng = np.random.default_rng(0)
+    n, size = 200, 256
+    maps = rng.random((n, size, size), dtype=np.float32)
+    masks = np.zeros((n, size, size), bool)
+    for i in range(n // 2):  # half the images carry one or two defect regions
+        for _ in range(rng.integers(1, 3)):
+            y, x = rng.integers(0, size - 40, 2)
+            h, w = rng.integers(5, 40, 2)
+            masks[i, y:y + h, x:x + w] = True
+    maps[masks] += 0.3
+    rows = []
+    for name, fn in (("aupro (fpr_limit 0.3)", lambda: metrics.aupro(maps, masks, 0.3)),
+                     ("pixel_auroc", lambda: metrics.pixel_auroc(maps, masks)),
+                     ("compute_metrics (all 7)", lambda: metrics.compute_metrics(
+                         maps.reshape(n, -1).max(1), masks.reshape(n, -1).any(1), maps, masks))):
+        t = time_it(fn, args.repeats, warmup=0)
+        rows.append([name, f"{t:.2f}"])
+    print_table(f"metrics on {n} maps of {size}x{size} ({n * size * size / 1e6:.1f} M pixels), median of "
+                f"{args.repeats}", ["function", "seconds"], rows)
+
+
+# ----------------------------------------------------------------------------------------------------
+# ablation
+# ----------------------------------------------------------------------------------------------------
+
+ABLATIONS = {"full": [], "RGB-only": ["--aux_ch", "0"], "no CMI": ["--no_cmi"], "no AAF": ["--no_aaf"],
+             "no PMM": ["--no_pmm"]}
+
+
+def bench_ablation(args) -> None:
+    """Train and evaluate every variant with the same budget; one table."""
+    import json
+    import eval as eval_script
+    import train as train_script
+    common = ["--dataset", args.dataset, "--object", args.object, "--img_size", str(args.img_size),
+              "--epochs", str(args.epochs), "--batch_size", str(args.batch_size), "--lr", str(args.lr),
+              "--seed", str(args.seed), "--synth_prob", str(args.synth_prob), "--quiet"]
+    if args.data_root:
+        common += ["--data_root", args.data_root]
+    if args.aux_ch is not None:
+        common += ["--aux_ch", str(args.aux_ch)]
+    rows = []
+    variants = args.variants.split(",") if args.variants else list(ABLATIONS)
+    for name in variants:
+        if name not in ABLATIONS:
+            raise SystemExit(f"unknown variant {name!r}; choose from {', '.join(ABLATIONS)}")
+        out = os.path.join(args.out_dir, name.replace(" ", "_").lower())
+        extra = list(ABLATIONS[name])
+        if name == "RGB-only" and "--aux_ch" in common:
+            i = common.index("--aux_ch")
+            run_common = common[:i] + common[i + 2:]
+        else:
+            run_common = common
+        t0 = time.time()
+        train_script.main(train_script.get_args_parser().parse_args(run_common + extra + ["--out_dir", out]))
+        train_s = time.time() - t0
+        ev = ["--checkpoint", os.path.join(out, "best_checkpoint.pth"), "--out_dir", os.path.join(out, "eval"),
+              "--quiet"]
+        summary = eval_script.main(eval_script.get_args_parser().parse_args(ev))
+        o = summary["overall"]
+        rows.append([name, f"{o['image_auroc']:.4f}", f"{o['pixel_auroc']:.4f}", f"{o['aupro']:.4f}",
+                     f"{train_s / 60:.1f}"])
+        with open(os.path.join(args.out_dir, "ablation.json"), "w") as fh:
+            json.dump({r[0]: dict(zip(("image_auroc", "pixel_auroc", "aupro", "train_min"), r[1:])) for r in rows},
+                      fh, indent=1)
+    print_table(f"ablation on {args.dataset}/{args.object} at {args.img_size}px, {args.epochs} epochs each, "
+                f"seed {args.seed} (test split, via eval.py)",
+                ["variant", "image AUROC", "pixel AUROC", "AUPRO", "train min"], rows)
+
+
+# ----------------------------------------------------------------------------------------------------
+
+COMMANDS = {"scan": bench_scan, "block": bench_block, "model": bench_model, "metrics": bench_metrics,
+            "ablation": bench_ablation}
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser("MambaAlign benchmarks", add_help=True,
+                                description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("what", choices=sorted(COMMANDS) + ["all"], help="which benchmark to run")
+    p.add_argument("--repeats", type=int, default=3, help="timed repetitions per measurement (median is shown)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = all cores of this machine)")
+    p.add_argument("--size", type=int, default=256, help="model: input size")
+    g = p.add_argument_group("ablation (bench.py ablation)")
+    g.add_argument("--dataset", default="synthetic", help="dataset family (as train.py)")
+    g.add_argument("--data_root", default=None, help="dataset root (as train.py)")
+    g.add_argument("--object", default="disc", help="object to train and test on")
+    g.add_argument("--aux_ch", type=int, default=None, help="aux channels of the full model (default: dataset's)")
+    g.add_argument("--img_size", type=int, default=128, help="training and test size")
+    g.add_argument("--epochs", type=int, default=30, help="epochs per variant (the shared budget)")
+    g.add_argument("--batch_size", type=int, default=8, help="batch size")
+    g.add_argument("--lr", type=float, default=1e-3, help="learning rate")
+    g.add_argument("--seed", type=int, default=0, help="seed, the same for every variant")
+    g.add_argument("--synth_prob", type=float, default=0.7, help="chance of a synthetic anomaly per image")
+    g.add_argument("--variants", default=None, help=f"comma-separated subset of: {', '.join(ABLATIONS)}")
+    g.add_argument("--out_dir", default="runs/ablation", help="where each variant's run and eval go")
+    return p
+
+
+_MMAP_ENV = "MALLOC_MMAP_THRESHOLD_"
+
+
+def main(args) -> None:
+    if os.environ.get(_MMAP_ENV) is None and sys.platform.startswith("linux"):
+        os.environ[_MMAP_ENV] = "65536"
+        os.execv(sys.executable, [sys.executable] + sys.argv)
+    n = _pin_threads(args.threads)
+    print(f"torch {torch.__version__}, {n} threads, python {sys.version.split()[0]}")
+    todo = [k for k in COMMANDS if k in ("scan", "block", "model", "metrics")] if args.what == "all" \
+        else [args.what]
+    for name in todo:
+        COMMANDS[name](args)
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())
