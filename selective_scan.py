@@ -149,6 +149,22 @@ def _check_inputs(u, delta, A, D, z, delta_bias):
         raise ValueError(f"z must have u's shape {tuple(u.shape)}, got {tuple(z.shape)}")
 
 
+def _prepare_delta(delta, delta_bias, delta_softplus):
+    """delta (+ delta_bias) (-> softplus), in float32: softplus of bf16 loses the small steps."""
+    delta = delta.float()
+    if delta_bias is not None:
+        delta = delta + delta_bias.float()[:, None]
+    return F.softplus(delta) if delta_softplus else delta
+
+
+def _finish(y, u, D, z, dtype_in):
+    """out = (y + D * u) * silu(z), cast back to the input dtype. y, u: (batch, dim, L) float32."""
+    out = y if D is None else y + u * D.float()[:, None]
+    if z is not None:
+        out = out * F.silu(z.float())
+    return out.to(dtype_in)
+
+
 # ----------------------------------------------------------------------------------------------------
 # The reference: a plain sequential loop (the oracle)
 # ----------------------------------------------------------------------------------------------------
@@ -165,11 +181,8 @@ def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
     dtype_in = u.dtype
     batch, dim, L = u.shape
     dstate = A.shape[1]
-    u, delta, A = u.float(), delta.float(), A.float()
-    if delta_bias is not None:
-        delta = delta + delta_bias.float()[:, None]
-    if delta_softplus:
-        delta = F.softplus(delta)
+    u, A = u.float(), A.float()
+    delta = _prepare_delta(delta, delta_bias, delta_softplus)
     B, _, _ = _canonical_bc(B, "B", batch, dim, dstate, L)
     C, _, _ = _canonical_bc(C, "C", batch, dim, dstate, L)
 
@@ -192,10 +205,7 @@ def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
         x = a_t * x + bu_t
         ys.append((x * c_t).sum(-1))                                 # (batch, dim)
     y = torch.stack(ys, dim=-1)                                      # (batch, dim, L)
-    out = y if D is None else y + u * D.float()[:, None]
-    if z is not None:
-        out = out * F.silu(z.float())
-    out = out.to(dtype_in)
+    out = _finish(y, u, D, z, dtype_in)
     return (out, x) if return_last_state else out
 
 
@@ -410,20 +420,12 @@ def _selective_scan_torch(u, delta, A, B, C, D, z, delta_bias, delta_softplus, r
     dtype_in = u.dtype
     batch, dim, L = u.shape
     dstate = A.shape[1]
-    u32, A32 = u.float(), A.float()
-    # We keep delta in float32 before the softplus: softplus of bf16 loses the small steps.
-    delta = delta.float()
-    if delta_bias is not None:
-        delta = delta + delta_bias.float()[:, None]
-    if delta_softplus:
-        delta = F.softplus(delta)
-    B, gb, _ = _canonical_bc(B, "B", batch, dim, dstate, L)
-    C, gc, _ = _canonical_bc(C, "C", batch, dim, dstate, L)
-    y, last = _ChunkedScan.apply(u32, delta, A32, B.float(), C.float())
-    out = y if D is None else y + u32 * D.float()[:, None]
-    if z is not None:
-        out = out * F.silu(z.float())
-    out = out.to(dtype_in)
+    u32 = u.float()
+    delta = _prepare_delta(delta, delta_bias, delta_softplus)
+    B, _, _ = _canonical_bc(B, "B", batch, dim, dstate, L)
+    C, _, _ = _canonical_bc(C, "C", batch, dim, dstate, L)
+    y, last = _ChunkedScan.apply(u32, delta, A.float(), B.float(), C.float())
+    out = _finish(y, u32, D, z, dtype_in)
     return (out, last) if return_last_state else out
 
 
