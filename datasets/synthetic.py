@@ -227,3 +227,21 @@ def write_mvtec3d_tree(out_root: str, object_name: str = "disc", size=128, seed:
             if split == "test":
                 Image.fromarray((s["mask"] * 255).astype(np.uint8)).save(os.path.join(folder, "gt", name + ".png"))
     return os.path.join(out_root, object_name)
+
+
+def _main(argv=None):
+    import argparse
+    p = argparse.ArgumentParser("python -m datasets.synthetic",
+                                description="Write the synthetic dataset to disk as an MVTec 3D-AD tree.")
+    p.add_argument("--write", required=True, metavar="DIR", help="output root (DIR/<object>/{train,validation,test})")
+    p.add_argument("--objects", default="all", help=f"comma-separated subset of {', '.join(OBJECT_TYPES)}, or all")
+    p.add_argument("--size", type=int, default=128, help="image size in pixels")
+    p.add_argument("--seed", type=int, default=0, help="dataset seed")
+    a = p.parse_args(argv)
+    objects = OBJECT_TYPES if a.objects == "all" else a.objects.split(",")
+    for obj in objects:
+        print(f"wrote {write_mvtec3d_tree(a.write, obj, a.size, a.seed)}")
+
+
+if __name__ == "__main__":
+    _main()

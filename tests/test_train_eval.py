@@ -76,12 +76,20 @@ def test_bad_inputs_fail_before_training(tmp_path, argv, message):
     assert not (tmp_path / "o" / "steps.jsonl").exists()
 
 
-def test_missing_split_unwritable_dir_and_foreign_resume(tmp_path, shared_data):
+def test_aux_ch_mismatch_on_real_data(tmp_path, shared_data):
     args = train_script.get_args_parser().parse_args(
         ["--dataset", "mvtec", "--data_root", str(shared_data / "hazelnut_toy"), "--object", "hazelnut",
          "--aux_ch", "3", "--out_dir", str(tmp_path / "o")])
     with pytest.raises(SystemExit, match="aux_ch"):
         train_script.main(args)
+    args = train_script.get_args_parser().parse_args(
+        ["--dataset", "mulsenad", "--data_root", str(shared_data / "MulSen_AD_mini"), "--object", "capsule",
+         "--aux_ch", "3", "--out_dir", str(tmp_path / "o")])
+    with pytest.raises(SystemExit, match="aux_ch"):
+        train_script.main(args)
+
+
+def test_missing_split_unwritable_dir_and_foreign_resume(tmp_path):
     root = tmp_path / "tree" / "obj"
     (root / "test" / "good").mkdir(parents=True)
     (root / "train").mkdir()
