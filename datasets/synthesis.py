@@ -47,6 +47,8 @@ NORMAL_BUMP_SLOPE = (0.6, 1.5)  # max slope of the synthetic height field that b
 INTENSITY_AMPLITUDE = (0.8, 2.0)  # infrared spot strength, in normalised units
 BUMP_SIGMA = 2.0                # smoothing (pixels) of the mask into a height field
 FG_THRESHOLD = 0.08             # foreground estimate: colour distance from the border median (RGB in [0, 1])
+FG_FRACTION = (0.002, 0.95)     # an estimate outside this share of the image is implausible and not used;
+                                # small parts on a plain background (MulSen-AD's button cell: ~3%) must pass
 
 
 def perlin_noise(shape: Tuple[int, int], res: Tuple[int, int], rng: np.random.Generator) -> np.ndarray:
@@ -93,13 +95,15 @@ def perlin_mask(shape, rng, foreground: Optional[np.ndarray] = None, scale_exp=P
     return m & foreground if foreground is not None and (m & foreground).any() else m
 
 
-def estimate_foreground(rgb01: torch.Tensor, threshold: float = FG_THRESHOLD) -> Optional[np.ndarray]:
-    """Pixels whose colour differs from the median border colour; None when that is implausible (<5% / >95%)."""
+def estimate_foreground(rgb01: torch.Tensor, threshold: float = FG_THRESHOLD,
+                        fraction=FG_FRACTION) -> Optional[np.ndarray]:
+    """Pixels whose colour differs from the median border colour; None when their share of the image is outside
+    ``fraction`` (then anomalies may go anywhere)."""
     x = rgb01.numpy()
     border = np.concatenate([x[:, 0], x[:, -1], x[:, :, 0], x[:, :, -1]], axis=1)
     med = np.median(border, axis=1)[:, None, None]
     fg = np.sqrt(((x - med) ** 2).sum(0)) > threshold
-    return fg if 0.05 < fg.mean() < 0.95 else None
+    return fg if fraction[0] < fg.mean() < fraction[1] else None
 
 
 class TextureSource:
