@@ -14,6 +14,7 @@ out_dir/best_checkpoint.pth, written atomically; ``--resume auto`` continues exa
 from __future__ import annotations
 
 import argparse
+import ast
 import itertools
 import json
 import math
@@ -182,7 +183,6 @@ def _rng_state():
 def _set_rng_state(s):
     torch.set_rng_state(s["torch"])
     np.random.set_state(("MT19937", np.asarray(s["numpy"], dtype=np.uint32), s["numpy_pos"], 0, 0.0))
-    import ast
     random.setstate(ast.literal_eval(s["python"]))
     if torch.cuda.is_available() and s["cuda"]:
         torch.cuda.set_rng_state_all(s["cuda"])
