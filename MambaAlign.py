@@ -203,7 +203,12 @@ class MambaAlign(nn.Module):
     def from_checkpoint(cls, path, map_location="cpu", config: Optional[dict] = None) -> "MambaAlign":
         """Rebuild a model from a checkpoint alone: a training checkpoint ({"model", "config", ...}), or a raw
         state dict together with ``config`` (a dict or MambaAlignConfig). Loads strictly, ``weights_only``."""
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        model = cls.from_loaded(torch.load(path, map_location=map_location, weights_only=True), config, source=path)
+        return model.to(map_location) if isinstance(map_location, (str, torch.device)) else model
+
+    @classmethod
+    def from_loaded(cls, ckpt, config: Optional[dict] = None, source: str = "checkpoint") -> "MambaAlign":
+        """Build a model from an already loaded checkpoint object (see ``from_checkpoint``)."""
         if isinstance(ckpt, dict) and "model" in ckpt:
             state, cfg = ckpt["model"], ckpt.get("config")
         else:
@@ -211,7 +216,7 @@ class MambaAlign(nn.Module):
         if config is not None:
             cfg = config
         if cfg is None:
-            raise ValueError(f"{path} holds a bare state dict without a model config; pass config=... "
+            raise ValueError(f"{source} holds a bare state dict without a model config; pass config=... "
                              f"(eval.py: --config CONFIG.json) or use a checkpoint written by train.py")
         if isinstance(cfg, dict):
             cfg = MambaAlignConfig.from_dict(cfg)
@@ -220,7 +225,7 @@ class MambaAlign(nn.Module):
         model = cls(cfg)
         state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
         model.load_state_dict(state, strict=True)
-        return model.to(map_location) if isinstance(map_location, (str, torch.device)) else model
+        return model
 
 
 def mambaalign_tiny(**overrides) -> MambaAlign:

@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader
 
 import metrics
 from datasets import DATASETS, build_dataset, list_objects
-from datasets.transforms import denormalize_rgb
+from datasets.transforms import aux_to_image, denormalize_rgb
 from engine import git_revision, resolve_device, run_inference
 from MambaAlign import MambaAlign
 
@@ -78,14 +78,6 @@ def _colormap(x: np.ndarray) -> np.ndarray:
     return (_VIRIDIS[i] * (1 - f) + _VIRIDIS[i + 1] * f).astype(np.uint8)
 
 
-def _aux_image(aux: torch.Tensor) -> np.ndarray:
-    if aux.shape[0] == 3:  # unit normals -> colours
-        return ((aux.permute(1, 2, 0).numpy() * 0.5 + 0.5).clip(0, 1) * 255).astype(np.uint8)
-    a = aux[0].numpy()
-    a = (a - a.min()) / (a.max() - a.min() + 1e-8)
-    return np.repeat((a * 255).astype(np.uint8)[..., None], 3, axis=2)
-
-
 def save_visualisations(res: Dict, out_dir: str) -> int:
     """vis/heatmaps/<name>.png: the anomaly map (fixed [0, 1] range, viridis). vis/overlays/<name>.png: RGB with
     the map blended in and the ground-truth contour in red, the aux modality beside it."""
@@ -106,7 +98,7 @@ def save_visualisations(res: Dict, out_dir: str) -> int:
         over[contour] = (255, 0, 0)
         panels = [over]
         if res.get("aux") is not None:
-            panels.append(_aux_image(res["aux"][i]))
+            panels.append(aux_to_image(res["aux"][i]))
         Image.fromarray(np.concatenate(panels, axis=1)).save(os.path.join(odir, name))
     return n
 
@@ -166,11 +158,11 @@ def _load_model(path: str, config_path, device):
     if config_path:
         with open(config_path) as fh:
             config = json.load(fh)
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
     try:
-        model = MambaAlign.from_checkpoint(path, map_location="cpu", config=config)
+        model = MambaAlign.from_loaded(ckpt, config=config, source=path)
     except ValueError as exc:
         raise SystemExit(str(exc)) from None
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
     train_args = ckpt.get("args", {}) if isinstance(ckpt, dict) and "model" in ckpt else {}
     return model.to(device), train_args
 

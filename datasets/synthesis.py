@@ -30,7 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from .transforms import IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD, DatasetError, read_image
+from .transforms import (IMAGE_EXTENSIONS, DatasetError, aux_to_image, denormalize_rgb, normalize_rgb,
+                         read_image)
 
 __all__ = ["perlin_noise", "perlin_mask", "synthesize", "misalign", "AnomalySynthesizer", "SynthesisDataset",
            "TextureSource", "MODES"]
@@ -147,18 +148,6 @@ def _height_field(mask: np.ndarray, amplitude: float, sigma: float = BUMP_SIGMA)
     return torch.from_numpy(h / (h.max() + 1e-8) * amplitude).float()
 
 
-def _to01(rgb: torch.Tensor) -> torch.Tensor:
-    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
-    return (rgb * std + mean).clamp(0, 1)
-
-
-def _from01(x: torch.Tensor) -> torch.Tensor:
-    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
-    return (x - mean) / std
-
-
 def synthesize(rgb: torch.Tensor, aux: Optional[torch.Tensor], rng: np.random.Generator, *,
                aux_kind: Optional[str], mode: str = "mixed", valid: Optional[torch.Tensor] = None,
                texture_source: Optional[TextureSource] = None, restrict_to_foreground: bool = True,
@@ -171,7 +160,7 @@ def synthesize(rgb: torch.Tensor, aux: Optional[torch.Tensor], rng: np.random.Ge
     if aux is None and mode != "rgb":
         mode = "rgb"  # RGB-only data: the aux modes do not apply
     H, W = rgb.shape[1:]
-    rgb01 = _to01(rgb)
+    rgb01 = denormalize_rgb(rgb)
     fg = None
     if restrict_to_foreground:
         fg = (valid[0] > 0.5).numpy() if valid is not None and (valid < 0.5).any() else estimate_foreground(rgb01)
@@ -181,7 +170,7 @@ def synthesize(rgb: torch.Tensor, aux: Optional[torch.Tensor], rng: np.random.Ge
     if mode in ("rgb", "both"):
         tex = texture_source.sample(rng, (H, W)) if texture_source is not None else _procedural_texture(rgb01, rng)
         beta = float(rng.uniform(*blend_range))
-        out_rgb = _from01(rgb01 * (1 - beta * mt) + tex * beta * mt)
+        out_rgb = normalize_rgb(rgb01 * (1 - beta * mt) + tex * beta * mt)
     if mode in ("aux", "both"):
         sign = float(rng.choice([-1.0, 1.0]))
         if aux_kind == "depth":
@@ -282,14 +271,6 @@ class SynthesisDataset(Dataset):
 # Contact sheet
 # --------------------------------------------------------------------------------------------------------
 
-def _aux_to_image(aux: torch.Tensor, kind: Optional[str]) -> np.ndarray:
-    if kind == "normals":
-        return ((aux.permute(1, 2, 0).numpy() * 0.5 + 0.5).clip(0, 1) * 255).astype(np.uint8)
-    a = aux[0].numpy()
-    a = (a - a.min()) / (a.max() - a.min() + 1e-8)
-    return np.repeat((a * 255).astype(np.uint8)[..., None], 3, axis=2)
-
-
 def contact_sheet(path: str, object_name: str = "disc", aux_ch: int = 3, size: int = 128, per_mode: int = 4,
                   seed: int = 0, anomaly_source_path: Optional[str] = None, misalign_px: float = 0.0) -> str:
     """Grid: one block of rows per mode, columns = samples; each cell shows RGB | aux | mask side by side."""
@@ -303,8 +284,8 @@ def contact_sheet(path: str, object_name: str = "disc", aux_ch: int = 3, size: i
         cells = []
         for i in range(per_mode):
             s = syn(ds[i], np.random.default_rng((seed, i, MODES.index(mode))))
-            rgb = (_to01(s["rgb"]).permute(1, 2, 0).numpy() * 255).astype(np.uint8)
-            aux = _aux_to_image(s["aux"], ds.aux_kind) if "aux" in s else np.zeros_like(rgb)
+            rgb = (denormalize_rgb(s["rgb"]).permute(1, 2, 0).numpy() * 255).astype(np.uint8)
+            aux = aux_to_image(s["aux"]) if "aux" in s else np.zeros_like(rgb)
             mask = np.repeat((s["mask"][0].numpy() * 255).astype(np.uint8)[..., None], 3, axis=2)
             cells.append(np.concatenate([rgb, aux, mask, np.full((size, 4, 3), 255, np.uint8)], axis=1))
         rows.append(np.concatenate(cells, axis=1))

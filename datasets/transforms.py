@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "AUX_KINDS", "DatasetError", "read_image", "read_mask",
            "read_tiff", "to_hw", "AlignedTransform", "normals_from_xyz", "decode_normals_png",
-           "denormalize_rgb"]
+           "normalize_rgb", "denormalize_rgb", "aux_to_image"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -125,11 +125,32 @@ def normals_from_xyz(xyz: np.ndarray, path: str = "") -> Tuple[np.ndarray, np.nd
     return n.astype(np.float32), valid
 
 
+def _mean_std(x: torch.Tensor):
+    mean = torch.tensor(IMAGENET_MEAN, dtype=x.dtype, device=x.device).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, dtype=x.dtype, device=x.device).view(3, 1, 1)
+    return mean, std
+
+
+def normalize_rgb(rgb01: torch.Tensor) -> torch.Tensor:
+    """ImageNet normalisation of RGB in [0, 1]: (3, H, W) or (B, 3, H, W)."""
+    mean, std = _mean_std(rgb01)
+    return (rgb01 - mean) / std
+
+
 def denormalize_rgb(rgb: torch.Tensor) -> torch.Tensor:
     """Undo the ImageNet normalisation: (3, H, W) or (B, 3, H, W) -> values in [0, 1]."""
-    mean = torch.tensor(IMAGENET_MEAN, dtype=rgb.dtype, device=rgb.device).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, dtype=rgb.dtype, device=rgb.device).view(3, 1, 1)
+    mean, std = _mean_std(rgb)
     return (rgb * std + mean).clamp(0, 1)
+
+
+def aux_to_image(aux: torch.Tensor) -> np.ndarray:
+    """An aux map (C, H, W) as a (H, W, 3) uint8 picture: unit normals as colours (n * 0.5 + 0.5), one-channel
+    modalities (depth, infrared) min-max scaled to grey."""
+    if aux.shape[0] == 3:
+        return ((aux.permute(1, 2, 0).numpy() * 0.5 + 0.5).clip(0, 1) * 255).astype(np.uint8)
+    a = aux[0].numpy()
+    a = (a - a.min()) / (a.max() - a.min() + 1e-8)
+    return np.repeat((a * 255).astype(np.uint8)[..., None], 3, axis=2)
 
 
 def _resize(x: torch.Tensor, size, mode: str) -> torch.Tensor:
@@ -201,9 +222,7 @@ class AlignedTransform:
         if "aux" in out:
             out["aux"] = self._normalize_aux(out["aux"], out.get("valid"))
         if self.normalize_rgb:
-            mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-            std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
-            out["rgb"] = (out["rgb"] - mean) / std
+            out["rgb"] = normalize_rgb(out["rgb"])
         out["mask"] = (out["mask"] > 0.5).float()
         return out
 

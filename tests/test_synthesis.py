@@ -68,8 +68,8 @@ def test_textures_from_folder(sample, tmp_path):
         Image.fromarray(np.full((20, 30, 3), col, np.uint8)).save(tmp_path / f"t{i}.jpg")
     src = TextureSource(str(tmp_path))
     rgb, _, mask, _ = _run(sample, "rgb", 0, texture_source=src, blend_range=(1.0, 1.0))
-    from datasets.synthesis import _to01
-    inside = _to01(rgb)[:, mask[0] > 0]
+    from datasets.transforms import denormalize_rgb
+    inside = denormalize_rgb(rgb)[:, mask[0] > 0]
     # Fully opaque blend of a pure red or green image: the anomalous pixels are that colour.
     assert ((inside[0] > 0.95) & (inside[2] < 0.05)).all() or ((inside[1] > 0.95) & (inside[2] < 0.05)).all()
     with pytest.raises(DatasetError, match="not found"):
@@ -167,11 +167,11 @@ def test_contact_sheet(tmp_path):
 def test_anomalies_stay_on_a_small_object():
     """A part covering ~3% of a dark image (like MulSen-AD's button cell): anomalies must land on it, not on the
     background (found on the real data: with a 5% floor the estimate was dropped and maps came out inverted)."""
-    from datasets.synthesis import _from01
+    from datasets.transforms import normalize_rgb
     img = torch.zeros(3, 128, 128)
     yy, xx = torch.meshgrid(torch.arange(128), torch.arange(128), indexing="ij")
     part = (yy - 64) ** 2 + (xx - 64) ** 2 < 12 ** 2
     img[:, part] = 0.7
     for seed in range(5):
-        _, _, mask, _ = synthesize(_from01(img), None, np.random.default_rng(seed), aux_kind=None, mode="rgb")
+        _, _, mask, _ = synthesize(normalize_rgb(img), None, np.random.default_rng(seed), aux_kind=None, mode="rgb")
         assert mask.sum() > 0 and not (mask[0].bool() & ~part).any()
