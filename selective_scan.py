@@ -28,7 +28,8 @@ Backends, chosen in one place (:func:`resolve_backend`):
             time in a reverse chunk scan.  Where ``torch.compile`` is unavailable (no C++ compiler) the same
             chunk functions run eagerly: same numbers, slower.
 ``"ref"``   :func:`selective_scan_ref`, a plain sequential loop, the test oracle.
-``"auto"``  ``cuda`` where possible, else ``torch``.
+``"auto"``  ``cuda`` where possible, else ``torch`` (also ``torch`` when the last state is asked for with gradients,
+            which mamba-ssm's kernel drops).
 
 Everything is computed in float32; fp16/bf16 inputs come back in their own dtype.
 """
@@ -62,6 +63,7 @@ _cuda_fn = None
 _cuda_import_error: Optional[BaseException] = None
 _cuda_import_tried = False
 _warned_auto_fallback = False
+_warned_last_state = False
 
 
 def _import_cuda_kernel():
@@ -82,9 +84,13 @@ def cuda_backend_available() -> bool:
     return torch.cuda.is_available() and _import_cuda_kernel() is not None
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """Map a requested backend ("auto", "cuda", "torch", "ref") to the one that runs on ``device``."""
-    global _warned_auto_fallback
+def resolve_backend(backend: str, device: torch.device, last_state_grad: bool = False) -> str:
+    """Map a requested backend ("auto", "cuda", "torch", "ref") to the one that runs on ``device``.
+
+    ``last_state_grad``: the caller wants the last state with gradients. mamba-ssm's kernel returns it but
+    drops its gradient in backward (checked on an H100: every input gradient then differs from the oracle),
+    so "auto" picks "torch" for such calls, and an explicit "cuda" returns the last state detached."""
+    global _warned_auto_fallback, _warned_last_state
     if backend not in BACKENDS:
         raise ValueError(f"unknown selective-scan backend {backend!r}; choose one of {BACKENDS}")
     if backend == "cuda":
@@ -100,7 +106,14 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     if backend == "auto":
         if device.type == "cuda":
             if _import_cuda_kernel() is not None:
-                return "cuda"
+                if not last_state_grad:
+                    return "cuda"
+                if not _warned_last_state:
+                    _warned_last_state = True
+                    warnings.warn("return_last_state with gradients: mamba-ssm's kernel drops the last state's "
+                                  "gradient, so backend 'auto' uses the pure-PyTorch scan for these calls",
+                                  stacklevel=3)
+                return "torch"
             if not _warned_auto_fallback:
                 _warned_auto_fallback = True
                 warnings.warn(f"mamba-ssm is not importable ({_cuda_import_error!r}); the selective scan uses "
@@ -261,24 +274,26 @@ def _scan_chunk_bwd(h0, dh, dt, u, A, Bt, Ct, dy):
         h = a * h + (dt_t * u[t].unsqueeze(-1)) * _step_slice(Bt, t)
         hs.append(h)
         decays.append(a)
-    ddts, dus, dBs, dCs = [None] * T, [None] * T, [None] * T, [None] * T
+    # Gradients are appended in reverse time order and flipped at the end: older Dynamo versions (torch 2.11)
+    # cannot trace item assignment into a list, and then the whole kernel would fall back to eager.
+    ddts, dus, dBs, dCs = [], [], [], []
     dA = torch.zeros_like(A)
     for t in range(T - 1, -1, -1):
         B_t, C_t = _step_slice(Bt, t), _step_slice(Ct, t)
         dy_t = dy[t].unsqueeze(-1)                                   # (b, G, Dg, 1)
-        dCs[t] = _reduce_to(dy_t * hs[t + 1], C_t)
+        dCs.append(_reduce_to(dy_t * hs[t + 1], C_t))
         dh = dh + dy_t * C_t                                         # adjoint of h_t
         dt_t, u_t = dt[t], u[t]
-        dBs[t] = _reduce_to(dh * (dt_t * u_t).unsqueeze(-1), B_t)
+        dBs.append(_reduce_to(dh * (dt_t * u_t).unsqueeze(-1), B_t))
         g_in = (dh * B_t).sum(-1)                                    # d/d(dt*u)
         g_dA = dh * hs[t] * decays[t]                                # d/d(dt*A), (b, G, Dg, N)
-        ddts[t] = g_in * u_t + (g_dA * A).sum(-1)
-        dus[t] = g_in * dt_t
+        ddts.append(g_in * u_t + (g_dA * A).sum(-1))
+        dus.append(g_in * dt_t)
         dA = dA + (g_dA * dt_t.unsqueeze(-1)).sum(0)
         dh = dh * decays[t]
-    dBt = torch.stack(dBs) if Bt.shape[0] > 1 else torch.stack(dBs).sum(0, keepdim=True)
-    dCt = torch.stack(dCs) if Ct.shape[0] > 1 else torch.stack(dCs).sum(0, keepdim=True)
-    return torch.stack(ddts), torch.stack(dus), dBt, dCt, dA, dh
+    dBt = torch.stack(dBs[::-1]) if Bt.shape[0] > 1 else torch.stack(dBs).sum(0, keepdim=True)
+    dCt = torch.stack(dCs[::-1]) if Ct.shape[0] > 1 else torch.stack(dCs).sum(0, keepdim=True)
+    return torch.stack(ddts[::-1]), torch.stack(dus[::-1]), dBt, dCt, dA, dh
 
 
 _compiled = {}
@@ -440,12 +455,18 @@ def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_
     u, delta, z: (batch, dim, L); A: (dim, dstate); B, C: (batch, groups, dstate, L), (batch, dstate, L) or
     (dim, dstate); D, delta_bias: (dim,). Returns out (batch, dim, L) in u's dtype, and with
     ``return_last_state`` also the final state (batch, dim, dstate) in float32.
-    ``backend``: "auto" | "cuda" | "torch" | "ref".
+    ``backend``: "auto" | "cuda" | "torch" | "ref". mamba-ssm's kernel ("cuda") has no gradient for the last
+    state: it comes back detached there, and "auto" runs "torch" when the last state is asked for with grad.
     """
     _check_inputs(u, delta, A, D, z, delta_bias)
-    chosen = resolve_backend(backend, u.device)
+    last_state_grad = return_last_state and torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (u, delta, A, B, C, D, z, delta_bias))
+    chosen = resolve_backend(backend, u.device, last_state_grad)
     if chosen == "cuda":
-        return _cuda_fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+        res = _cuda_fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+        if return_last_state:  # the kernel has no gradient for it: say so by detaching, never a wrong gradient
+            return res[0], res[1].detach()
+        return res
     if chosen == "ref":
         return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
     return _selective_scan_torch(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)

@@ -213,3 +213,30 @@ def test_aaf_learns_to_undo_a_shift():
         _, offsets = aaf(pyramid(rgb), pyramid(aux))
     dx, dy = offsets[0][:, 0].mean().item(), offsets[0][:, 1].mean().item()
     assert dx > 1.0 and abs(dy) < dx / 2, (dx, dy)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_mixed_precision_step_matches_fp32():
+    """On a GPU: the autocast context train.py uses (bf16 where supported) runs forward and backward with finite
+    gradients everywhere, and its maps stay close to the float32 ones."""
+    from engine import autocast_context
+    torch.manual_seed(0)
+    model = mambaalign_tiny(aux_ch=3).cuda().eval()
+    rgb, aux = (t.cuda() for t in _inputs(3))
+    head_dtypes = []
+    model.seg_head.register_forward_hook(lambda mod, inp, out: head_dtypes.append(out.dtype))
+    with torch.no_grad():
+        ref = model(rgb, aux)
+        with autocast_context(torch.device("cuda"), True):
+            low = model(rgb, aux)
+    # The convolutions run in low precision; the final upsampling is one of autocast's float32 ops.
+    assert head_dtypes[0] == torch.float32 and head_dtypes[1] in (torch.bfloat16, torch.float16)
+    torch.testing.assert_close(low["anomaly_map"].float(), ref["anomaly_map"], atol=0.05, rtol=0)
+    model.train()
+    with autocast_context(torch.device("cuda"), True):
+        out = model(rgb, aux)
+    (out["seg_logits"].float().square().mean() + out["score_logit"].float().square().mean()).backward()
+    bad = [n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
+    assert not bad, bad
+    pred = model.predict(rgb, aux)
+    assert pred["anomaly_map"].device.type == "cpu" and pred["anomaly_map"].dtype == torch.float32

@@ -44,8 +44,8 @@ def run(inputs, backend, with_grad=True, seed=1):
     grads = {}
     if with_grad:
         g = torch.Generator().manual_seed(seed)
-        w_out = torch.randn(out.shape, generator=g)
-        w_last = torch.randn(last.shape, generator=g)
+        w_out = torch.randn(out.shape, generator=g).to(out.device)
+        w_last = torch.randn(last.shape, generator=g).to(last.device)
         ((out * w_out).sum() + (last * w_last).sum()).backward()
         grads = {k: v.grad for k, v in leaves.items()}
     return out.detach(), last.detach(), grads
@@ -164,12 +164,64 @@ def test_compiled_matches_ref(monkeypatch):
         assert_same(g_t[name], g_r[name], f"grad {name}")
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cuda_matches_torch():
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def _check_against_ref_on_cuda(backend):
     inputs = {k: v.cuda() for k, v in make_inputs(2, 16, 300, 16, 4, "var4").items()}
-    out_t, last_t, g_t = run(inputs, "torch")
-    backend = "cuda" if selective_scan.cuda_backend_available() else "torch"
-    out_c, last_c, g_c = run(inputs, backend)
-    assert_same(out_c, out_t, "out")
+    out_r, last_r, g_r = run(inputs, "ref")
+    out_b, last_b, g_b = run(inputs, backend)
+    assert out_b.is_cuda and out_b.dtype == torch.float32
+    assert_same(out_b, out_r, "out")
+    assert_same(last_b, last_r, "last_state")
     for name in inputs:
-        assert_same(g_c[name], g_t[name], f"grad {name}")
+        assert_same(g_b[name], g_r[name], f"grad {name}")
+
+
+@needs_cuda
+def test_torch_backend_on_cuda_matches_ref():
+    _check_against_ref_on_cuda("torch")
+
+
+@needs_cuda
+@pytest.mark.slow
+def test_compiled_torch_backend_on_cuda_matches_ref(monkeypatch):
+    """The Triton kernels torch.compile makes for the chunk loop on CUDA agree with the oracle."""
+    monkeypatch.setenv(selective_scan.COMPILE_ENV, "1")
+    _check_against_ref_on_cuda("torch")
+    assert selective_scan._compile_failed is None, f"compile failed: {selective_scan._compile_failed!r}"
+
+
+def test_auto_avoids_the_fused_kernel_when_last_state_needs_grad(monkeypatch):
+    """mamba-ssm's kernel drops the last state's gradient: auto must not pick it for such calls."""
+    monkeypatch.setattr(selective_scan, "_cuda_import_tried", True)
+    monkeypatch.setattr(selective_scan, "_cuda_fn", lambda *a: None)
+    monkeypatch.setattr(selective_scan, "_warned_last_state", False)
+    cuda = torch.device("cuda")
+    assert selective_scan.resolve_backend("auto", cuda) == "cuda"
+    with pytest.warns(UserWarning, match="drops the last state's gradient"):
+        assert selective_scan.resolve_backend("auto", cuda, last_state_grad=True) == "torch"
+    assert selective_scan.resolve_backend("cuda", cuda, last_state_grad=True) == "cuda"
+
+
+@pytest.mark.skipif(not selective_scan.cuda_backend_available(),
+                    reason="needs a CUDA device and mamba-ssm's selective_scan_cuda extension")
+def test_mamba_ssm_kernel_matches_ref():
+    """Outputs, last state and every input gradient of an output loss match the oracle; the kernel's last state
+    comes back detached (mamba-ssm has no gradient for it) and auto routes last-state gradients to torch."""
+    inputs = {k: v.cuda() for k, v in make_inputs(2, 16, 300, 16, 4, "var4").items()}
+    w = torch.randn(2, 16, 300, generator=torch.Generator().manual_seed(3)).cuda()
+    res = {}
+    for backend in ("ref", "cuda"):
+        leaves = {k: v.clone().requires_grad_(True) for k, v in inputs.items()}
+        out, last = selective_scan_fn(**leaves, delta_softplus=True, return_last_state=True, backend=backend)
+        (out * w).sum().backward()
+        res[backend] = (out.detach(), last, {k: v.grad for k, v in leaves.items()})
+    (out_r, last_r, g_r), (out_c, last_c, g_c) = res["ref"], res["cuda"]
+    assert_same(out_c, out_r, "out")
+    assert_same(last_c, last_r.detach(), "last_state")
+    assert not last_c.requires_grad
+    for name in inputs:
+        assert_same(g_c[name], g_r[name], f"grad {name}")
+    assert selective_scan.resolve_backend("auto", torch.device("cuda")) == "cuda"
+    assert selective_scan.resolve_backend("auto", torch.device("cuda"), last_state_grad=True) == "torch"
