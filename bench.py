@@ -7,6 +7,10 @@
     python bench.py ablation   train + evaluate the ablation variants with one budget, one table
     python bench.py all        scan, block, model, metrics
 
+``--device cuda`` runs scan, block and model on a GPU (times between device synchronisations, memory as the
+caching allocator's peak); the scan table then adds mamba-ssm's fused kernel where it imports, and
+``--scan_backend`` picks the backend of block and model.
+
 Peak memory is the process's resident-set high-water mark (Linux VmHWM, reset before each measurement)
 minus the resident size just before it: what the measured call added on top of its inputs. bench.py re-runs
 itself with glibc's mmap threshold fixed at 64 KiB and trims the heap before each measurement, so memory an
@@ -47,9 +51,22 @@ def _trim_heap() -> None:
         pass
 
 
-def peak_extra_mib(fn: Callable[[], object]) -> float:
-    """Run fn once and return the peak resident memory it added, in MiB (Linux only; NaN elsewhere)."""
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def peak_extra_mib(fn: Callable[[], object], device: torch.device = torch.device("cpu")) -> float:
+    """Run fn once and return the peak memory it added, in MiB: on CPU the resident set (Linux only; NaN
+    elsewhere), on CUDA the caching allocator's peak of allocated bytes."""
     gc.collect()
+    if device.type == "cuda":
+        _sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        fn()
+        _sync(device)
+        return (torch.cuda.max_memory_allocated(device) - before) / 2 ** 20
     _trim_heap()
     try:
         with open("/proc/self/clear_refs", "w") as fh:
@@ -61,14 +78,18 @@ def peak_extra_mib(fn: Callable[[], object]) -> float:
     return (_status_kib("VmHWM") - before) / 1024.0
 
 
-def time_it(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
-    """Median wall time of fn over `repeats` runs, after `warmup` runs (which also trigger compilation)."""
+def time_it(fn: Callable[[], object], repeats: int, warmup: int = 1,
+            device: torch.device = torch.device("cpu")) -> float:
+    """Median wall time of fn over `repeats` runs, after `warmup` runs (which also trigger compilation); on
+    CUDA the device is synchronised before the clock starts and before it stops."""
     for _ in range(warmup):
         fn()
     times: List[float] = []
     for _ in range(repeats):
+        _sync(device)
         t0 = time.perf_counter()
         fn()
+        _sync(device)
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
 
@@ -86,6 +107,18 @@ def _pin_threads(n: int) -> int:
     n = n or os.cpu_count() or 1
     torch.set_num_threads(n)
     return n
+
+
+def _scan_backend(args) -> str:
+    """The backend the block and model benchmarks actually run (what `auto` resolves to on the device)."""
+    from selective_scan import resolve_backend
+    return resolve_backend(args.scan_backend, args.device)
+
+
+def _where(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({torch.get_num_threads()} threads)"
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -109,13 +142,22 @@ def _scan_inputs(batch, dim, L, dstate, groups, seed=0):
 
 
 def bench_scan(args) -> None:
+    """torch vs ref; on CUDA also mamba-ssm's fused kernel (backend "cuda") where it imports."""
+    import selective_scan
     from selective_scan import selective_scan_fn
+    dev = args.device
     shapes = [(2, 384, 4096, 16, 4), (2, 192, 1024, 16, 4)]
+    backends = ["torch", "ref"]  # torch first: its memory is measured on a heap the ref has not used
+    with_cuda = dev.type == "cuda" and selective_scan.cuda_backend_available()
+    if with_cuda:
+        backends.append("cuda")
+    elif dev.type == "cuda":
+        print(f"mamba-ssm is not importable ({selective_scan._cuda_import_error!r}): no 'cuda' backend column")
     rows = []
     for shape in shapes:
-        inputs = _scan_inputs(*shape)
+        inputs = {k: v.to(dev) for k, v in _scan_inputs(*shape).items()}
         res = {}
-        for backend in ("torch", "ref"):  # torch first: its memory is measured on a heap the ref has not used
+        for backend in backends:
             leaves = {k: v.clone().requires_grad_(True) for k, v in inputs.items()}
 
             def fwd():
@@ -127,17 +169,23 @@ def bench_scan(args) -> None:
                     v.grad = None
                 selective_scan_fn(**leaves, delta_softplus=True, backend=backend).sum().backward()
 
-            t_f = time_it(fwd, args.repeats)
-            t_fb = time_it(fwd_bwd, args.repeats)
-            mem = peak_extra_mib(fwd_bwd)
+            t_f = time_it(fwd, args.repeats, device=dev)
+            t_fb = time_it(fwd_bwd, args.repeats, device=dev)
+            mem = peak_extra_mib(fwd_bwd, dev)
             res[backend] = (t_f, t_fb, mem)
         (rf, rfb, rm), (tf, tfb, tm) = res["ref"], res["torch"]
-        rows.append([str(shape), f"{rf * 1e3:.0f}", f"{tf * 1e3:.0f}", f"{rf / tf:.1f}x",
-                     f"{rfb * 1e3:.0f}", f"{tfb * 1e3:.0f}", f"{rfb / tfb:.1f}x", f"{rm:.0f}", f"{tm:.0f}"])
-    print_table(f"selective scan on CPU ({torch.get_num_threads()} threads), median of {args.repeats}; "
-                f"shape = (batch, dim, L, dstate, groups)",
-                ["shape", "fwd ref ms", "fwd torch ms", "fwd speed-up", "fwd+bwd ref ms", "fwd+bwd torch ms",
-                 "fwd+bwd speed-up", "peak ref MiB", "peak torch MiB"], rows)
+        row = [str(shape), f"{rf * 1e3:.0f}", f"{tf * 1e3:.0f}", f"{rf / tf:.1f}x",
+               f"{rfb * 1e3:.0f}", f"{tfb * 1e3:.0f}", f"{rfb / tfb:.1f}x", f"{rm:.0f}", f"{tm:.0f}"]
+        if with_cuda:
+            cf, cfb, cm = res["cuda"]
+            row += [f"{cf * 1e3:.1f}", f"{cfb * 1e3:.1f}", f"{tf / cf:.1f}x", f"{tfb / cfb:.1f}x", f"{cm:.0f}"]
+        rows.append(row)
+    header = ["shape", "fwd ref ms", "fwd torch ms", "fwd speed-up", "fwd+bwd ref ms", "fwd+bwd torch ms",
+              "fwd+bwd speed-up", "peak ref MiB", "peak torch MiB"]
+    if with_cuda:
+        header += ["fwd cuda ms", "fwd+bwd cuda ms", "fwd torch/cuda", "fwd+bwd torch/cuda", "peak cuda MiB"]
+    print_table(f"selective scan on {_where(dev)}, median of {args.repeats}; shape = (batch, dim, L, dstate, "
+                f"groups)", header, rows)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -147,11 +195,12 @@ def bench_scan(args) -> None:
 def bench_block(args) -> None:
     import pmm_qsvss
     from pmm_qsvss import QSVSSBlock
+    dev = args.device
     rows = []
     for (b, c, h, w) in [(8, 128, 32, 32), (2, 256, 64, 64)]:
         torch.manual_seed(0)
-        blk = QSVSSBlock(c, d_state=16)
-        x = torch.randn(b, c, h, w, requires_grad=True)
+        blk = QSVSSBlock(c, d_state=16, scan_backend=args.scan_backend).to(dev)
+        x = torch.randn(b, c, h, w, device=dev, requires_grad=True)
         captured = {}
         original = pmm_qsvss.selective_scan_fn
 
@@ -180,13 +229,13 @@ def bench_block(args) -> None:
         def scan_fwd_bwd():
             original(*s_leaves, **s_kw).sum().backward()
 
-        t_f = time_it(fwd, args.repeats)
-        t_fb = time_it(fwd_bwd, args.repeats)
-        t_scan = time_it(scan_fwd_bwd, args.repeats)
-        mem = peak_extra_mib(fwd_bwd)
+        t_f = time_it(fwd, args.repeats, device=dev)
+        t_fb = time_it(fwd_bwd, args.repeats, device=dev)
+        t_scan = time_it(scan_fwd_bwd, args.repeats, device=dev)
+        mem = peak_extra_mib(fwd_bwd, dev)
         rows.append([str((b, c, h, w)), f"{t_f * 1e3:.0f}", f"{t_fb * 1e3:.0f}", f"{mem:.0f}",
                      f"{100 * t_scan / t_fb:.0f}%"])
-    print_table(f"QSVSS block on CPU ({torch.get_num_threads()} threads), d_state 16, ssm_ratio 2, "
+    print_table(f"QSVSS block on {_where(dev)}, scan backend {_scan_backend(args)}, d_state 16, ssm_ratio 2, "
                 f"median of {args.repeats}",
                 ["input (B, C, H, W)", "fwd ms", "fwd+bwd ms", "peak fwd+bwd MiB", "scan share of fwd+bwd"],
                 rows)
@@ -202,10 +251,11 @@ def bench_model(args) -> None:
     rows = []
     size = args.size
     for preset in ("tiny", "base"):
-        cfg = MambaAlignConfig.preset(preset, aux_ch=3)
-        model = MambaAlign(cfg).eval()
-        backbone = RGBXBackbone(cfg.backbone, 3, stages=(2, 3, 4, 5)).eval()
-        rgb, aux = torch.randn(1, 3, size, size), torch.randn(1, 3, size, size)
+        cfg = MambaAlignConfig.preset(preset, aux_ch=3, scan_backend=args.scan_backend)
+        dev = args.device
+        model = MambaAlign(cfg).eval().to(dev)
+        backbone = RGBXBackbone(cfg.backbone, 3, stages=(2, 3, 4, 5)).eval().to(dev)
+        rgb, aux = torch.randn(1, 3, size, size, device=dev), torch.randn(1, 3, size, size, device=dev)
 
         def run_model():
             with torch.no_grad():
@@ -215,14 +265,15 @@ def bench_model(args) -> None:
             with torch.no_grad():
                 backbone(rgb, aux)
 
-        t_m = time_it(run_model, args.repeats, warmup=2)
-        t_b = time_it(run_backbone, args.repeats, warmup=2)
-        mem = peak_extra_mib(run_model)
+        t_m = time_it(run_model, args.repeats, warmup=2, device=dev)
+        t_b = time_it(run_backbone, args.repeats, warmup=2, device=dev)
+        mem = peak_extra_mib(run_model, dev)
         params = sum(p.numel() for p in model.parameters()) / 1e6
         bparams = sum(p.numel() for p in backbone.parameters()) / 1e6
         rows.append([preset, cfg.backbone, f"{params:.1f}", f"{bparams:.1f}", f"{t_m * 1e3:.0f}", f"{t_b * 1e3:.0f}",
                      f"{t_m / t_b:.2f}x", f"{mem:.0f}"])
-    print_table(f"inference per image on CPU ({torch.get_num_threads()} threads), RGB + normals at {size}x{size}, "
+    print_table(f"inference per image on {_where(args.device)}, scan backend {_scan_backend(args)}, "
+                f"RGB + normals at {size}x{size}, "
                 f"batch 1, median of {args.repeats}",
                 ["preset", "backbone", "params M", "backbone params M", "model ms", "bare backbone ms",
                  "model / backbone", "peak MiB"], rows)
@@ -318,6 +369,12 @@ def get_args_parser():
     p.add_argument("--repeats", type=int, default=3, help="timed repetitions per measurement (median is shown)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = all cores of this machine)")
     p.add_argument("--size", type=int, default=256, help="model: input size")
+    p.add_argument("--scan_backend", default="auto", choices=["auto", "cuda", "torch", "ref"],
+                   help="block, model: the selective-scan backend (auto: mamba-ssm on CUDA where it imports, "
+                        "else torch)")
+    p.add_argument("--device", default="cpu",
+                   help="scan, block, model: cpu, cuda or cuda:N (on CUDA the scan table adds mamba-ssm's kernel "
+                        "where it imports; times are taken between device synchronisations)")
     g = p.add_argument_group("ablation (bench.py ablation)")
     g.add_argument("--dataset", default="synthetic", help="dataset family (as train.py)")
     g.add_argument("--data_root", default=None, help="dataset root (as train.py)")
@@ -342,7 +399,12 @@ def main(args) -> None:
         os.environ[_MMAP_ENV] = "65536"
         os.execv(sys.executable, [sys.executable] + sys.argv)
     n = _pin_threads(args.threads)
-    print(f"torch {torch.__version__}, {n} threads, python {sys.version.split()[0]}")
+    args.device = torch.device(args.device)
+    if args.device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {args.device} asked for, but torch {torch.__version__} sees no CUDA device")
+    if args.device.type not in ("cpu", "cuda"):
+        raise SystemExit(f"--device must be cpu, cuda or cuda:N, got {args.device}")
+    print(f"torch {torch.__version__}, {n} threads, python {sys.version.split()[0]}, device {_where(args.device)}")
     todo = [k for k in COMMANDS if k in ("scan", "block", "model", "metrics")] if args.what == "all" \
         else [args.what]
     for name in todo:
