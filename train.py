@@ -247,13 +247,16 @@ def validate(model, loader, device, args, rank, world) -> Dict[str, float]:
     res = run_inference(model, loader, device, amp=args.use_amp, progress=False)
     keys = ("score_logit", "label", "maps", "masks", "path")
     if world > 1:
+        # Each rank ran its own slice of the validation items (a plain list sampler: no padding, no repeats).
+        # Gather and put them back in item order. (Not by path: a validation image appears twice, anomalous
+        # and clean, under one path.)
+        res["index"] = np.asarray(list(loader.sampler))
         gathered = [None] * world
-        dist.all_gather_object(gathered, {k: res[k] for k in keys})
+        dist.all_gather_object(gathered, {k: res[k] for k in keys + ("index",)})
         res = {k: (np.concatenate([g[k] for g in gathered]) if k != "path" else sum((g[k] for g in gathered), []))
-               for k in keys}
-        # The sharded sampler pads with repeats: keep the first occurrence of each image.
-        _, first = np.unique(np.asarray(res["path"]), return_index=True)
-        res = {k: (v[np.sort(first)] if k != "path" else [v[i] for i in np.sort(first)]) for k, v in res.items()}
+               for k in keys + ("index",)}
+        order = np.argsort(res.pop("index"), kind="stable")
+        res = {k: (v[order] if k != "path" else [v[i] for i in order]) for k, v in res.items()}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         m = metrics.compute_metrics(res["score_logit"], res["label"], res["maps"], res["masks"])
@@ -367,7 +370,8 @@ def main(args):
             log(f"  {k}: {getattr(args, k)}")
         n_params = sum(p.numel() for p in model.parameters())
         log(f"model: preset {args.preset}, aux_ch {aux_ch}, {n_params / 1e6:.2f} M parameters; "
-            f"train {len(train_idx)} images, validation {len(val_idx)} (from the train split); "
+            f"train {len(train_idx)} images, validation {len(val_idx)} (from the train split, each seen with a "
+            f"fixed synthetic anomaly and clean); "
             f"{steps_per_epoch} steps/epoch, {total_steps} steps"
             + (f" (stopping at step {args.max_steps})" if args.max_steps else ""))
         if ckpt is not None:

@@ -7,9 +7,11 @@ rgb ImageNet-normalised (3, H, W); aux (C, H, W) as normals / standardised depth
   * mask: Perlin noise at a random lattice scale, thresholded, kept inside the foreground (``valid`` where
     given, else an estimate: pixels that differ from the border colour);
   * RGB: a texture (a random image from ``texture_source``, e.g. DTD; else a procedural one: coloured Perlin
-    noise, a near-uniform colour, or a displaced patch of the image itself) blended in with a random opacity;
-  * aux, consistent with the modality: depth gets a smooth bump or dent shaped by the mask; normals are bent by
-    the gradient of that same height field (they stay unit vectors); intensity (infrared) a hot or cold spot;
+    noise, a near-uniform colour, a displaced patch of the image itself, or the image itself discoloured, which
+    keeps its shading) blended in with a random opacity;
+  * aux, consistent with the modality: depth gets a smooth dome-shaped bump or dent over the mask (tilted at
+    almost every masked pixel, so the normals show all of it); normals are bent by the gradient of that same
+    height field (they stay unit vectors); intensity (infrared) a hot or cold spot;
   * mode: "rgb" (aux untouched), "aux" (RGB untouched), "both", or "mixed" (one of the three per sample, with
     ``MIXED_PROBS``).
 
@@ -38,13 +40,19 @@ __all__ = ["perlin_noise", "perlin_mask", "synthesize", "misalign", "AnomalySynt
 
 MODES = ("rgb", "aux", "both", "mixed")
 MIXED_PROBS = {"rgb": 1 / 3, "aux": 1 / 3, "both": 1 / 3}
-PERLIN_SCALE_EXP = (1, 5)       # lattice cells per side: 2**k, k uniform in this range (inclusive)
+PERLIN_SCALE_EXP = (1, 5)       # lattice cells per side: 2**k, k uniform in this range (inclusive) ...
+PERLIN_MIN_CELL = 8             # ... capped so that a cell spans at least this many pixels: at 256 px that is
+                                # DRAEM's range; at 128 px finer lattices give speckles of a pixel or two
 PERLIN_THRESHOLD = 0.5          # DRAEM's threshold on noise in about [-1, 1]
 MIN_MASK_FRACTION = 0.002       # masks smaller than this (of the image) are redrawn
 MAX_TRIES = 8
 BLEND_RANGE = (0.5, 1.0)        # texture opacity
+DISCOLOUR_DARK = (0.25, 0.7)    # discolouration: brightness gain of a darkened region ...
+DISCOLOUR_BRIGHT = (1.4, 2.0)   # ... or of a brightened one
+DISCOLOUR_HUE = (0.75, 1.25)    # per-channel factor on that gain: a tint
 BUMP_AMPLITUDE = (1.0, 2.5)     # depth bump height, in standard deviations of the (standardised) depth
-NORMAL_BUMP_SLOPE = (0.6, 1.5)  # max slope of the synthetic height field that bends normals
+NORMAL_BUMP_SLOPE = (0.3, 1.2)  # slope (17 to 50 degrees) of the synthetic dome that bends normals
+NORMAL_DOME_SIGMA = 1.0         # smoothing of that dome: rounds its ridge and rim
 INTENSITY_AMPLITUDE = (0.8, 2.0)  # infrared spot strength, in normalised units
 BUMP_SIGMA = 2.0                # smoothing (pixels) of the mask into a height field
 FG_THRESHOLD = 0.08             # foreground estimate: colour distance from the border median (RGB in [0, 1])
@@ -78,8 +86,9 @@ def perlin_mask(shape, rng, foreground: Optional[np.ndarray] = None, scale_exp=P
                 threshold=PERLIN_THRESHOLD, min_fraction=MIN_MASK_FRACTION) -> np.ndarray:
     """Thresholded Perlin noise at a random scale, inside `foreground`; redrawn until non-trivial."""
     H, W = shape
+    k_max = int(np.clip(np.floor(np.log2(min(H, W) / PERLIN_MIN_CELL)), scale_exp[0], scale_exp[1]))
     for _ in range(MAX_TRIES):
-        ky, kx = rng.integers(scale_exp[0], scale_exp[1] + 1, size=2)
+        ky, kx = rng.integers(scale_exp[0], k_max + 1, size=2)
         noise = perlin_noise((H, W), (2 ** int(ky), 2 ** int(kx)), rng)
         m = noise > threshold
         if foreground is not None:
@@ -127,24 +136,40 @@ class TextureSource:
 
 
 def _procedural_texture(rgb01: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
-    """One of: coloured Perlin noise, a near-uniform colour (a stain / discolouration) or a displaced,
-    colour-jittered copy of the image itself, with equal probability."""
+    """One of, with equal probability: coloured Perlin noise; a near-uniform colour (paint, a foreign patch); a
+    displaced, colour-jittered copy of the image itself; or a discolouration (a stain, a burn, a faded patch):
+    the image itself times a per-channel gain, darker or brighter, which keeps the part's shading and texture so
+    only the colour of the region gives it away."""
     H, W = rgb01.shape[1:]
-    kind = rng.integers(3)
+    kind = rng.integers(4)
     if kind < 2:
         res = 2 ** int(rng.integers(2, 5))
         chans = [perlin_noise((H, W), (res, res), rng) for _ in range(3)]
         base = rng.uniform(0, 1, 3)[:, None, None]
         amplitude = 0.4 if kind == 0 else 0.04   # kind 1: almost flat colour, no texture to give it away
         return torch.from_numpy(np.clip(base + amplitude * np.stack(chans), 0, 1)).float()
-    dy, dx = int(rng.integers(H // 4, 3 * H // 4 + 1)), int(rng.integers(W // 4, 3 * W // 4 + 1))
-    jitter = torch.from_numpy(rng.uniform(0.6, 1.4, 3)).float()[:, None, None]
-    return (torch.roll(rgb01, (dy, dx), (1, 2)) * jitter).clamp(0, 1)
+    if kind == 2:
+        dy, dx = int(rng.integers(H // 4, 3 * H // 4 + 1)), int(rng.integers(W // 4, 3 * W // 4 + 1))
+        jitter = torch.from_numpy(rng.uniform(0.6, 1.4, 3)).float()[:, None, None]
+        return (torch.roll(rgb01, (dy, dx), (1, 2)) * jitter).clamp(0, 1)
+    brightness = rng.uniform(*DISCOLOUR_DARK) if rng.random() < 0.5 else rng.uniform(*DISCOLOUR_BRIGHT)
+    gain = torch.from_numpy(brightness * rng.uniform(*DISCOLOUR_HUE, 3)).float()[:, None, None]
+    return (rgb01 * gain).clamp(0, 1)
 
 
-def _height_field(mask: np.ndarray, amplitude: float, sigma: float = BUMP_SIGMA) -> torch.Tensor:
+def _dome(mask: np.ndarray, sigma: float = BUMP_SIGMA) -> np.ndarray:
+    """The distance to the mask's border, smoothed: a dome with a slope of about one (pixel per pixel) at almost
+    every masked pixel, so a surface bent by it is tilted over the whole anomaly. A blurred plateau would leave
+    the interior of a wide mask flat: labelled anomalous, yet its normals unchanged."""
     from scipy import ndimage
-    h = ndimage.gaussian_filter(mask.astype(np.float64), sigma)
+    return ndimage.gaussian_filter(ndimage.distance_transform_edt(mask), sigma)
+
+
+def _height_field(mask: np.ndarray, amplitude: float, sigma: float = BUMP_SIGMA, dome: bool = True) -> torch.Tensor:
+    """A smooth field over `mask` peaking at `amplitude`: a dome (see ``_dome``), or, with ``dome=False``, the
+    blurred mask, a plateau that suits a value offset (an infrared spot), which shows everywhere."""
+    from scipy import ndimage
+    h = _dome(mask, sigma) if dome else ndimage.gaussian_filter(mask.astype(np.float64), sigma)
     return torch.from_numpy(h / (h.max() + 1e-8) * amplitude).float()
 
 
@@ -176,9 +201,8 @@ def synthesize(rgb: torch.Tensor, aux: Optional[torch.Tensor], rng: np.random.Ge
         if aux_kind == "depth":
             out_aux = aux - _height_field(m, sign * rng.uniform(*BUMP_AMPLITUDE))[None]
         elif aux_kind == "normals":
-            h = _height_field(m, 1.0)
-            gy, gx = torch.gradient(h)
-            slope = sign * float(rng.uniform(*NORMAL_BUMP_SLOPE)) / (torch.sqrt(gx ** 2 + gy ** 2).max() + 1e-8)
+            gy, gx = torch.gradient(torch.from_numpy(_dome(m, NORMAL_DOME_SIGMA)).float())
+            slope = sign * float(rng.uniform(*NORMAL_BUMP_SLOPE))   # the dome's slope is about one
             # n / |n_z| = (-h_x, -h_y, -1) for a height field h; adding the bump's (-dh_x, -dh_y, 0) gives the
             # exact normal of the bumped surface, then renormalise.
             nz = aux[2:3].abs().clamp_min(1e-3)
@@ -186,7 +210,7 @@ def synthesize(rgb: torch.Tensor, aux: Optional[torch.Tensor], rng: np.random.Ge
             out_aux = bent / bent.norm(dim=0, keepdim=True).clamp_min(1e-8)
             out_aux = torch.where(aux.norm(dim=0, keepdim=True) > 0, out_aux, aux)
         elif aux_kind == "intensity":
-            out_aux = aux + _height_field(m, sign * rng.uniform(*INTENSITY_AMPLITUDE), sigma=1.0)[None]
+            out_aux = aux + _height_field(m, sign * rng.uniform(*INTENSITY_AMPLITUDE), sigma=1.0, dome=False)[None]
         else:
             raise ValueError(f"aux_kind must be normals, depth or intensity for mode {mode!r}, got {aux_kind!r}")
     return out_rgb, out_aux, mt, mode
@@ -246,8 +270,10 @@ class AnomalySynthesizer:
 
 class SynthesisDataset(Dataset):
     """Wraps a dataset of normal images: item i gets an anomaly drawn with rng (seed, epoch, i).
-    With ``fixed=True`` the epoch is ignored and every other item (even positions) gets an anomaly, the others
-    none: the same anomalies every time and both classes always present (the validation set)."""
+    With ``fixed=True`` (the validation set) the epoch is ignored and every image appears twice, first with a
+    fixed anomaly, then clean: the same anomalies every time, both classes equally present, and each anomalous
+    view paired with its own clean one, so the scores compare like with like (with one view per image, which
+    images happened to get the anomalies would move a small set's AUROC)."""
 
     def __init__(self, base: Dataset, synthesizer: AnomalySynthesizer, seed: int = 0, fixed: bool = False,
                  indices: Optional[Sequence[int]] = None):
@@ -259,12 +285,14 @@ class SynthesisDataset(Dataset):
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return len(self.indices)
+        return len(self.indices) * (2 if self.fixed else 1)
 
     def __getitem__(self, i: int):
+        if self.fixed:
+            j = self.indices[i // 2]
+            return self.synth(self.base[j], np.random.default_rng((self.seed, 0, j)), inject=(i % 2 == 0))
         j = self.indices[i]
-        rng = np.random.default_rng((self.seed, 0 if self.fixed else self.epoch, j))
-        return self.synth(self.base[j], rng, inject=(i % 2 == 0) if self.fixed else None)
+        return self.synth(self.base[j], np.random.default_rng((self.seed, self.epoch, j)), inject=None)
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -10,7 +10,8 @@ Each sample is an object on a grey table, seen from above by an RGB camera and a
 Test defects, each with an exact mask:
   * ``stain``  RGB-only: the albedo changes inside a blob; geometry untouched;
   * ``dent``   geometry-only: a smooth dent or bump in the height map; RGB is the defect-free render, so the
-               defect is invisible in RGB and visible only in depth/normals;
+               defect is invisible in RGB and visible only in depth/normals; its mask is where the surface moved
+               more than the texture's height std or turned more than DENT_MIN_ANGLE degrees;
   * ``crack``  both: a thin groove that darkens the albedo and lowers the surface;
   * ``good``   no defect.
 
@@ -37,9 +38,14 @@ DEFECT_TYPES = ("stain", "dent", "crack")
 # table and the view is nearly orthographic (objects are < 1% of the distance tall), like the renderer.
 TABLE_DEPTH = 10000.0
 FOCAL = 10000.0
-DENT_MIN_ANGLE = 2.0         # degrees: a geometry defect's mask is where the normal turns by more than this
+TEXTURE_HEIGHT = 0.004       # the fine surface texture: height noise of this std (fraction of the image side)
+# A dent's mask is where the dent shows against that texture: where the surface moved by more than the
+# texture's height std, or turned by more than DENT_MIN_ANGLE degrees, about the median tilt the texture itself
+# gives (~7.5 deg; tests/test_synthesis.py measures it). Smaller turns hide in the texture; the turn alone would
+# leave a hole at the flat bottom of a wide dent, which is displaced and which a depth sensor sees.
+DENT_MIN_ANGLE = 8.0
 LIGHT = np.array([-0.4, -0.5, -0.77])  # direction towards the light (camera frame), roughly from the camera
-DEFAULT_COUNTS = {"train": 48, "test_good": 16, "test_defect": 16}
+DEFAULT_COUNTS = {"train": 160, "test_good": 16, "test_defect": 16}
 _SPLIT_IDS = {"train": 0, "validation": 1, "test": 2}
 
 
@@ -122,7 +128,7 @@ def render_sample(rng: np.random.Generator, size, obj: str, defect: str = "good"
     col = np.clip(np.array(base_col) + rng.uniform(-0.1, 0.1, 3), 0.05, 0.95)
     tex = 1 + 0.08 * _smooth_noise(rng, H, W, rng.uniform(1.5, 3.0))
     albedo = np.where(inside[..., None], col * tex[..., None], 0.5 * (1 + 0.03 * _smooth_noise(rng, H, W, 2))[..., None])
-    h_clean = h + inside * 0.004 * s * _smooth_noise(rng, H, W, 2.0)   # fine surface texture, part of normal
+    h_clean = h + inside * TEXTURE_HEIGHT * s * _smooth_noise(rng, H, W, 2.0)   # fine surface texture
     mask = np.zeros((H, W), bool)
     h_def, albedo_def = h_clean, albedo
     if defect == "stain":
@@ -136,7 +142,8 @@ def render_sample(rng: np.random.Generator, size, obj: str, defect: str = "good"
         bump = bump / (bump.max() + 1e-8) * rng.choice([-1, 1]) * rng.uniform(0.04, 0.07) * s
         h_def = h_clean + bump * inside
         cos = np.clip(np.sum(_normals(h_def) * _normals(h_clean), axis=-1), -1, 1)
-        mask = np.degrees(np.arccos(cos)) > DENT_MIN_ANGLE
+        moved = np.abs(bump * inside) > TEXTURE_HEIGHT * s
+        mask = (np.degrees(np.arccos(cos)) > DENT_MIN_ANGLE) | moved
     elif defect == "crack":
         mask = _crack(rng, H, W, inside, rng.uniform(0.25, 0.45) * s)
         h_def = h_clean - mask * 0.03 * s

@@ -2,13 +2,15 @@
 
 import numpy as np
 import pytest
+from scipy import ndimage
 import torch
 from PIL import Image
 
 from datasets import DatasetError, build_dataset
-from datasets.synthesis import (AnomalySynthesizer, SynthesisDataset, TextureSource, contact_sheet, misalign,
+from datasets.synthesis import (AnomalySynthesizer, _procedural_texture, SynthesisDataset, TextureSource, contact_sheet, misalign,
                                 synthesize)
-from datasets.synthetic import SyntheticDataset, render_sample, write_mvtec3d_tree
+from datasets.synthetic import (DENT_MIN_ANGLE, TEXTURE_HEIGHT, SyntheticDataset, _normals, render_sample,
+                                write_mvtec3d_tree)
 
 
 @pytest.fixture(scope="module")
@@ -54,6 +56,22 @@ def test_normal_anomalies_stay_inside_dilated_mask_and_unit_length(sample):
         assert torch.allclose(aux.norm(dim=0), torch.ones(64, 64), atol=1e-5)
 
 
+def test_normal_anomalies_show_over_the_whole_mask():
+    """On a flat surface the bump is a dome, not a blurred plateau: (almost) every masked pixel's normal turns,
+    so the label matches what the modality shows, also for wide masks."""
+    flat = torch.zeros(3, 128, 128)
+    flat[2] = -1.0
+    rgb = torch.zeros(3, 128, 128)
+    fractions = []
+    for seed in range(8):
+        _, aux, mask, _ = synthesize(rgb, flat, np.random.default_rng(seed), aux_kind="normals", mode="aux",
+                                     restrict_to_foreground=False)
+        m = mask[0] > 0
+        turn = torch.rad2deg(torch.arccos((aux * flat).sum(0).clamp(-1, 1)))
+        fractions.append(float((turn[m] > 5).float().mean()))
+    assert np.mean(fractions) > 0.85 and min(fractions) > 0.7, fractions
+
+
 def test_depth_and_intensity_anomalies(sample):
     depth = SyntheticDataset(None, "disc", "train", 64, aux_ch=1)[0]
     _, aux, mask, _ = synthesize(depth["rgb"], depth["aux"], np.random.default_rng(0), aux_kind="depth", mode="aux")
@@ -83,6 +101,22 @@ def test_textures_from_folder(sample, tmp_path):
         TextureSource(str(tmp_path / "bad")).sample(np.random.default_rng(0), (8, 8))
 
 
+def test_procedural_discolouration_keeps_shading():
+    """One procedural kind is the image itself times a per-channel gain, all darker or all brighter: a stain
+    that keeps the part's shading and texture. The others (noise, flat colour, shifted copy) are not."""
+    rgb01 = torch.from_numpy(np.random.default_rng(0).uniform(0.2, 0.4, (3, 24, 24))).float()
+    found = 0
+    for seed in range(40):
+        tex = _procedural_texture(rgb01, np.random.default_rng(seed))
+        ratio = tex / rgb01
+        gain = ratio.mean(dim=(1, 2), keepdim=True)
+        if torch.allclose(ratio, gain.expand_as(ratio), atol=1e-5):
+            found += 1
+            assert (gain < 1).all() or (gain > 1).all()
+            assert (gain - 1).abs().min() > 0.04
+    assert 4 <= found <= 20  # about a quarter of 40
+
+
 def test_misalignment_moves_aux_by_the_requested_amount():
     aux = torch.zeros(1, 32, 32)
     aux[0, 10, 10] = 1.0
@@ -106,11 +140,20 @@ def test_synthesizer_prob_and_mask_follows_rgb(sample):
         AnomalySynthesizer("normals", synth_prob=1.5)
 
 
-def test_fixed_synthesis_dataset_alternates_and_repeats():
+def test_fixed_synthesis_dataset_pairs_and_repeats():
+    """Validation: each image twice, with its fixed anomaly and clean; the same every epoch."""
     base = SyntheticDataset(None, "ring", "train", 32, aux_ch=3)
     ds = SynthesisDataset(base, AnomalySynthesizer("normals", "mixed", 1.0), seed=5, fixed=True, indices=[0, 1, 2, 3])
-    labels = [ds[i]["label"] for i in range(4)]
-    assert labels == [1, 0, 1, 0]
+    assert len(ds) == 8
+    items = [ds[i] for i in range(8)]
+    assert [s["label"] for s in items] == [1, 0] * 4
+    for k in range(4):  # the clean view is the image itself; the anomalous one is that image, changed
+        clean, anomalous = items[2 * k + 1], items[2 * k]
+        assert torch.equal(clean["rgb"], base[k]["rgb"]) and torch.equal(clean["aux"], base[k]["aux"])
+        assert clean["mask"].sum() == 0 and anomalous["mask"].sum() > 0
+        outside = anomalous["mask"][0] == 0
+        assert torch.allclose(anomalous["rgb"][:, outside], clean["rgb"][:, outside], atol=1e-5)
+        assert not (torch.equal(anomalous["rgb"], clean["rgb"]) and torch.equal(anomalous["aux"], clean["aux"]))
     ds.set_epoch(3)
     assert torch.equal(ds[0]["mask"], SynthesisDataset(base, ds.synth, seed=5, fixed=True, indices=[0])[0]["mask"])
 
@@ -136,10 +179,25 @@ def test_geometry_only_defects_invisible_in_rgb_visible_in_normals(obj):
         assert np.array_equal(s["rgb"], clean["rgb"])
         m = s["mask"]
         angle = np.degrees(np.arccos(np.clip((s["normals"] * clean["normals"]).sum(-1), -1, 1)))
-        assert angle[m].max() > 10 and angle[~m].max() <= 2.0  # the mask is exactly where normals turn > 2 deg
+        assert angle[m].max() > 10 and angle[~m].max() <= DENT_MIN_ANGLE  # every pixel that turns is in it
+        moved = np.abs(s["depth"] - clean["depth"])
+        assert (moved[~m] <= TEXTURE_HEIGHT * 96 + 1e-3).all()       # and every pixel that moved
+        assert np.array_equal(ndimage.binary_fill_holes(m), m)      # the flat bottom of a wide dent is no hole
     stain = render_sample(np.random.default_rng(0), 96, obj, "stain")
     ref = render_sample(np.random.default_rng(0), 96, obj, "good")
     assert np.array_equal(stain["normals"], ref["normals"]) and not np.array_equal(stain["rgb"], ref["rgb"])
+
+
+def test_dent_threshold_is_the_texture_tilt():
+    """DENT_MIN_ANGLE is about the median tilt the fine surface texture gives the objects' surfaces: a smaller
+    turn hides in the texture, so it is not part of a dent's ground truth."""
+    from datasets.synthetic import OBJECT_TYPES, _object_geometry, _smooth_noise
+    for obj in OBJECT_TYPES:
+        rng = np.random.default_rng(0)
+        h, inside = _object_geometry(obj, 128, 128, rng)
+        textured = h + inside * TEXTURE_HEIGHT * 128 * _smooth_noise(rng, 128, 128, 2.0)
+        tilt = np.degrees(np.arccos(np.clip((_normals(h) * _normals(textured)).sum(-1), -1, 1)))[inside]
+        assert 0.75 * DENT_MIN_ANGLE < np.median(tilt) < 1.25 * DENT_MIN_ANGLE, (obj, np.median(tilt))
 
 
 def test_written_tree_loads_through_mvtec3d_loader(tmp_path):

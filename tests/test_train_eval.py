@@ -1,6 +1,7 @@
 """train.py and eval.py end to end on the synthetic dataset (tiny shapes, CPU)."""
 import csv
 import json
+import math
 import os
 import subprocess
 import sys
@@ -169,3 +170,6 @@ def test_torchrun_two_processes_gloo(tmp_path):
     model = MambaAlign.from_checkpoint(tmp_path / "best_checkpoint.pth")
     assert isinstance(model, MambaAlign)
     assert len((tmp_path / "steps.jsonl").read_text().splitlines()) == 2
+    # Validation gathered from both ranks holds both classes (each image anomalous and clean): finite metrics.
+    val = json.loads((tmp_path / "log.jsonl").read_text().splitlines()[-1])["val"]
+    assert math.isfinite(val["image_auroc"]) and math.isfinite(val["criterion"])
