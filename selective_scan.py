@@ -88,8 +88,9 @@ def resolve_backend(backend: str, device: torch.device, last_state_grad: bool = 
     """Map a requested backend ("auto", "cuda", "torch", "ref") to the one that runs on ``device``.
 
     ``last_state_grad``: the caller wants the last state with gradients. mamba-ssm's kernel returns it but
-    drops its gradient in backward (checked on an H100: every input gradient then differs from the oracle),
-    so "auto" picks "torch" for such calls, and an explicit "cuda" returns the last state detached."""
+    drops its gradient in backward (checked on an H100: the u, delta, A, B and delta_bias gradients then differ
+    from the oracle's), so "auto" picks "torch" for such calls, and an explicit "cuda" returns the last state
+    detached."""
     global _warned_auto_fallback, _warned_last_state
     if backend not in BACKENDS:
         raise ValueError(f"unknown selective-scan backend {backend!r}; choose one of {BACKENDS}")
