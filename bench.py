@@ -250,9 +250,9 @@ def bench_model(args) -> None:
     from rgbx_backbone import RGBXBackbone
     rows = []
     size = args.size
+    dev = args.device
     for preset in ("tiny", "base"):
         cfg = MambaAlignConfig.preset(preset, aux_ch=3, scan_backend=args.scan_backend)
-        dev = args.device
         model = MambaAlign(cfg).eval().to(dev)
         backbone = RGBXBackbone(cfg.backbone, 3, stages=(2, 3, 4, 5)).eval().to(dev)
         rgb, aux = torch.randn(1, 3, size, size, device=dev), torch.randn(1, 3, size, size, device=dev)
@@ -399,9 +399,8 @@ def main(args) -> None:
         os.environ[_MMAP_ENV] = "65536"
         os.execv(sys.executable, [sys.executable] + sys.argv)
     n = _pin_threads(args.threads)
-    args.device = torch.device(args.device)
-    if args.device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"--device {args.device} asked for, but torch {torch.__version__} sees no CUDA device")
+    from engine import resolve_device
+    args.device = resolve_device(args.device)   # the same check train.py and eval.py make
     if args.device.type not in ("cpu", "cuda"):
         raise SystemExit(f"--device must be cpu, cuda or cuda:N, got {args.device}")
     print(f"torch {torch.__version__}, {n} threads, python {sys.version.split()[0]}, device {_where(args.device)}")
