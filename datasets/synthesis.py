@@ -9,9 +9,11 @@ rgb ImageNet-normalised (3, H, W); aux (C, H, W) as normals / standardised depth
   * RGB: a texture (a random image from ``texture_source``, e.g. DTD; else a procedural one: coloured Perlin
     noise, a near-uniform colour, a displaced patch of the image itself, or the image itself discoloured, which
     keeps its shading) blended in with a random opacity;
-  * aux, consistent with the modality: depth gets a smooth dome-shaped bump or dent over the mask (tilted at
-    almost every masked pixel, so the normals show all of it); normals are bent by the gradient of that same
-    height field (they stay unit vectors); intensity (infrared) a hot or cold spot;
+  * aux, consistent with the modality: depth gets a smooth bump or dent over the mask, of one of two shapes
+    (``GEOMETRY_PROBS``): a dome (tilted at almost every masked pixel, so the normals show all of it) or a
+    plateau (a steep rim around a displaced flat top, like a pressed-in dent; the label is where the surface
+    moved, flat top included, which the normals show only through the rim around it); normals are bent by the
+    gradient of that same height field (they stay unit vectors); intensity (infrared) a hot or cold spot;
   * mode: "rgb" (aux untouched), "aux" (RGB untouched), "both", or "mixed" (one of the three per sample, with
     ``MIXED_PROBS``).
 
@@ -53,6 +55,11 @@ DISCOLOUR_HUE = (0.75, 1.25)    # per-channel factor on that gain: a tint
 BUMP_AMPLITUDE = (1.0, 2.5)     # depth bump height, in standard deviations of the (standardised) depth
 NORMAL_BUMP_SLOPE = (0.3, 1.2)  # slope (17 to 50 degrees) of the synthetic dome that bends normals
 NORMAL_DOME_SIGMA = 1.0         # smoothing of that dome: rounds its ridge and rim
+GEOMETRY_PROBS = {"dome": 0.5, "plateau": 0.5}   # shapes of a depth / normals anomaly (see ``_geometry``)
+PLATEAU_EDGE = (0.012, 0.03)    # plateau: the mask blurred with a sigma of this fraction of the image side ...
+PLATEAU_LABEL_LEVEL = 0.1       # ... and labelled where it moved by more than this fraction of its height
+GEOMETRY_MIN_TILT = 8.0         # bent normals are also labelled where they turned by more than this (degrees):
+                                # a plateau's rim goes on tilting beyond the level above
 INTENSITY_AMPLITUDE = (0.8, 2.0)  # infrared spot strength, in normalised units
 BUMP_SIGMA = 2.0                # smoothing (pixels) of the mask into a height field
 FG_THRESHOLD = 0.08             # foreground estimate: colour distance from the border median (RGB in [0, 1])
@@ -159,27 +166,53 @@ def _procedural_texture(rgb01: torch.Tensor, rng: np.random.Generator) -> torch.
 
 def _dome(mask: np.ndarray, sigma: float = BUMP_SIGMA) -> np.ndarray:
     """The distance to the mask's border, smoothed: a dome with a slope of about one (pixel per pixel) at almost
-    every masked pixel, so a surface bent by it is tilted over the whole anomaly. A blurred plateau would leave
-    the interior of a wide mask flat: labelled anomalous, yet its normals unchanged."""
+    every masked pixel, so a surface bent by it is tilted over the whole anomaly, and labelled by the mask."""
     from scipy import ndimage
     return ndimage.gaussian_filter(ndimage.distance_transform_edt(mask), sigma)
 
 
-def _height_field(mask: np.ndarray, amplitude: float, sigma: float = BUMP_SIGMA, dome: bool = True) -> torch.Tensor:
-    """A smooth field over `mask` peaking at `amplitude`: a dome (see ``_dome``), or, with ``dome=False``, the
-    blurred mask, a plateau that suits a value offset (an infrared spot), which shows everywhere."""
+def _spot(mask: np.ndarray, amplitude: float, sigma: float = 1.0) -> torch.Tensor:
+    """The mask blurred and scaled to peak at `amplitude`: a value offset (an infrared spot), which shows at
+    every masked pixel."""
     from scipy import ndimage
-    h = _dome(mask, sigma) if dome else ndimage.gaussian_filter(mask.astype(np.float64), sigma)
+    h = ndimage.gaussian_filter(mask.astype(np.float64), sigma)
     return torch.from_numpy(h / (h.max() + 1e-8) * amplitude).float()
+
+
+def _geometry(mask: np.ndarray, rng: np.random.Generator, shape: str, dome_sigma: float) -> Tuple[np.ndarray, np.ndarray]:
+    """A height field of peak 1 for a geometry anomaly over `mask`, and the mask it labels.
+
+    * ``dome``: ``_dome(mask)``, labelled by the mask itself (its every pixel is tilted);
+    * ``plateau``: the mask blurred with a sigma drawn from ``PLATEAU_EDGE`` (times the image side): a steep
+      rim around a flat top, as a pressed-in dent or a raised pad. Labelled where the surface moved by more than
+      ``PLATEAU_LABEL_LEVEL`` of its height: the flat top, which is displaced but keeps its normals, and the
+      foot of the rim just outside the mask. Domes alone taught a model that an anomaly is where the surface
+      tilts, so on a dent it marked the rim and missed the displaced middle.
+    """
+    from scipy import ndimage
+    if shape == "dome":
+        h = _dome(mask, dome_sigma)
+        return h / (h.max() + 1e-8), mask
+    if shape == "plateau":
+        sigma = float(rng.uniform(*PLATEAU_EDGE)) * min(mask.shape)
+        h = ndimage.gaussian_filter(mask.astype(np.float64), sigma)
+        h = h / (h.max() + 1e-8)
+        return h, h > PLATEAU_LABEL_LEVEL
+    raise ValueError(f"geometry shape must be one of {tuple(GEOMETRY_PROBS)}, got {shape!r}")
 
 
 def synthesize(rgb: torch.Tensor, aux: Optional[torch.Tensor], rng: np.random.Generator, *,
                aux_kind: Optional[str], mode: str = "mixed", valid: Optional[torch.Tensor] = None,
                texture_source: Optional[TextureSource] = None, restrict_to_foreground: bool = True,
-               blend_range=BLEND_RANGE) -> Tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor, str]:
-    """Inject one anomaly. Returns (rgb, aux, mask (1, H, W) float {0, 1}, the mode used)."""
+               blend_range=BLEND_RANGE, geometry: Optional[str] = None
+               ) -> Tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor, str]:
+    """Inject one anomaly. Returns (rgb, aux, mask (1, H, W) float {0, 1}, the mode used).
+    ``geometry`` ("dome" or "plateau") fixes the shape of a depth / normals anomaly; None draws it with
+    ``GEOMETRY_PROBS``."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if geometry is not None and geometry not in GEOMETRY_PROBS:
+        raise ValueError(f"geometry must be one of {tuple(GEOMETRY_PROBS)} or None, got {geometry!r}")
     if mode == "mixed":
         mode = rng.choice(list(MIXED_PROBS), p=list(MIXED_PROBS.values()))
     if aux is None and mode != "rgb":
@@ -198,11 +231,18 @@ def synthesize(rgb: torch.Tensor, aux: Optional[torch.Tensor], rng: np.random.Ge
         out_rgb = normalize_rgb(rgb01 * (1 - beta * mt) + tex * beta * mt)
     if mode in ("aux", "both"):
         sign = float(rng.choice([-1.0, 1.0]))
+        if aux_kind in ("depth", "normals"):
+            shape = geometry or str(rng.choice(list(GEOMETRY_PROBS), p=list(GEOMETRY_PROBS.values())))
+            h, label = _geometry(m, rng, shape, BUMP_SIGMA if aux_kind == "depth" else NORMAL_DOME_SIGMA)
+            label = torch.from_numpy(label)
         if aux_kind == "depth":
-            out_aux = aux - _height_field(m, sign * rng.uniform(*BUMP_AMPLITUDE))[None]
+            out_aux = aux - torch.from_numpy(h * sign * rng.uniform(*BUMP_AMPLITUDE)).float()[None]
         elif aux_kind == "normals":
-            gy, gx = torch.gradient(torch.from_numpy(_dome(m, NORMAL_DOME_SIGMA)).float())
-            slope = sign * float(rng.uniform(*NORMAL_BUMP_SLOPE))   # the dome's slope is about one
+            gy, gx = torch.gradient(torch.from_numpy(h).float())
+            grad = torch.hypot(gx, gy)
+            # The steepest slope of the field is drawn from NORMAL_BUMP_SLOPE, whatever its shape and size.
+            slope = sign * float(rng.uniform(*NORMAL_BUMP_SLOPE)) / float(grad.max().clamp_min(1e-6))
+            label = label | (torch.rad2deg(torch.atan(grad * abs(slope))) > GEOMETRY_MIN_TILT)
             # n / |n_z| = (-h_x, -h_y, -1) for a height field h; adding the bump's (-dh_x, -dh_y, 0) gives the
             # exact normal of the bumped surface, then renormalise.
             nz = aux[2:3].abs().clamp_min(1e-3)
@@ -210,9 +250,11 @@ def synthesize(rgb: torch.Tensor, aux: Optional[torch.Tensor], rng: np.random.Ge
             out_aux = bent / bent.norm(dim=0, keepdim=True).clamp_min(1e-8)
             out_aux = torch.where(aux.norm(dim=0, keepdim=True) > 0, out_aux, aux)
         elif aux_kind == "intensity":
-            out_aux = aux + _height_field(m, sign * rng.uniform(*INTENSITY_AMPLITUDE), sigma=1.0, dome=False)[None]
+            out_aux = aux + _spot(m, sign * rng.uniform(*INTENSITY_AMPLITUDE))[None]
         else:
             raise ValueError(f"aux_kind must be normals, depth or intensity for mode {mode!r}, got {aux_kind!r}")
+        if aux_kind in ("depth", "normals"):
+            mt = torch.maximum(mt, label.float()[None])
     return out_rgb, out_aux, mt, mode
 
 

@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 from datasets import DatasetError, build_dataset
-from datasets.synthesis import (AnomalySynthesizer, _procedural_texture, SynthesisDataset, TextureSource, contact_sheet, misalign,
+from datasets.synthesis import (AnomalySynthesizer, _geometry, _procedural_texture, SynthesisDataset, TextureSource, contact_sheet, misalign,
                                 synthesize)
 from datasets.synthetic import (DENT_MIN_ANGLE, TEXTURE_HEIGHT, SyntheticDataset, _normals, render_sample,
                                 write_mvtec3d_tree)
@@ -45,31 +45,55 @@ def test_rgb_mode_leaves_aux_and_aux_mode_leaves_rgb(sample):
     assert torch.equal(rgb, sample["rgb"]) and not torch.equal(aux, sample["aux"])
 
 
-def test_normal_anomalies_stay_inside_dilated_mask_and_unit_length(sample):
-    from scipy import ndimage
+@pytest.mark.parametrize("geometry", ["dome", "plateau"])
+def test_normal_anomalies_stay_inside_dilated_mask_and_unit_length(sample, geometry):
     for seed in range(4):
-        _, aux, mask, _ = _run(sample, "aux", seed)
+        _, aux, mask, _ = _run(sample, "aux", seed, geometry=geometry)
         changed = (aux - sample["aux"]).abs().amax(0) > 1e-5
-        # The height field is the mask blurred with BUMP_SIGMA = 2 (support 4 sigma) plus one pixel of gradient.
+        # The height field is the mask blurred with at most 2 px (support 4 sigma) plus one pixel of gradient.
         dilated = ndimage.binary_dilation(mask[0].numpy() > 0, structure=np.ones((3, 3)), iterations=9)
         assert changed.any() and not (changed.numpy() & ~dilated).any()
         assert torch.allclose(aux.norm(dim=0), torch.ones(64, 64), atol=1e-5)
 
 
-def test_normal_anomalies_show_over_the_whole_mask():
-    """On a flat surface the bump is a dome, not a blurred plateau: (almost) every masked pixel's normal turns,
-    so the label matches what the modality shows, also for wide masks."""
-    flat = torch.zeros(3, 128, 128)
+def _flat_normals_anomalies(geometry, seeds=range(8), size=128):
+    flat = torch.zeros(3, size, size)
     flat[2] = -1.0
-    rgb = torch.zeros(3, 128, 128)
-    fractions = []
-    for seed in range(8):
-        _, aux, mask, _ = synthesize(rgb, flat, np.random.default_rng(seed), aux_kind="normals", mode="aux",
-                                     restrict_to_foreground=False)
-        m = mask[0] > 0
-        turn = torch.rad2deg(torch.arccos((aux * flat).sum(0).clamp(-1, 1)))
-        fractions.append(float((turn[m] > 5).float().mean()))
+    for seed in seeds:
+        _, aux, mask, _ = synthesize(torch.zeros(3, size, size), flat, np.random.default_rng(seed), aux_kind="normals",
+                                     mode="aux", restrict_to_foreground=False, geometry=geometry)
+        yield mask[0] > 0, torch.rad2deg(torch.arccos((aux * flat).sum(0).clamp(-1, 1)))
+
+
+def test_dome_anomalies_show_over_the_whole_mask():
+    """A dome tilts (almost) every masked pixel's normal, so the label matches what the modality shows, also for
+    wide masks."""
+    fractions = [float((turn[m] > 5).float().mean()) for m, turn in _flat_normals_anomalies("dome")]
     assert np.mean(fractions) > 0.85 and min(fractions) > 0.7, fractions
+
+
+def test_plateau_anomalies_label_every_clearly_tilted_pixel():
+    for m, turn in _flat_normals_anomalies("plateau"):
+        tilted = turn > 10
+        assert tilted.any() and float(m[tilted].float().mean()) > 0.999
+
+
+def test_plateau_labels_its_displaced_flat_top():
+    """A wide plateau is a tilted rim around a flat, displaced top. The label holds the top, which keeps its
+    normals and shows only through the rim around it, and the foot of the rim just outside the mask."""
+    yy, xx = np.mgrid[0:128, 0:128]
+    disc = (yy - 64) ** 2 + (xx - 64) ** 2 < 20 ** 2
+    h, label = _geometry(disc, np.random.default_rng(0), "plateau", dome_sigma=1.0)
+    gy, gx = np.gradient(h)
+    top = (yy - 64) ** 2 + (xx - 64) ** 2 < 10 ** 2
+    assert np.hypot(gx, gy)[top].max() < 0.01 and h[top].min() > 0.99      # flat and displaced
+    assert label[disc].all() and label.sum() > disc.sum()
+    assert label.sum() < ndimage.binary_dilation(disc, iterations=8).sum()
+
+
+def test_geometry_shape_is_validated(sample):
+    with pytest.raises(ValueError, match="geometry"):
+        _run(sample, "aux", 0, geometry="cube")
 
 
 def test_depth_and_intensity_anomalies(sample):
