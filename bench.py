@@ -381,7 +381,7 @@ def get_args_parser():
     g.add_argument("--object", default="disc", help="object to train and test on")
     g.add_argument("--aux_ch", type=int, default=None, help="aux channels of the full model (default: dataset's)")
     g.add_argument("--img_size", type=int, default=128, help="training and test size")
-    g.add_argument("--epochs", type=int, default=30, help="epochs per variant (the shared budget)")
+    g.add_argument("--epochs", type=int, default=24, help="epochs per variant (the shared budget; 24 as make demo)")
     g.add_argument("--batch_size", type=int, default=8, help="batch size")
     g.add_argument("--lr", type=float, default=1e-3, help="learning rate")
     g.add_argument("--seed", type=int, default=0, help="seed, the same for every variant")
