@@ -100,6 +100,11 @@ def test_depth_and_intensity_anomalies(sample):
     depth = SyntheticDataset(None, "disc", "train", 64, aux_ch=1)[0]
     _, aux, mask, _ = synthesize(depth["rgb"], depth["aux"], np.random.default_rng(0), aux_kind="depth", mode="aux")
     assert (aux - depth["aux"]).abs().max() > 0.5
+    for seed in range(3):   # a depth plateau is labelled wherever it moved by more than a tenth of its height
+        _, aux, mask, _ = synthesize(depth["rgb"], depth["aux"], np.random.default_rng(seed), aux_kind="depth",
+                                     mode="aux", geometry="plateau")
+        moved = (aux - depth["aux"]).abs()[0]
+        assert mask[0][moved > 0.11 * moved.max()].min() == 1
     ir = torch.zeros(1, 64, 64)
     _, aux, mask, _ = synthesize(depth["rgb"], ir, np.random.default_rng(1), aux_kind="intensity", mode="aux")
     assert aux[mask.bool()].abs().mean() > 0.3
