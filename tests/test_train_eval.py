@@ -173,3 +173,28 @@ def test_torchrun_two_processes_gloo(tmp_path):
     # Validation gathered from both ranks holds both classes (each image anomalous and clean): finite metrics.
     val = json.loads((tmp_path / "log.jsonl").read_text().splitlines()[-1])["val"]
     assert math.isfinite(val["image_auroc"]) and math.isfinite(val["criterion"])
+
+
+@pytest.mark.parametrize("what, re_exec", [("metrics", True), ("ablation", False)])
+def test_bench_fixes_the_mmap_threshold_only_for_memory_benchmarks(monkeypatch, what, re_exec):
+    """The memory benchmarks re-run bench.py with glibc's mmap threshold fixed; the ablation trains models and
+    must not (every large tensor would be mapped and unmapped: twice the training time)."""
+    import bench
+
+    class ReExec(Exception):
+        pass
+
+    def fake_execv(*a):
+        raise ReExec()
+
+    monkeypatch.setenv(bench._MMAP_ENV, "")   # recorded as absent, so the teardown removes what main() sets
+    monkeypatch.delenv(bench._MMAP_ENV)
+    monkeypatch.setattr(bench.os, "execv", fake_execv)
+    monkeypatch.setitem(bench.COMMANDS, what, lambda args: None)
+    monkeypatch.setattr(bench, "_pin_threads", lambda n: torch.get_num_threads())
+    args = bench.get_args_parser().parse_args([what])
+    if re_exec:
+        with pytest.raises(ReExec):
+            bench.main(args)
+    else:
+        bench.main(args)
