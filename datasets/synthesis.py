@@ -235,26 +235,25 @@ def synthesize(rgb: torch.Tensor, aux: Optional[torch.Tensor], rng: np.random.Ge
             shape = geometry or str(rng.choice(list(GEOMETRY_PROBS), p=list(GEOMETRY_PROBS.values())))
             h, label = _geometry(m, rng, shape, BUMP_SIGMA if aux_kind == "depth" else NORMAL_DOME_SIGMA)
             label = torch.from_numpy(label)
-        if aux_kind == "depth":
-            out_aux = aux - torch.from_numpy(h * sign * rng.uniform(*BUMP_AMPLITUDE)).float()[None]
-        elif aux_kind == "normals":
-            gy, gx = torch.gradient(torch.from_numpy(h).float())
-            grad = torch.hypot(gx, gy)
-            # The steepest slope of the field is drawn from NORMAL_BUMP_SLOPE, whatever its shape and size.
-            slope = sign * float(rng.uniform(*NORMAL_BUMP_SLOPE)) / float(grad.max().clamp_min(1e-6))
-            label = label | (torch.rad2deg(torch.atan(grad * abs(slope))) > GEOMETRY_MIN_TILT)
-            # n / |n_z| = (-h_x, -h_y, -1) for a height field h; adding the bump's (-dh_x, -dh_y, 0) gives the
-            # exact normal of the bumped surface, then renormalise.
-            nz = aux[2:3].abs().clamp_min(1e-3)
-            bent = aux / nz - torch.stack([gx, gy, torch.zeros_like(gx)]) * slope
-            out_aux = bent / bent.norm(dim=0, keepdim=True).clamp_min(1e-8)
-            out_aux = torch.where(aux.norm(dim=0, keepdim=True) > 0, out_aux, aux)
+            if aux_kind == "depth":
+                out_aux = aux - torch.from_numpy(h * sign * rng.uniform(*BUMP_AMPLITUDE)).float()[None]
+            else:
+                gy, gx = torch.gradient(torch.from_numpy(h).float())
+                grad = torch.hypot(gx, gy)
+                # The steepest slope of the field is drawn from NORMAL_BUMP_SLOPE, whatever its shape and size.
+                slope = sign * float(rng.uniform(*NORMAL_BUMP_SLOPE)) / float(grad.max().clamp_min(1e-6))
+                label = label | (torch.rad2deg(torch.atan(grad * abs(slope))) > GEOMETRY_MIN_TILT)
+                # n / |n_z| = (-h_x, -h_y, -1) for a height field h; adding the bump's (-dh_x, -dh_y, 0) gives
+                # the exact normal of the bumped surface, then renormalise.
+                nz = aux[2:3].abs().clamp_min(1e-3)
+                bent = aux / nz - torch.stack([gx, gy, torch.zeros_like(gx)]) * slope
+                out_aux = bent / bent.norm(dim=0, keepdim=True).clamp_min(1e-8)
+                out_aux = torch.where(aux.norm(dim=0, keepdim=True) > 0, out_aux, aux)
+            mt = torch.maximum(mt, label.float()[None])
         elif aux_kind == "intensity":
             out_aux = aux + _spot(m, sign * rng.uniform(*INTENSITY_AMPLITUDE))[None]
         else:
             raise ValueError(f"aux_kind must be normals, depth or intensity for mode {mode!r}, got {aux_kind!r}")
-        if aux_kind in ("depth", "normals"):
-            mt = torch.maximum(mt, label.float()[None])
     return out_rgb, out_aux, mt, mode
 
 

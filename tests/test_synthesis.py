@@ -7,8 +7,8 @@ import torch
 from PIL import Image
 
 from datasets import DatasetError, build_dataset
-from datasets.synthesis import (AnomalySynthesizer, _geometry, _procedural_texture, SynthesisDataset, TextureSource, contact_sheet, misalign,
-                                synthesize)
+from datasets.synthesis import (AnomalySynthesizer, SynthesisDataset, TextureSource, _geometry, _procedural_texture,
+                                contact_sheet, misalign, synthesize)
 from datasets.synthetic import (DENT_MIN_ANGLE, TEXTURE_HEIGHT, SyntheticDataset, _normals, render_sample,
                                 write_mvtec3d_tree)
 
