@@ -30,6 +30,8 @@ from typing import Callable, List
 
 import torch
 
+from selective_scan import BACKENDS
+
 
 # ----------------------------------------------------------------------------------------------------
 # Measurement helpers
@@ -371,7 +373,7 @@ def get_args_parser():
     p.add_argument("--repeats", type=int, default=3, help="timed repetitions per measurement (median is shown)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = all cores of this machine)")
     p.add_argument("--size", type=int, default=256, help="model: input size")
-    p.add_argument("--scan_backend", default="auto", choices=["auto", "cuda", "torch", "ref"],
+    p.add_argument("--scan_backend", default="auto", choices=BACKENDS,
                    help="block, model: the selective-scan backend (auto: mamba-ssm on CUDA where it imports, "
                         "else torch)")
     p.add_argument("--device", default="cpu",

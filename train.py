@@ -36,6 +36,7 @@ from datasets.synthesis import MODES, AnomalySynthesizer, SynthesisDataset
 from engine import autocast_context, dist_info, git_revision, resolve_device, run_inference
 from MambaAlign import PRESETS, MambaAlign, MambaAlignConfig
 from rgbx_backbone import BACKBONES
+from selective_scan import BACKENDS
 
 
 def get_args_parser():
@@ -72,7 +73,7 @@ def get_args_parser():
     g.add_argument("--no_pmm", action="store_true", help="ablation: no Per-Modal Mamba stacks")
     g.add_argument("--no_cmi", action="store_true", help="ablation: no Cross Mamba Interaction")
     g.add_argument("--no_aaf", action="store_true", help="ablation: plain fusion instead of Alignment-Aware Fusion")
-    g.add_argument("--scan_backend", default="auto", choices=("auto", "cuda", "torch", "ref"),
+    g.add_argument("--scan_backend", default="auto", choices=BACKENDS,
                    help="selective-scan implementation (auto: mamba-ssm on CUDA if installed, else torch)")
     g.add_argument("--compile", action="store_true", help="torch.compile the whole model")
     g = p.add_argument_group("optimisation")
@@ -245,16 +246,16 @@ def param_groups(model, weight_decay: float):
 
 def validate(model, loader, device, args, rank, world) -> Dict[str, float]:
     res = run_inference(model, loader, device, amp=args.use_amp, progress=False)
-    keys = ("score_logit", "label", "maps", "masks", "path")
     if world > 1:
         # Each rank ran its own slice of the validation items (a plain list sampler: no padding, no repeats).
         # Gather and put them back in item order. (Not by path: a validation image appears twice, anomalous
         # and clean, under one path.)
+        keys = ("score_logit", "label", "maps", "masks", "path", "index")
         res["index"] = np.asarray(list(loader.sampler))
         gathered = [None] * world
-        dist.all_gather_object(gathered, {k: res[k] for k in keys + ("index",)})
+        dist.all_gather_object(gathered, {k: res[k] for k in keys})
         res = {k: (np.concatenate([g[k] for g in gathered]) if k != "path" else sum((g[k] for g in gathered), []))
-               for k in keys + ("index",)}
+               for k in keys}
         order = np.argsort(res.pop("index"), kind="stable")
         res = {k: (v[order] if k != "path" else [v[i] for i in order]) for k, v in res.items()}
     with warnings.catch_warnings():

@@ -164,22 +164,22 @@ def _procedural_texture(rgb01: torch.Tensor, rng: np.random.Generator) -> torch.
     return (rgb01 * gain).clamp(0, 1)
 
 
-def _dome(mask: np.ndarray, sigma: float = BUMP_SIGMA) -> np.ndarray:
+def _dome(mask: np.ndarray, sigma: float) -> np.ndarray:
     """The distance to the mask's border, smoothed: a dome with a slope of about one (pixel per pixel) at almost
     every masked pixel, so a surface bent by it is tilted over the whole anomaly, and labelled by the mask."""
     from scipy import ndimage
     return ndimage.gaussian_filter(ndimage.distance_transform_edt(mask), sigma)
 
 
-def _spot(mask: np.ndarray, amplitude: float, sigma: float = 1.0) -> torch.Tensor:
-    """The mask blurred and scaled to peak at `amplitude`: a value offset (an infrared spot), which shows at
-    every masked pixel."""
+def _blurred(mask: np.ndarray, sigma: float) -> np.ndarray:
+    """The mask blurred and scaled to peak at 1: a plateau (flat inside a wide mask, a smooth edge around it)."""
     from scipy import ndimage
     h = ndimage.gaussian_filter(mask.astype(np.float64), sigma)
-    return torch.from_numpy(h / (h.max() + 1e-8) * amplitude).float()
+    return h / (h.max() + 1e-8)
 
 
-def _geometry(mask: np.ndarray, rng: np.random.Generator, shape: str, dome_sigma: float) -> Tuple[np.ndarray, np.ndarray]:
+def _geometry(mask: np.ndarray, rng: np.random.Generator, shape: str,
+              dome_sigma: float) -> Tuple[np.ndarray, np.ndarray]:
     """A height field of peak 1 for a geometry anomaly over `mask`, and the mask it labels.
 
     * ``dome``: ``_dome(mask)``, labelled by the mask itself (its every pixel is tilted);
@@ -189,14 +189,11 @@ def _geometry(mask: np.ndarray, rng: np.random.Generator, shape: str, dome_sigma
       foot of the rim just outside the mask. Domes alone taught a model that an anomaly is where the surface
       tilts, so on a dent it marked the rim and missed the displaced middle.
     """
-    from scipy import ndimage
     if shape == "dome":
         h = _dome(mask, dome_sigma)
         return h / (h.max() + 1e-8), mask
     if shape == "plateau":
-        sigma = float(rng.uniform(*PLATEAU_EDGE)) * min(mask.shape)
-        h = ndimage.gaussian_filter(mask.astype(np.float64), sigma)
-        h = h / (h.max() + 1e-8)
+        h = _blurred(mask, float(rng.uniform(*PLATEAU_EDGE)) * min(mask.shape))
         return h, h > PLATEAU_LABEL_LEVEL
     raise ValueError(f"geometry shape must be one of {tuple(GEOMETRY_PROBS)}, got {shape!r}")
 
@@ -251,7 +248,9 @@ def synthesize(rgb: torch.Tensor, aux: Optional[torch.Tensor], rng: np.random.Ge
                 out_aux = torch.where(aux.norm(dim=0, keepdim=True) > 0, out_aux, aux)
             mt = torch.maximum(mt, label.float()[None])
         elif aux_kind == "intensity":
-            out_aux = aux + _spot(m, sign * rng.uniform(*INTENSITY_AMPLITUDE))[None]
+            # a hot or cold spot: a value offset, which shows at every masked pixel
+            spot = _blurred(m, 1.0) * (sign * rng.uniform(*INTENSITY_AMPLITUDE))
+            out_aux = aux + torch.from_numpy(spot).float()[None]
         else:
             raise ValueError(f"aux_kind must be normals, depth or intensity for mode {mode!r}, got {aux_kind!r}")
     return out_rgb, out_aux, mt, mode

@@ -41,8 +41,9 @@ FOCAL = 10000.0
 TEXTURE_HEIGHT = 0.004       # the fine surface texture: height noise of this std (fraction of the image side)
 # A dent's mask is where the dent shows against that texture: where the surface moved by more than the
 # texture's height std, or turned by more than DENT_MIN_ANGLE degrees, about the median tilt the texture itself
-# gives (6.8 to 9.6 deg by object; tests/test_synthesis.py measures it). Smaller turns hide in the texture; the turn alone would
-# leave a hole at the flat bottom of a wide dent, which is displaced and which a depth sensor sees.
+# gives (6.8 to 9.6 deg by object; tests/test_synthesis.py measures it). Smaller turns hide in the texture; the
+# turn alone would leave a hole at the flat bottom of a wide dent, which is displaced and which a depth sensor
+# sees.
 DENT_MIN_ANGLE = 8.0
 LIGHT = np.array([-0.4, -0.5, -0.77])  # direction towards the light (camera frame), roughly from the camera
 DEFAULT_COUNTS = {"train": 160, "test_good": 16, "test_defect": 16}
