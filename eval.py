@@ -133,7 +133,8 @@ def summarise(res: Dict, fpr_limit: float) -> Dict[str, object]:
     summary["mean_over_objects"] = {k: metrics.nanmean(v[k] for v in summary["per_object"].values())
                                     for k in metrics.METRIC_KEYS}
     summary["counts"] = {"images": int(len(objects)), "anomalous": int(res["label"].sum()),
-                         "with_mask": int(sum(m.any() for m in res["masks"]))}
+                         "with_mask": int(sum(m.any() for m in res["masks"])),
+                         "left_out_of_pixel_metrics": summary["overall"]["pixel_images_excluded"]}
     return summary
 
 
@@ -224,8 +225,13 @@ def main(args) -> Dict[str, object]:
         fh.write(f"MambaAlign evaluation of {args.checkpoint} on {dataset} ({', '.join(objects)}), "
                  f"{summary['counts']['images']} test images, img_size {img_size}, AUPRO FPR limit {args.fpr_limit}"
                  f"{f', aux shifted {args.aux_shift} px' if args.aux_shift else ''}\n"
-                 f"F1-max uses the best threshold on the test set (oracle).\n\n{table}\n")
+                 f"F1-max uses the best threshold on the test set (oracle). "
+                 f"{summary['counts']['left_out_of_pixel_metrics']} anomalous image(s) without a mask in this "
+                 f"modality are left out of the pixel metrics (kept in the image metrics).\n\n{table}\n")
     print(table)
+    if summary["counts"]["left_out_of_pixel_metrics"]:
+        print(f"{summary['counts']['left_out_of_pixel_metrics']} anomalous image(s) without a mask are left out of "
+              f"the pixel metrics (kept in the image metrics)")
     print(f"\nwrote {args.out_dir}/eval_results.csv, summary.txt, summary.json"
           + (f", vis/heatmaps/ and vis/overlays/ ({len(merged['path'])} images each)" if args.save_vis else "")
           + f" in {time.time() - t0:.1f} s")

@@ -11,6 +11,9 @@ Definitions (higher score = more anomalous; "t" ranges over every distinct score
   8-connected ground-truth regions of the set of the fraction of the region's pixels with score >= t. The curve
   PRO(FPR) (from (0, 0), through one point per distinct score) is integrated with the trapezoid rule up to
   FPR = fpr_limit (linearly interpolated at the limit) and divided by fpr_limit, so a perfect map gives 1.
+  Summaries report it at 0.3 (``aupro``) and at the strict limits 0.1, 0.05, 0.01 (``aupro_0.1`` ...).
+* Anomalous images without a mask (the defect is visible only in another modality) are left out of the pixel
+  metrics and kept in the image metrics (:func:`pixel_images_kept`).
 
 Degenerate inputs (one class only, no anomalous or no normal pixels) give NaN with a warning, never a crash.
 """
@@ -18,14 +21,18 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Dict, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
 __all__ = ["image_auroc", "average_precision", "f1_max", "pixel_auroc", "pixel_ap", "pixel_f1_max", "aupro",
-           "pro_curve", "compute_metrics", "METRIC_KEYS"]
+           "aupro_key", "pro_curve", "pixel_images_kept", "compute_metrics", "METRIC_KEYS", "STRICT_LIMITS"]
 
-METRIC_KEYS = ("image_auroc", "image_ap", "image_f1_max", "pixel_auroc", "pixel_ap", "pixel_f1_max", "aupro")
+# AUPRO at FPR 0.3 saturates on small defects (a map that only outlines the object scores about 0.96 there);
+# the strict limits separate methods.
+STRICT_LIMITS = (0.1, 0.05, 0.01)
+METRIC_KEYS = ("image_auroc", "image_ap", "image_f1_max", "pixel_auroc", "pixel_ap", "pixel_f1_max", "aupro",
+               "aupro_0.1", "aupro_0.05", "aupro_0.01")
 ArrayLike = Union[np.ndarray, Sequence[float]]  # torch tensors are accepted too (converted with .numpy())
 
 
@@ -134,67 +141,72 @@ def pixel_f1_max(maps: ArrayLike, masks: ArrayLike) -> float:
     return _f1max(*_flat(maps, masks, "pixel_f1_max"), "pixel_f1_max")[0]
 
 
-def pro_curve(maps: ArrayLike, masks: ArrayLike, fpr_limit: Optional[float] = None):
+class _PixelRanking:
+    """All pixels of a set sorted ONCE by descending score; every pixel metric is read off this one order.
+
+    maps, masks: (N, H, W). ``tp``, ``fp``: cumulative anomalous / normal pixel counts at the last index of each
+    group of tied scores (where cumulative sums do not depend on the order inside the group); ``thr``: that
+    group's score. Regions for PRO are the 8-connected components of each image's mask."""
+
+    def __init__(self, maps, masks, what: str = "pixel metrics"):
+        maps, masks = _np(maps), _np(masks) > 0
+        if maps.ndim == 2:
+            maps, masks = maps[None], masks[None]
+        if maps.shape != masks.shape or maps.ndim != 3:
+            raise ValueError(f"{what}: maps and masks must both be (N, H, W), got {maps.shape} and {masks.shape}")
+        self.maps, self.masks = maps, masks
+        scores = maps.ravel() if maps.dtype in (np.float32, np.float64) else maps.astype(np.float64).ravel()
+        if not np.isfinite(scores).all():
+            raise ValueError(f"{what}: maps contain NaN or inf")
+        self.labels = masks.ravel()
+        self.order = _descending(scores)
+        s = scores[self.order]
+        self.last = np.r_[np.diff(s) != 0, True]         # last index of each group of tied scores
+        self.thr = s[self.last]
+        y = self.labels[self.order]
+        self.P = int(y.sum())
+        self.N = y.size - self.P
+        self.tp = np.cumsum(y, dtype=np.float64)[self.last]
+        self.fp = np.cumsum(~y, dtype=np.float64)[self.last]
+
+    def pro_curve(self):
+        """(fpr, pro) from (0, 0), one point per distinct score; None when there are no regions or no normal
+        pixels. Each normal pixel adds 1/n_normal to the FPR; each pixel of region r adds 1/(|r| * n_regions)
+        to the PRO."""
+        from scipy import ndimage
+        structure = np.ones((3, 3), dtype=bool)                  # 8-connectivity
+        region_ids = np.zeros(self.masks.shape, dtype=np.int64)
+        sizes = [0]
+        n_regions = 0
+        for i in range(self.masks.shape[0]):
+            lab, n = ndimage.label(self.masks[i], structure=structure)
+            if n:
+                region_ids[i] = np.where(lab > 0, lab + n_regions, 0)
+                sizes.extend(np.bincount(lab.ravel())[1:].tolist())
+                n_regions += n
+        if n_regions == 0 or self.N == 0:
+            return None, (n_regions, self.N)
+        inv = np.zeros(len(sizes))
+        inv[1:] = 1.0 / (np.asarray(sizes[1:], dtype=np.float64) * n_regions)
+        pro = np.cumsum(inv[region_ids.ravel()[self.order]])[self.last]
+        fpr = np.clip(np.r_[0.0, self.fp / self.N], 0.0, 1.0)
+        return fpr, np.clip(np.r_[0.0, pro], 0.0, 1.0)
+
+
+def pro_curve(maps: ArrayLike, masks: ArrayLike):
     """The PRO curve of a set: (fpr, pro) arrays from (0, 0), one point per distinct score.
-    maps, masks: (N, H, W). Regions are the 8-connected components of each image's mask.
-    With ``fpr_limit`` the curve stops at the first point past the limit: only the pixels that score at least
-    as high as that point are sorted (an O(n) partition finds them), which is what makes AUPRO fast."""
-    from scipy import ndimage
-    maps, masks = _np(maps), _np(masks) > 0
-    if maps.ndim == 2:
-        maps, masks = maps[None], masks[None]
-    if maps.shape != masks.shape or maps.ndim != 3:
-        raise ValueError(f"aupro: maps and masks must both be (N, H, W), got {maps.shape} and {masks.shape}")
-    structure = np.ones((3, 3), dtype=bool)                      # 8-connectivity
-    region_ids = np.zeros(masks.shape, dtype=np.int64)
-    sizes = [0]
-    n_regions = 0
-    for i in range(masks.shape[0]):
-        lab, n = ndimage.label(masks[i], structure=structure)
-        if n:
-            region_ids[i] = np.where(lab > 0, lab + n_regions, 0)
-            sizes.extend(np.bincount(lab.ravel())[1:].tolist())
-            n_regions += n
-    n_normal = int((~masks).sum())
-    if n_regions == 0 or n_normal == 0:
-        return None, (n_regions, n_normal)
-    scores = maps.ravel() if maps.dtype in (np.float32, np.float64) else maps.astype(np.float64).ravel()
-    if not np.isfinite(scores).all():
-        raise ValueError("aupro: maps contain NaN or inf")
-    ids = region_ids.ravel()
-    if fpr_limit is not None and fpr_limit < 1:
-        # The score of the (k+1)-th highest normal pixel, k = ceil(limit * n_normal): keeping every pixel scoring
-        # >= it keeps whole tie groups and at least one curve point beyond the limit.
-        normal_scores = scores[ids == 0]
-        k = min(n_normal - 1, int(math.ceil(fpr_limit * n_normal)))
-        cut = np.partition(normal_scores, n_normal - 1 - k)[n_normal - 1 - k]
-        keep = scores >= cut
-        scores, ids = scores[keep], ids[keep]
-    # Each normal pixel adds 1/n_normal to the FPR; each pixel of region r adds 1/(|r| * n_regions) to the PRO.
-    fp_step = (ids == 0) / n_normal
-    inv = np.zeros(len(sizes))
-    inv[1:] = 1.0 / (np.asarray(sizes[1:], dtype=np.float64) * n_regions)
-    pro_step = inv[ids]
-    order = _descending(scores)
-    s = scores[order]
-    fpr = np.cumsum(fp_step[order])
-    pro = np.cumsum(pro_step[order])
-    last = np.r_[np.diff(s) != 0, True]
-    fpr = np.clip(np.r_[0.0, fpr[last]], 0.0, 1.0)
-    pro = np.clip(np.r_[0.0, pro[last]], 0.0, 1.0)
-    return fpr, pro
+    maps, masks: (N, H, W). Regions are the 8-connected components of each image's mask. Returns
+    (None, (n_regions, n_normal)) when the curve is undefined."""
+    return _PixelRanking(maps, masks, "pro_curve").pro_curve()
 
 
-def aupro(maps: ArrayLike, masks: ArrayLike, fpr_limit: float = 0.3) -> float:
-    """Normalised area under PRO(FPR) for FPR in [0, fpr_limit] (MVTec definition; see the module docstring)."""
+def _check_limit(fpr_limit: float) -> None:
     if not 0 < fpr_limit <= 1:
         raise ValueError(f"fpr_limit must be in (0, 1], got {fpr_limit}")
-    fpr, pro = pro_curve(maps, masks, fpr_limit)
-    if fpr is None:
-        n_regions, n_normal = pro
-        return _degenerate(f"aupro needs anomalous regions and normal pixels (regions={n_regions}, "
-                           f"normal pixels={n_normal})")
-    # Interpolate PRO at the limit, then integrate the curve up to it.
+
+
+def _integrate_pro(fpr: np.ndarray, pro: np.ndarray, fpr_limit: float) -> float:
+    """Trapezoid area under PRO(FPR) up to fpr_limit (PRO linearly interpolated at the limit) / fpr_limit."""
     k = int(np.searchsorted(fpr, fpr_limit, side="right"))
     if k < fpr.size and fpr[k - 1] < fpr_limit:
         x0, x1, y0, y1 = fpr[k - 1], fpr[k], pro[k - 1], pro[k]
@@ -205,17 +217,75 @@ def aupro(maps: ArrayLike, masks: ArrayLike, fpr_limit: float = 0.3) -> float:
     return float(np.trapezoid(fy, fx) / fpr_limit)
 
 
+def _aupro_from(ranking: _PixelRanking, limits: Sequence[float]) -> List[float]:
+    for limit in limits:
+        _check_limit(limit)
+    fpr, pro = ranking.pro_curve()
+    if fpr is None:
+        n_regions, n_normal = pro
+        return [_degenerate(f"aupro needs anomalous regions and normal pixels (regions={n_regions}, "
+                            f"normal pixels={n_normal})") for _ in limits]
+    return [_integrate_pro(fpr, pro, limit) for limit in limits]
+
+
+def aupro(maps: ArrayLike, masks: ArrayLike, fpr_limit: float = 0.3) -> float:
+    """Normalised area under PRO(FPR) for FPR in [0, fpr_limit] (MVTec definition; see the module docstring)."""
+    _check_limit(fpr_limit)
+    return _aupro_from(_PixelRanking(maps, masks, "aupro"), [fpr_limit])[0]
+
+
+def aupro_key(fpr_limit: float) -> str:
+    """The summary key of AUPRO at a limit: ``aupro`` at the MVTec limit 0.3, ``aupro_0.05`` etc. otherwise."""
+    return "aupro" if fpr_limit == 0.3 else f"aupro_{fpr_limit:g}"
+
+
+def _ranking_metrics(r: _PixelRanking, what: str) -> Dict[str, float]:
+    """AUROC, AP and F1-max of a ranking (the same formulas as the image-level functions)."""
+    if r.P == 0 or r.N == 0:
+        nan = _degenerate(f"{what} needs both classes (positives={r.P}, negatives={r.N})")
+        return {"auroc": nan, "ap": nan, "f1_max": nan}
+    tpr, fpr = np.r_[0.0, r.tp / r.P], np.r_[0.0, r.fp / r.N]
+    precision, recall = r.tp / (r.tp + r.fp), r.tp / r.P
+    denom = precision + recall
+    f1 = np.where(denom > 0, 2 * precision * recall / np.where(denom > 0, denom, 1), 0.0)
+    return {"auroc": float(np.trapezoid(tpr, fpr)),
+            "ap": float(np.sum(np.diff(np.r_[0.0, recall]) * precision)), "f1_max": float(f1.max())}
+
+
+def pixel_images_kept(image_labels: ArrayLike, masks: ArrayLike) -> np.ndarray:
+    """Boolean (N,): the images that enter pixel metrics. An anomalous image whose mask is empty (its defect shows
+    in another modality, so this modality has no ground truth) is left out: its all-zero mask would count its
+    defect pixels as normal. It stays in the image metrics."""
+    labels = _np(image_labels).ravel() > 0
+    masks = _np(masks)
+    has_mask = masks.reshape(masks.shape[0], -1).any(axis=1)
+    return ~(labels & ~has_mask)
+
+
 def compute_metrics(image_scores: ArrayLike, image_labels: ArrayLike, maps: Optional[ArrayLike] = None,
                     masks: Optional[ArrayLike] = None, fpr_limit: float = 0.3) -> Dict[str, float]:
-    """All metrics of METRIC_KEYS. Pixel metrics are NaN when no maps/masks are given."""
+    """All metrics of METRIC_KEYS, plus ``pixel_images_excluded`` (anomalous images without a mask, left out of
+    the pixel metrics, see :func:`pixel_images_kept`). ``aupro`` is taken at ``fpr_limit`` (MVTec: 0.3), the
+    strict keys at their own limits. The pooled pixels are sorted once for every pixel metric. Pixel metrics are
+    NaN when no maps/masks are given."""
     out = {"image_auroc": image_auroc(image_scores, image_labels),
            "image_ap": average_precision(image_scores, image_labels),
            "image_f1_max": f1_max(image_scores, image_labels)}
-    if maps is not None and masks is not None:
-        out.update(pixel_auroc=pixel_auroc(maps, masks), pixel_ap=pixel_ap(maps, masks),
-                   pixel_f1_max=pixel_f1_max(maps, masks), aupro=aupro(maps, masks, fpr_limit))
-    else:
-        out.update({k: float("nan") for k in ("pixel_auroc", "pixel_ap", "pixel_f1_max", "aupro")})
+    pixel_keys = ("pixel_auroc", "pixel_ap", "pixel_f1_max", "aupro") + tuple(aupro_key(l) for l in STRICT_LIMITS)
+    if maps is None or masks is None:
+        out.update({k: float("nan") for k in pixel_keys})
+        out["pixel_images_excluded"] = 0
+        return out
+    maps, masks = _np(maps), _np(masks)
+    if maps.ndim == 2:
+        maps, masks = maps[None], masks[None]
+    keep = pixel_images_kept(image_labels, masks)
+    out["pixel_images_excluded"] = int((~keep).sum())
+    ranking = _PixelRanking(maps[keep], masks[keep], "pixel metrics")
+    r = _ranking_metrics(ranking, "pixel metrics")
+    out.update(pixel_auroc=r["auroc"], pixel_ap=r["ap"], pixel_f1_max=r["f1_max"])
+    limits = (fpr_limit,) + STRICT_LIMITS
+    out.update(zip(("aupro",) + tuple(aupro_key(l) for l in STRICT_LIMITS), _aupro_from(ranking, limits)))
     return out
 
 

@@ -112,7 +112,8 @@ def test_degenerate_inputs_give_nan_with_warning():
         warnings.simplefilter("ignore")
         out = metrics.compute_metrics([0.1, 0.9], [0, 1], np.zeros((2, 4, 4)), np.zeros((2, 4, 4), bool))
     assert out["image_auroc"] == 1.0 and np.isnan(out["pixel_auroc"]) and np.isnan(out["aupro"])
-    assert set(out) == set(metrics.METRIC_KEYS)
+    assert set(out) == set(metrics.METRIC_KEYS) | {"pixel_images_excluded"}
+    assert out["pixel_images_excluded"] == 1  # the anomalous image has no mask
 
 
 def test_bad_inputs_raise():
@@ -122,3 +123,47 @@ def test_bad_inputs_raise():
         metrics.image_auroc([0.1, float("nan")], [0, 1])
     with pytest.raises(ValueError, match="fpr_limit"):
         metrics.aupro(np.zeros((1, 2, 2)), np.ones((1, 2, 2), bool), 0.0)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_compute_metrics_strict_aupro_limits_equal_slow_reference(seed):
+    maps, masks = _toy_set(seed, n=5)
+    labels = masks.reshape(len(masks), -1).any(1).astype(int)
+    out = metrics.compute_metrics(maps.max(axis=(1, 2)), labels, maps, masks)
+    for key, limit in (("aupro", 0.3), ("aupro_0.1", 0.1), ("aupro_0.05", 0.05), ("aupro_0.01", 0.01)):
+        assert out[key] == pytest.approx(ref_aupro(maps, masks, limit), abs=1e-9), key
+    assert out["pixel_auroc"] == pytest.approx(roc_auc_score(masks.ravel(), maps.ravel()), abs=1e-12)
+    assert out["pixel_ap"] == pytest.approx(average_precision_score(masks.ravel(), maps.ravel()), abs=1e-12)
+    assert out["pixel_f1_max"] == pytest.approx(metrics.pixel_f1_max(maps, masks), abs=1e-12)
+
+
+def test_strict_limits_separate_an_outline_from_a_detector():
+    """A map that marks the whole object (here: a disc around the defect) scores high at FPR 0.3 and low at 0.01."""
+    yy, xx = np.mgrid[:64, :64]
+    obj = (yy - 32) ** 2 + (xx - 32) ** 2 < 12 ** 2
+    masks = np.zeros((4, 64, 64), bool)
+    masks[:, 30:33, 30:33] = True
+    outline = np.broadcast_to(obj.astype(float), masks.shape) + 0.01 * np.random.default_rng(0).random(masks.shape)
+    out = metrics.compute_metrics([1, 1, 1, 1.0], [1, 1, 1, 1], outline, masks)
+    assert out["aupro"] > 0.5 and out["aupro_0.01"] < 0.1
+
+
+def test_anomalous_images_without_mask_are_left_out_of_pixel_metrics():
+    maps, masks = _toy_set(3, n=4)
+    labels = np.ones(4, int)
+    nomask_map = np.full((1,) + maps.shape[1:], 5.0)  # would be a flood of "normal" false positives if counted
+    all_maps = np.concatenate([maps, nomask_map])
+    all_masks = np.concatenate([masks, np.zeros((1,) + masks.shape[1:], bool)])
+    good_map = np.zeros((1,) + maps.shape[1:])
+    all_maps = np.concatenate([all_maps, good_map])
+    all_masks = np.concatenate([all_masks, np.zeros_like(all_masks[:1])])
+    all_labels = np.r_[labels, 1, 0]
+    out = metrics.compute_metrics(all_maps.max(axis=(1, 2)), all_labels, all_maps, all_masks)
+    assert out["pixel_images_excluded"] == 1
+    keep = np.r_[True, True, True, True, False, True]
+    assert out["aupro"] == pytest.approx(ref_aupro(all_maps[keep], all_masks[keep], 0.3), abs=1e-9)
+    assert out["pixel_ap"] == pytest.approx(average_precision_score(all_masks[keep].ravel(),
+                                                                    all_maps[keep].ravel()))
+    assert out["pixel_auroc"] == pytest.approx(roc_auc_score(all_masks[keep].ravel(), all_maps[keep].ravel()))
+    # the image metrics still see all six images
+    assert out["image_auroc"] == pytest.approx(roc_auc_score(all_labels, all_maps.max(axis=(1, 2))))
