@@ -106,6 +106,9 @@ class MambaAlign(nn.Module):
     ``seg_logits`` (B, 1, H, W), ``anomaly_map`` = sigmoid(seg_logits), ``score_logit`` (B,), ``score`` (B,),
     and ``offsets``: AAF's predicted aux->RGB offsets per stage (3, 4, 5), for inspection."""
 
+    model_type = "mambaalign"
+    score_description = "image head, sigmoid(score_logit)"
+
     def __init__(self, cfg: MambaAlignConfig):
         super().__init__()
         self.config = cfg

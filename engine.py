@@ -17,7 +17,32 @@ from torch.utils.data import DataLoader
 
 from datasets.synthesis import misalign
 
-__all__ = ["resolve_device", "autocast_context", "run_inference", "git_revision", "dist_info"]
+__all__ = ["resolve_device", "autocast_context", "run_inference", "git_revision", "dist_info", "load_model",
+           "save_atomic", "MODEL_TYPES"]
+
+# The model families a checkpoint can hold; its "model_type" entry names one (absent: a MambaAlign checkpoint
+# or a raw MambaAlign state dict).
+MODEL_TYPES = ("mambaalign", "knn")
+
+
+def save_atomic(obj, path: str) -> None:
+    """torch.save to a temporary file beside ``path``, then rename: a reader never sees a half-written file."""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_model(ckpt, config=None, source: str = "checkpoint"):
+    """Rebuild the model a loaded checkpoint holds: a MambaAlign (training checkpoint, or a raw state dict with
+    ``config``) or a fitted knn baseline (``model_type: "knn"``). Returns it in eval mode."""
+    kind = ckpt.get("model_type", "mambaalign") if isinstance(ckpt, dict) else "mambaalign"
+    if kind not in MODEL_TYPES:
+        raise ValueError(f"{source}: unknown model_type {kind!r}; this version reads {MODEL_TYPES}")
+    if kind == "knn":
+        from knn import PatchKNN
+        return PatchKNN.from_loaded(ckpt, source=source).eval()
+    from MambaAlign import MambaAlign
+    return MambaAlign.from_loaded(ckpt, config=config, source=source).eval()
 
 
 def resolve_device(name: str = "auto") -> torch.device:

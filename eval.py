@@ -30,8 +30,7 @@ from torch.utils.data import DataLoader
 import metrics
 from datasets import DATASETS, build_dataset, list_objects
 from datasets.transforms import aux_to_image, denormalize_rgb
-from engine import git_revision, resolve_device, run_inference
-from MambaAlign import MambaAlign
+from engine import git_revision, load_model, resolve_device, run_inference
 
 CSV_COLUMNS = ("path", "object", "defect", "label", "score", "score_logit", "pixel_auroc")
 # viridis, sampled at 9 evenly spaced points (perceptually uniform, colour-blind friendly)
@@ -161,7 +160,7 @@ def _load_model(path: str, config_path, device):
             config = json.load(fh)
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     try:
-        model = MambaAlign.from_loaded(ckpt, config=config, source=path)
+        model = load_model(ckpt, config=config, source=path)
     except ValueError as exc:
         raise SystemExit(str(exc)) from None
     train_args = ckpt.get("args", {}) if isinstance(ckpt, dict) and "model" in ckpt else {}
@@ -216,8 +215,9 @@ def main(args) -> Dict[str, object]:
     summary = summarise(merged, args.fpr_limit)
     summary["settings"] = {"checkpoint": args.checkpoint, "dataset": dataset, "objects": objects,
                            "img_size": img_size, "fpr_limit": args.fpr_limit, "aux_shift": args.aux_shift,
-                           "git": git_revision(), "score": "image head, sigmoid(score_logit); metrics rank by "
-                                                           "score_logit; F1-max uses an oracle threshold"}
+                           "git": git_revision(), "model": getattr(model, "model_type", "mambaalign"),
+                           "score": f"{model.score_description}; metrics rank by score_logit; F1-max uses an "
+                                    f"oracle threshold"}
     with open(os.path.join(args.out_dir, "summary.json"), "w") as fh:
         json.dump(summary, fh, indent=2, allow_nan=True)
     table = format_table(summary)

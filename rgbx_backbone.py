@@ -188,6 +188,9 @@ class RGBXBackbone(nn.Module):
             scale, shift = torch.ones(1, 3, 1, 1), torch.zeros(1, 3, 1, 1)
         self.register_buffer("rgb_scale", scale, persistent=False)
         self.register_buffer("rgb_shift", shift, persistent=False)
+        # Aux maps are normalised to about the spread of an ImageNet-normalised channel (datasets.transforms):
+        # they get the RGB channels' mean scale, so their stem sees the range its pretrained filters expect.
+        self.aux_scale = float(scale.mean())
         self.conv1 = conv1
         if aux_ch > 0:
             self.aux_conv1 = _adapted_stem(conv1, aux_ch)
@@ -272,7 +275,7 @@ class RGBXBackbone(nn.Module):
                     or aux.shape[2:] != rgb.shape[2:]:
                 got = None if aux is None else tuple(aux.shape)
                 raise ValueError(f"aux must be (B, {self.aux_ch}, H, W) matching rgb {tuple(rgb.shape)}, got {got}")
-            x = torch.cat([self.conv1(self._rgb_in(rgb)), self.aux_conv1(aux)], dim=0)   # (2B, C, H/2, W/2)
+            x = torch.cat([self.conv1(self._rgb_in(rgb)), self.aux_conv1(aux * self.aux_scale)], dim=0)   # (2B, C, H/2, W/2)
         else:
             if aux is not None:
                 raise ValueError("this backbone was built RGB-only (aux_ch=0) but an aux tensor was passed")

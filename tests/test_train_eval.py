@@ -133,14 +133,14 @@ def test_eval_writes_reports_and_visualisations(tmp_path, tiny_checkpoint):
     summary = eval_script.main(args)
     with open(tmp_path / "eval_results.csv") as fh:
         rows = list(csv.DictReader(fh))
-    assert tuple(rows[0].keys()) == eval_script.CSV_COLUMNS and len(rows) == 64
+    assert tuple(rows[0].keys()) == eval_script.CSV_COLUMNS and len(rows) == 80
     assert all(r["pixel_auroc"] == "" for r in rows if r["label"] == "0")
     assert all(r["pixel_auroc"] != "" for r in rows if r["label"] == "1")
     js = json.loads((tmp_path / "summary.json").read_text())
     assert set(js) >= {"overall", "per_defect", "per_object", "mean_over_objects", "settings", "counts"}
     import metrics
     assert set(js["overall"]) == set(metrics.METRIC_KEYS)
-    assert set(js["per_defect"]) == {"stain", "dent", "crack"} and set(js["per_object"]) == {"tile"}
+    assert set(js["per_defect"]) == {"pit", "scratch", "hairline", "specular"} and set(js["per_object"]) == {"tile"}
     assert "image_auroc" in (tmp_path / "summary.txt").read_text()
     assert len(os.listdir(tmp_path / "vis" / "heatmaps")) == 64
     assert len(os.listdir(tmp_path / "vis" / "overlays")) == 64
