@@ -139,7 +139,7 @@ def test_eval_writes_reports_and_visualisations(tmp_path, tiny_checkpoint):
     js = json.loads((tmp_path / "summary.json").read_text())
     assert set(js) >= {"overall", "per_defect", "per_object", "mean_over_objects", "settings", "counts"}
     import metrics
-    assert set(js["overall"]) == set(metrics.METRIC_KEYS)
+    assert set(js["overall"]) == set(metrics.METRIC_KEYS) | {"pixel_images_excluded"}
     assert set(js["per_defect"]) == {"pit", "scratch", "hairline", "specular"} and set(js["per_object"]) == {"tile"}
     assert "image_auroc" in (tmp_path / "summary.txt").read_text()
     assert len(os.listdir(tmp_path / "vis" / "heatmaps")) == 64
