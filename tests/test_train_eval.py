@@ -142,7 +142,7 @@ def test_eval_writes_reports_and_visualisations(tmp_path, tiny_checkpoint):
     assert set(js["overall"]) == set(metrics.METRIC_KEYS) | {"pixel_images_excluded"}
     assert set(js["per_defect"]) == {"pit", "scratch", "hairline", "specular"} and set(js["per_object"]) == {"tile"}
     assert "image_auroc" in (tmp_path / "summary.txt").read_text()
-    assert len(os.listdir(tmp_path / "vis" / "heatmaps")) == 64
+    assert len(os.listdir(tmp_path / "vis" / "heatmaps")) == 80
     assert len(os.listdir(tmp_path / "vis" / "overlays")) == 64
     assert summary["counts"]["images"] == 64
 
