@@ -143,8 +143,8 @@ def test_eval_writes_reports_and_visualisations(tmp_path, tiny_checkpoint):
     assert set(js["per_defect"]) == {"pit", "scratch", "hairline", "specular"} and set(js["per_object"]) == {"tile"}
     assert "image_auroc" in (tmp_path / "summary.txt").read_text()
     assert len(os.listdir(tmp_path / "vis" / "heatmaps")) == 80
-    assert len(os.listdir(tmp_path / "vis" / "overlays")) == 64
-    assert summary["counts"]["images"] == 64
+    assert len(os.listdir(tmp_path / "vis" / "overlays")) == 80
+    assert summary["counts"]["images"] == 80
 
 
 def test_eval_raw_state_dict_needs_config(tmp_path, tiny_checkpoint):
