@@ -5,6 +5,8 @@
     python bench.py model      whole model vs the bare two-branch backbone, tiny and base presets
     python bench.py metrics    AUPRO on 200 maps of 256x256
     python bench.py ablation   train + evaluate the ablation variants with one budget, one table
+    python bench.py compare    MambaAlign beside the baselines (border-median floor, knn RGB / aux / fused) on the
+                               synthetic objects and the real classes, one table from one run
     python bench.py all        scan, block, model, metrics
 
 ``--device cuda`` runs scan, block and model on a GPU (times between device synchronisations, memory as the
@@ -15,7 +17,7 @@ Peak memory is the process's resident-set high-water mark (Linux VmHWM, reset be
 minus the resident size just before it: what the measured call added on top of its inputs. bench.py re-runs
 itself with glibc's mmap threshold fixed at 64 KiB and trims the heap before each measurement, so memory an
 earlier measurement freed is not resident any more: otherwise it is silently reused and the mark misses it.
-``ablation`` measures no memory and runs with the allocator's defaults: the fixed threshold maps and unmaps
+``ablation`` and ``compare`` measure no memory and run with the allocator's defaults: the fixed threshold maps and unmaps
 every large tensor, which doubled training time (a third of it in the kernel).
 """
 from __future__ import annotations
@@ -361,9 +363,158 @@ def bench_ablation(args) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------
+# compare: the method beside the baselines a reviewer asks for, in one run
+# ----------------------------------------------------------------------------------------------------
+
+COMPARE_KEYS = ("image_auroc", "pixel_auroc", "aupro", "aupro_0.05")
+
+
+def floor_map(rgb01: torch.Tensor, sigma: float = 4.0) -> torch.Tensor:
+    """The training-free floor: each pixel's colour distance to the median colour of the image border, blurred.
+    It marks the whole object and knows nothing of defects. rgb01: (B, 3, H, W) in [0, 1] -> (B, 1, H, W)."""
+    from knn import gaussian_blur
+    border = torch.cat([rgb01[..., 0, :], rgb01[..., -1, :], rgb01[..., :, 0], rgb01[..., :, -1]], dim=-1)
+    med = border.median(dim=-1).values[..., None, None]                      # (B, 3, 1, 1)
+    return gaussian_blur((rgb01 - med).norm(dim=1, keepdim=True), sigma)
+
+
+def _metrics_of(scores, labels, maps, masks):
+    import warnings
+    import metrics
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        m = metrics.compute_metrics(scores, labels, maps, masks)
+    return {k: m[k] for k in COMPARE_KEYS}
+
+
+def _test_loader(dataset, root, obj, img_size, aux_ch, seed=0):
+    from torch.utils.data import DataLoader
+    from datasets import build_dataset
+    kw = {"seed": seed} if dataset == "synthetic" else {}
+    return DataLoader(build_dataset(dataset, root, obj, "test", img_size, aux_ch, **kw), batch_size=8)
+
+
+def _compare_floor(dataset, root, obj, img_size):
+    from datasets.transforms import denormalize_rgb
+    import numpy as np
+    scores, labels, maps, masks = [], [], [], []
+    for b in _test_loader(dataset, root, obj, img_size, 0):
+        m = floor_map(torch.stack([denormalize_rgb(x) for x in b["rgb"]]))
+        maps.append(m[:, 0].numpy())
+        scores.append(m.flatten(1).amax(1).numpy())
+        masks.append(b["mask"][:, 0].numpy() > 0.5)
+        labels.append(np.asarray(b["label"]))
+    cat = np.concatenate
+    return {"floor (border-median colour distance)": _metrics_of(cat(scores), cat(labels), cat(maps), cat(masks))}
+
+
+def _compare_knn(args, dataset, root, obj, aux_ch, out):
+    """Fit one knn checkpoint through train.py, then score the test split with each modality and fused."""
+    import numpy as np
+    import train as train_script
+    from engine import load_model
+    argv = ["--model", "knn", "--dataset", dataset, "--object", obj, "--img_size", str(args.img_size),
+            "--aux_ch", str(aux_ch), "--out_dir", out, "--quiet"] + (["--data_root", root] if root else [])
+    train_script.main(train_script.get_args_parser().parse_args(argv))
+    model = load_model(torch.load(os.path.join(out, "best_checkpoint.pth"), weights_only=True))
+    res = {}
+    for b in _test_loader(dataset, root, obj, args.img_size, aux_ch):
+        o = model(b["rgb"], b.get("aux"))
+        parts = dict(o["per_modality"])
+        if aux_ch:
+            parts["fused"] = {"map": o["seg_logits"], "score": o["score_logit"]}
+        for name, v in parts.items():
+            r = res.setdefault(name, {"s": [], "m": [], "y": [], "g": []})
+            r["s"].append(v["score"].numpy())
+            r["m"].append(v["map"][:, 0].numpy())
+            r["y"].append(np.asarray(b["label"]))
+            r["g"].append(b["mask"][:, 0].numpy() > 0.5)
+    cat = np.concatenate
+    return {f"knn {name}": _metrics_of(cat(r["s"]), cat(r["y"]), cat(r["m"]), cat(r["g"])) for name, r in res.items()}
+
+
+def _compare_model(args, dataset, root, obj, aux_ch, seed, out):
+    import eval as eval_script
+    import train as train_script
+    argv = ["--dataset", dataset, "--object", obj, "--img_size", str(args.img_size), "--aux_ch", str(aux_ch),
+            "--epochs", str(args.epochs), "--seed", str(seed), "--out_dir", out, "--quiet"] + \
+        (["--data_root", root] if root else [])
+    train_script.main(train_script.get_args_parser().parse_args(argv))
+    summary = eval_script.main(eval_script.get_args_parser().parse_args(
+        ["--checkpoint", os.path.join(out, "best_checkpoint.pth"), "--out_dir", os.path.join(out, "eval"),
+         "--quiet"]))
+    return {k: summary["overall"][k] for k in COMPARE_KEYS}
+
+
+def _compare_sets(args):
+    """(dataset family, root, object, aux_ch of the data, seeds for trained models) of every compared class."""
+    from datasets import DATASETS, list_objects
+    from datasets.synthetic import OBJECT_TYPES
+    sets = [("synthetic", None, o, 3, args.seeds if i == 0 else 1) for i, o in enumerate(OBJECT_TYPES)]
+    for family, root in (("mulsenad", args.mulsen_root), ("mvtec", args.mvtec_root)):
+        if not root:
+            continue
+        if not os.path.isdir(root):
+            raise SystemExit(f"--{family.replace('mulsenad', 'mulsen')}_root {root}: folder not found")
+        sets += [(family, root, o, DATASETS[family][3], args.seeds) for o in list_objects(family, root)]
+    return sets
+
+
+def bench_compare(args) -> None:
+    """One table, one run: floor, knn (RGB, aux, fused), MambaAlign RGB-only and RGB + aux, per class."""
+    import json
+    import statistics as st
+    results, rows = {}, []
+    t_all = time.time()
+    for dataset, root, obj, aux_ch, n_seeds in _compare_sets(args):
+        name = f"{dataset}/{obj}"
+        out = os.path.join(args.out_dir, dataset, obj)
+        per = {}
+        t0 = time.time()
+        for method, m in _compare_floor(dataset, root, obj, args.img_size).items():
+            per[method] = {"mean": m, "std": None, "seeds": 1, "time_s": time.time() - t0}
+        t0 = time.time()
+        knn = _compare_knn(args, dataset, root, obj, aux_ch, os.path.join(out, "knn"))
+        for method, m in knn.items():
+            per[method] = {"mean": m, "std": None, "seeds": 1, "time_s": time.time() - t0}
+        for label, ch in (("MambaAlign RGB-only", 0), ("MambaAlign RGB + aux", aux_ch)):
+            if label.endswith("aux") and not aux_ch:
+                continue
+            runs, t0 = [], time.time()
+            for seed in range(n_seeds):
+                runs.append(_compare_model(args, dataset, root, obj, ch, seed,
+                                           os.path.join(out, f"mambaalign_aux{ch}_seed{seed}")))
+            mean = {k: st.mean(r[k] for r in runs) for k in COMPARE_KEYS}
+            std = {k: st.stdev([r[k] for r in runs]) for k in COMPARE_KEYS} if len(runs) > 1 else None
+            per[label] = {"mean": mean, "std": std, "seeds": len(runs), "time_s": (time.time() - t0) / len(runs)}
+        results[name] = per
+        with open(os.path.join(args.out_dir, "compare.json"), "w") as fh:
+            json.dump(results, fh, indent=1)
+
+    def cell(v, k):
+        m = v["mean"][k]
+        return f"{m:.3f}" + (f" ± {v['std'][k]:.3f}" if v["std"] else "")
+
+    for name, per in results.items():
+        for method, v in per.items():
+            rows.append([name, method, str(v["seeds"])] + [cell(v, k) for k in COMPARE_KEYS]
+                        + [f"{v['time_s']:.0f}"])
+    methods = list(dict.fromkeys(m for per in results.values() for m in per))
+    for method in methods:
+        have = [per[method]["mean"] for per in results.values() if method in per]
+        rows.append(["mean", method, f"{len(have)} classes"]
+                    + [f"{st.mean(h[k] for h in have):.3f}" for k in COMPARE_KEYS] + [""])
+    print_table(f"compare at {args.img_size}px; trained models: {args.epochs} epochs, seeds 0..{args.seeds - 1} "
+                f"on the real classes and synthetic/disc (one seed elsewhere), mean ± std over seeds; "
+                f"test splits via eval.py; whole table {(time.time() - t_all) / 60:.1f} min",
+                ["class", "method", "seeds", "image AUROC", "pixel AUROC", "AUPRO 0.3", "AUPRO 0.05", "s / run"],
+                rows)
+
+
+# ----------------------------------------------------------------------------------------------------
 
 COMMANDS = {"scan": bench_scan, "block": bench_block, "model": bench_model, "metrics": bench_metrics,
-            "ablation": bench_ablation}
+            "ablation": bench_ablation, "compare": bench_compare}
 
 
 def get_args_parser():
@@ -391,7 +542,15 @@ def get_args_parser():
     g.add_argument("--seed", type=int, default=0, help="seed, the same for every variant")
     g.add_argument("--synth_prob", type=float, default=0.7, help="chance of a synthetic anomaly per image")
     g.add_argument("--variants", default=None, help=f"comma-separated subset of: {', '.join(ABLATIONS)}")
-    g.add_argument("--out_dir", default="runs/ablation", help="where each variant's run and eval go")
+    g.add_argument("--out_dir", default=None,
+                   help="where each run and eval go (default: runs/ablation or runs/compare)")
+    g = p.add_argument_group("compare (bench.py compare; also uses --img_size, --epochs, --out_dir)")
+    g.add_argument("--mulsen_root", default="../shared/data/MulSen_AD_mini",
+                   help="a MulSen-AD tree: every class in it is compared (empty string: none)")
+    g.add_argument("--mvtec_root", default="../shared/data/hazelnut_toy",
+                   help="an MVTec-AD-style tree (RGB only): every class in it is compared (empty string: none)")
+    g.add_argument("--seeds", type=int, default=3,
+                   help="seeds per trained model on the real classes and the first synthetic object")
     return p
 
 
@@ -399,7 +558,8 @@ _MMAP_ENV = "MALLOC_MMAP_THRESHOLD_"
 
 
 def main(args) -> None:
-    if args.what != "ablation" and os.environ.get(_MMAP_ENV) is None and sys.platform.startswith("linux"):
+    args.out_dir = args.out_dir or f"runs/{args.what}"
+    if args.what not in ("ablation", "compare") and os.environ.get(_MMAP_ENV) is None and sys.platform.startswith("linux"):
         os.environ[_MMAP_ENV] = "65536"
         os.execv(sys.executable, [sys.executable] + sys.argv)
     n = _pin_threads(args.threads)

@@ -27,9 +27,13 @@ Backends, chosen in one place (:func:`resolve_backend`):
             backward (never a (batch, dim, L, dstate) tensor) and recomputes the states of one chunk at a
             time in a reverse chunk scan.  Where ``torch.compile`` is unavailable (no C++ compiler) the same
             chunk functions run eagerly: same numbers, slower.
+``"triton"`` our Triton kernels (``selective_scan_triton.py``): one launch for the forward, one for the backward,
+            on any CUDA GPU without mamba-ssm (Triton ships with PyTorch's CUDA wheels); on CPU tensors only
+            through Triton's interpreter (``TRITON_INTERPRET=1``), which is how it is tested. Variable B/C only.
 ``"ref"``   :func:`selective_scan_ref`, a plain sequential loop, the test oracle.
-``"auto"``  ``cuda`` where possible, else ``torch`` (also ``torch`` when the last state is asked for with gradients,
-            which mamba-ssm's kernel drops).
+``"auto"``  on CUDA: ``cuda`` (mamba-ssm) where it imports, else ``triton``, else ``torch``; mamba-ssm's kernel
+            drops the last state's gradient, so calls that need it go to ``triton`` (or ``torch``). On CPU:
+            ``torch``. Constant (dim, dstate) B/C never go to ``triton``.
 
 Everything is computed in float32; fp16/bf16 inputs come back in their own dtype.
 """
@@ -48,7 +52,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["selective_scan_fn", "selective_scan_ref", "resolve_backend", "cuda_backend_available",
            "BACKENDS", "CHUNK"]
 
-BACKENDS = ("auto", "cuda", "torch", "ref")
+BACKENDS = ("auto", "cuda", "triton", "torch", "ref")
 # Time steps per compiled chunk: long enough that the per-call overhead is amortised, short enough
 # that the unrolled graph compiles in well under a minute.
 CHUNK = 16
@@ -84,8 +88,16 @@ def cuda_backend_available() -> bool:
     return torch.cuda.is_available() and _import_cuda_kernel() is not None
 
 
-def resolve_backend(backend: str, device: torch.device, last_state_grad: bool = False) -> str:
-    """Map a requested backend ("auto", "cuda", "torch", "ref") to the one that runs on ``device``.
+def _triton_module():
+    import selective_scan_triton  # imported lazily: it imports Triton, which CPU-only PyTorch wheels lack
+    return selective_scan_triton
+
+
+def resolve_backend(backend: str, device: torch.device, last_state_grad: bool = False,
+                    variable_bc: bool = True) -> str:
+    """Map a requested backend ("auto", "cuda", "triton", "torch", "ref") to the one that runs on ``device``.
+
+    ``variable_bc``: B and C vary over time (the Triton kernels take only that layout).
 
     ``last_state_grad``: the caller wants the last state with gradients. mamba-ssm's kernel returns it but
     drops its gradient in backward (checked on an H100: the u, delta, A, B and delta_bias gradients then differ
@@ -104,22 +116,32 @@ def resolve_backend(backend: str, device: torch.device, last_state_grad: bool = 
             raise RuntimeError(f"selective-scan backend 'cuda' needs CUDA tensors, got tensors on {device}; "
                                f"use backend='torch' or 'auto' for CPU tensors.")
         return "cuda"
+    if backend == "triton":
+        tri = _triton_module()
+        if not tri.available(device):
+            raise RuntimeError(f"selective-scan backend 'triton' cannot run here: {tri.unavailable_reason(device)}")
+        if not variable_bc:
+            raise RuntimeError("selective-scan backend 'triton' takes time-varying B and C only; constant "
+                               "(dim, dstate) B/C run on backend='torch'")
+        return "triton"
     if backend == "auto":
         if device.type == "cuda":
+            triton_ok = variable_bc and _triton_module().available(device)
             if _import_cuda_kernel() is not None:
                 if not last_state_grad:
                     return "cuda"
                 if not _warned_last_state:
                     _warned_last_state = True
                     warnings.warn("return_last_state with gradients: mamba-ssm's kernel drops the last state's "
-                                  "gradient, so backend 'auto' uses the pure-PyTorch scan for these calls",
-                                  stacklevel=3)
-                return "torch"
+                                  f"gradient, so backend 'auto' uses the {'triton' if triton_ok else 'torch'} "
+                                  f"scan for these calls", stacklevel=3)
+                return "triton" if triton_ok else "torch"
             if not _warned_auto_fallback:
                 _warned_auto_fallback = True
-                warnings.warn(f"mamba-ssm is not importable ({_cuda_import_error!r}); the selective scan uses "
-                              f"the pure-PyTorch backend on CUDA. For the fused kernel: {_MAMBA_INSTALL_HINT}",
-                              stacklevel=3)
+                warnings.warn(f"mamba-ssm is not importable ({_cuda_import_error!r}); the selective scan uses our "
+                              f"{'Triton kernels' if triton_ok else 'pure-PyTorch backend'} on CUDA. For "
+                              f"mamba-ssm's fused kernel: {_MAMBA_INSTALL_HINT}", stacklevel=3)
+            return "triton" if triton_ok else "torch"
         return "torch"
     return backend
 
@@ -456,13 +478,20 @@ def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_
     u, delta, z: (batch, dim, L); A: (dim, dstate); B, C: (batch, groups, dstate, L), (batch, dstate, L) or
     (dim, dstate); D, delta_bias: (dim,). Returns out (batch, dim, L) in u's dtype, and with
     ``return_last_state`` also the final state (batch, dim, dstate) in float32.
-    ``backend``: "auto" | "cuda" | "torch" | "ref". mamba-ssm's kernel ("cuda") has no gradient for the last
-    state: it comes back detached there, and "auto" runs "torch" when the last state is asked for with grad.
+    ``backend``: "auto" | "cuda" | "triton" | "torch" | "ref". mamba-ssm's kernel ("cuda") has no gradient for
+    the last state: it comes back detached there, and "auto" avoids it when the last state is asked for with
+    grad.
     """
     _check_inputs(u, delta, A, D, z, delta_bias)
     last_state_grad = return_last_state and torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (u, delta, A, B, C, D, z, delta_bias))
-    chosen = resolve_backend(backend, u.device, last_state_grad)
+    chosen = resolve_backend(backend, u.device, last_state_grad, variable_bc=B.dim() > 2 and C.dim() > 2)
+    if chosen == "triton":
+        batch, dim, L = u.shape
+        B4, _, _ = _canonical_bc(B, "B", batch, dim, A.shape[1], L)
+        C4, _, _ = _canonical_bc(C, "C", batch, dim, A.shape[1], L)
+        return _triton_module().selective_scan_triton(u, delta, A, B4, C4, D, z, delta_bias, delta_softplus,
+                                                      return_last_state)
     if chosen == "cuda":
         res = _cuda_fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
         if return_last_state:  # the kernel has no gradient for it: say so by detaching, never a wrong gradient

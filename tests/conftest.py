@@ -13,6 +13,11 @@ os.environ.setdefault("MAMBAALIGN_COMPILE", "0")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+# Without a GPU the Triton scan runs on CPU tensors through Triton's interpreter (importing torch does not import
+# Triton, so this is still in time). With a GPU the kernels are compiled for real, as are torch.compile's.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
