@@ -148,17 +148,21 @@ def _scan_inputs(batch, dim, L, dstate, groups, seed=0):
 
 
 def bench_scan(args) -> None:
-    """torch vs ref; on CUDA also mamba-ssm's fused kernel (backend "cuda") where it imports."""
+    """torch vs ref; on CUDA also our Triton kernels (backend "triton") and mamba-ssm's fused kernel (backend
+    "cuda") where they import."""
     import selective_scan
     from selective_scan import selective_scan_fn
     dev = args.device
     shapes = [(2, 384, 4096, 16, 4), (2, 192, 1024, 16, 4)]
     backends = ["torch", "ref"]  # torch first: its memory is measured on a heap the ref has not used
     with_cuda = dev.type == "cuda" and selective_scan.cuda_backend_available()
+    with_triton = dev.type == "cuda" and selective_scan._triton_module().available(dev)
     if with_cuda:
         backends.append("cuda")
     elif dev.type == "cuda":
         print(f"mamba-ssm is not importable ({selective_scan._cuda_import_error!r}): no 'cuda' backend column")
+    if with_triton:
+        backends.append("triton")
     rows = []
     for shape in shapes:
         inputs = {k: v.to(dev) for k, v in _scan_inputs(*shape).items()}
@@ -185,11 +189,20 @@ def bench_scan(args) -> None:
         if with_cuda:
             cf, cfb, cm = res["cuda"]
             row += [f"{cf * 1e3:.1f}", f"{cfb * 1e3:.1f}", f"{tf / cf:.1f}x", f"{tfb / cfb:.1f}x", f"{cm:.0f}"]
+        if with_triton:
+            xf, xfb, xm = res["triton"]
+            row += [f"{xf * 1e3:.1f}", f"{xfb * 1e3:.1f}", f"{tfb / xfb:.1f}x", f"{xm:.0f}"]
+            if with_cuda:
+                row += [f"{xf / res['cuda'][0]:.2f}x", f"{xfb / res['cuda'][1]:.2f}x"]
         rows.append(row)
     header = ["shape", "fwd ref ms", "fwd torch ms", "fwd speed-up", "fwd+bwd ref ms", "fwd+bwd torch ms",
               "fwd+bwd speed-up", "peak ref MiB", "peak torch MiB"]
     if with_cuda:
         header += ["fwd cuda ms", "fwd+bwd cuda ms", "fwd torch/cuda", "fwd+bwd torch/cuda", "peak cuda MiB"]
+    if with_triton:
+        header += ["fwd triton ms", "fwd+bwd triton ms", "fwd+bwd torch/triton", "peak triton MiB"]
+        if with_cuda:
+            header += ["fwd triton/cuda", "fwd+bwd triton/cuda"]
     print_table(f"selective scan on {_where(dev)}, median of {args.repeats}; shape = (batch, dim, L, dstate, "
                 f"groups)", header, rows)
 
