@@ -60,7 +60,7 @@ class MambaAlignConfig:
     use_aaf: bool = True
     fused_dim: int = 64
     decoder_dim: int = 32
-    scan_backend: str = "auto"            # auto | cuda | torch | ref
+    scan_backend: str = "auto"            # auto | cuda | triton | torch | ref
 
     def __post_init__(self):
         self.dims = tuple(int(d) for d in self.dims)

@@ -538,8 +538,8 @@ def get_args_parser():
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = all cores of this machine)")
     p.add_argument("--size", type=int, default=256, help="model: input size")
     p.add_argument("--scan_backend", default="auto", choices=BACKENDS,
-                   help="block, model: the selective-scan backend (auto: mamba-ssm on CUDA where it imports, "
-                        "else torch)")
+                   help="block, model: the selective-scan backend (auto: on CUDA mamba-ssm where it imports, "
+                        "else our Triton kernels, else torch)")
     p.add_argument("--device", default="cpu",
                    help="scan, block, model: cpu, cuda or cuda:N (on CUDA the scan table adds mamba-ssm's kernel "
                         "where it imports; times are taken between device synchronisations)")

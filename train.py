@@ -82,7 +82,8 @@ def get_args_parser():
     g.add_argument("--no_cmi", action="store_true", help="ablation: no Cross Mamba Interaction")
     g.add_argument("--no_aaf", action="store_true", help="ablation: plain fusion instead of Alignment-Aware Fusion")
     g.add_argument("--scan_backend", default="auto", choices=BACKENDS,
-                   help="selective-scan implementation (auto: mamba-ssm on CUDA if installed, else torch)")
+                   help="selective-scan implementation (auto: on CUDA mamba-ssm if installed, else our Triton "
+                        "kernels, else torch; on CPU torch)")
     g.add_argument("--compile", action="store_true", help="torch.compile the whole model")
     g = p.add_argument_group("knn baseline (--model knn)")
     g.add_argument("--coreset_size", type=int, default=KNNConfig.coreset_size,
