@@ -6,19 +6,95 @@ importing a script; keeping one copy here guarantees validation and test numbers
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
+import glob
+import math
 import os
+import pickle
 import subprocess
-from typing import Dict, List
+import sys
+from typing import Callable, Dict, List
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from datasets.synthesis import misalign
-
 __all__ = ["resolve_device", "autocast_context", "run_inference", "git_revision", "dist_info", "load_model",
-           "save_atomic", "MODEL_TYPES"]
+           "save_atomic", "load_checkpoint", "remove_stale_temporaries", "MODEL_TYPES", "RunError",
+           "HelpFormatter", "positive_int", "nonneg_int", "positive_float", "nonneg_float", "probability",
+           "image_size", "run_cli"]
+
+
+class RunError(Exception):
+    """A bad argument, checkpoint or output folder: scripts print it as one line and exit non-zero."""
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Keeps the scripts' docstring layout and shows every flag's default."""
+
+
+def _number(kind, test, what):
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if not (math.isfinite(value) and test(value)):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text}")
+        return value
+    parse.__name__ = what      # argparse names the type in its messages
+    return parse
+
+
+positive_int = _number(int, lambda v: v >= 1, "an integer >= 1")
+nonneg_int = _number(int, lambda v: v >= 0, "an integer >= 0")
+positive_float = _number(float, lambda v: v > 0, "a number > 0")
+nonneg_float = _number(float, lambda v: v >= 0, "a number >= 0")
+probability = _number(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
+# The stride the model needs H and W to be multiples of (MambaAlign.INPUT_MULTIPLE).
+image_size = _number(int, lambda v: v >= 32 and v % 32 == 0, "a positive multiple of 32")
+
+
+def run_cli(main: Callable, parser: argparse.ArgumentParser, argv=None):
+    """Parse the arguments and run ``main``; a data, checkpoint, argument or file-system error becomes one line
+    on stderr and exit status 2 (``--debug`` shows the traceback instead)."""
+    from datasets import DatasetError
+    args = parser.parse_args(argv)
+    try:
+        return main(args)
+    except (RunError, DatasetError, OSError) as exc:
+        if getattr(args, "debug", False):
+            raise
+        text = " ".join(str(exc).split()) or type(exc).__name__
+        print(f"{parser.prog}: error: {text}", file=sys.stderr)
+        sys.exit(2)
+
+
+def load_checkpoint(path: str, map_location="cpu"):
+    """Read a checkpoint with ``weights_only=True`` (plain values and tensors only). Every failure is a RunError
+    that names the file: missing, not a checkpoint, truncated, or holding code objects (refused)."""
+    if not os.path.isfile(path):
+        raise RunError(f"checkpoint not found: {path}")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "weights_only" in str(exc) or "Unsupported global" in str(exc):
+            raise RunError(f"refused to load {path}: it holds Python objects other than tensors and plain values "
+                           f"(loading it would run code); MambaAlign checkpoints never do") from None
+        raise RunError(f"{path} is not a PyTorch checkpoint ({str(exc).splitlines()[0]})") from None
+    except (RuntimeError, EOFError, ValueError, OSError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise RunError(f"{path} is not a readable PyTorch checkpoint (truncated or another format: {first})") \
+            from None
+
+
+def remove_stale_temporaries(folder: str) -> List[str]:
+    """Delete temporary checkpoint files (``*.pth.tmp.<pid>``) a killed save left behind; returns their paths."""
+    stale = sorted(glob.glob(os.path.join(glob.escape(folder), "*.pth.tmp.*")))
+    for p in stale:
+        os.remove(p)
+    return stale
 
 # The model families a checkpoint can hold; its "model_type" entry names one (absent: a MambaAlign checkpoint
 # or a raw MambaAlign state dict).
@@ -28,30 +104,43 @@ MODEL_TYPES = ("mambaalign", "knn")
 def save_atomic(obj, path: str) -> None:
     """torch.save to a temporary file beside ``path``, then rename: a reader never sees a half-written file."""
     tmp = f"{path}.tmp.{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:                      # an interrupted save (Ctrl-C, a full disk) leaves no temporary behind
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def load_model(ckpt, config=None, source: str = "checkpoint"):
     """Rebuild the model a loaded checkpoint holds: a MambaAlign (training checkpoint, or a raw state dict with
     ``config``) or a fitted knn baseline (``model_type: "knn"``). Returns it in eval mode."""
-    kind = ckpt.get("model_type", "mambaalign") if isinstance(ckpt, dict) else "mambaalign"
+    if not isinstance(ckpt, dict):
+        raise RunError(f"{source} holds a {type(ckpt).__name__}, not a checkpoint or state dict")
+    kind = ckpt.get("model_type", "mambaalign")
     if kind not in MODEL_TYPES:
-        raise ValueError(f"{source}: unknown model_type {kind!r}; this version reads {MODEL_TYPES}")
-    if kind == "knn":
-        from knn import PatchKNN
-        return PatchKNN.from_loaded(ckpt, source=source).eval()
-    from MambaAlign import MambaAlign
-    return MambaAlign.from_loaded(ckpt, config=config, source=source).eval()
+        raise RunError(f"{source}: unknown model_type {kind!r}; this version reads {MODEL_TYPES}")
+    try:
+        if kind == "knn":
+            from knn import PatchKNN
+            return PatchKNN.from_loaded(ckpt, source=source).eval()
+        from MambaAlign import MambaAlign
+        return MambaAlign.from_loaded(ckpt, config=config, source=source).eval()
+    except (KeyError, ValueError, TypeError, RuntimeError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise RunError(f"{source} does not hold a model this version can rebuild: {first}") from None
 
 
 def resolve_device(name: str = "auto") -> torch.device:
     """"auto" -> cuda if available else cpu; otherwise the named device, checked."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise RunError(f"--device {name!r} is not a device name (auto, cpu, cuda, cuda:1, ...)") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"--device {name}: CUDA is not available on this machine (use --device cpu)")
+        raise RunError(f"--device {name}: CUDA is not available on this machine (use --device cpu)")
     return dev
 
 
@@ -86,11 +175,11 @@ def dist_info():
 
 
 @torch.no_grad()
-def run_inference(model, loader: DataLoader, device: torch.device, amp: bool = False, aux_shift: float = 0.0,
+def run_inference(model, loader: DataLoader, device: torch.device, amp: bool = False,
                   progress: bool = True, desc: str = "inference", keep_inputs: bool = False) -> Dict[str, object]:
     """Run `model` over `loader` in eval mode. Returns numpy arrays: score, score_logit (N,), label (N,),
     maps (N, H, W) = anomaly_map, masks (N, H, W) bool; lists path, defect, object; and with ``keep_inputs``
-    the rgb / aux tensors (for visualisation). ``aux_shift`` shifts aux right by that many pixels."""
+    the rgb / aux tensors (for visualisation)."""
     from tqdm import tqdm
     was_training = model.training
     model.eval()
@@ -101,8 +190,6 @@ def run_inference(model, loader: DataLoader, device: torch.device, amp: bool = F
             rgb = batch["rgb"].to(device, non_blocking=True)
             aux = batch.get("aux")
             if aux is not None:
-                if aux_shift:
-                    aux = torch.stack([misalign(a, None, 0.0, shift=(aux_shift, 0.0)) for a in aux])
                 aux = aux.to(device, non_blocking=True)
             with autocast_context(device, amp):
                 pred = model(rgb, aux)

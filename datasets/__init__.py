@@ -13,11 +13,11 @@ from __future__ import annotations
 import os
 from typing import Dict, List, Optional, Tuple
 
-from .base import AnomalyDataset, Record
+from .base import AnomalyDataset, Record, ShiftedAux
 from .transforms import DatasetError
 
 __all__ = ["build_dataset", "list_objects", "DATASETS", "AUX_CHANNELS", "AnomalyDataset", "DatasetError",
-           "Record"]
+           "Record", "ShiftedAux"]
 
 # name -> (module, class, aux_ch choices, default aux_ch)
 DATASETS: Dict[str, Tuple[str, str, Tuple[int, ...], int]] = {
@@ -41,8 +41,10 @@ def _class(name: str):
 
 
 def build_dataset(name: str, root: Optional[str], object_name: str, split: str, img_size=256,
-                  aux_ch: Optional[int] = None, **kw) -> AnomalyDataset:
-    """Build the `split` of `object_name` from the dataset family `name` (see the module docstring)."""
+                  aux_ch: Optional[int] = None, check: bool = True, progress: bool = True, **kw) -> AnomalyDataset:
+    """Build the `split` of `object_name` from the dataset family `name` (see the module docstring). With
+    ``check`` every file of the split is read cheaply first (``AnomalyDataset.check_files``), so a bad file stops
+    the run before its first step, with every bad path named."""
     cls = _class(name)
     choices = DATASETS[name][2]
     aux_ch = DATASETS[name][3] if aux_ch is None else aux_ch
@@ -58,7 +60,10 @@ def build_dataset(name: str, root: Optional[str], object_name: str, split: str, 
             raise DatasetError(f"object {object_name!r} not found in {root}; available: {', '.join(objects) or 'none'}")
     if name == "eyecandies":
         kw.setdefault("family", "Eyecandies")
-    return cls(root, object_name, split, img_size, aux_ch, **kw)
+    ds = cls(root, object_name, split, img_size, aux_ch, **kw)
+    if check:
+        ds.check_files(progress=progress)
+    return ds
 
 
 def list_objects(name: str, root: Optional[str] = None) -> List[str]:

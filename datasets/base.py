@@ -10,9 +10,11 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .transforms import IMAGE_EXTENSIONS, AlignedTransform, DatasetError, read_image, read_mask
+from .transforms import (IMAGE_EXTENSIONS, AlignedTransform, DatasetError, probe_file, read_image, read_mask,
+                         translate)
 
-__all__ = ["Record", "AnomalyDataset", "list_images", "require_dir", "find_mask", "natural_key", "SPLITS"]
+__all__ = ["Record", "AnomalyDataset", "ShiftedAux", "list_images", "require_dir", "find_mask", "natural_key",
+           "SPLITS"]
 
 SPLITS = ("train", "validation", "test")
 
@@ -69,6 +71,9 @@ class AnomalyDataset(Dataset):
     aux_kind: Optional[str] = None
     has_valid = False
     aux_matches_rgb = True
+    aux_file_channels: Optional[int] = None    # channels an aux FILE must have (None: any)
+    # Above this many files the up-front check shows a progress bar.
+    CHECK_PROGRESS_FROM = 500
 
     def __init__(self, records: List[Record], img_size, aux_ch: int, split: str, name: str,
                  crop_size=None, hflip: float = 0.0, vflip: float = 0.0, seed: int = 0):
@@ -124,8 +129,52 @@ class AnomalyDataset(Dataset):
         out.update(label=int(r.label), defect=r.defect, object=r.object, path=r.rgb)
         return out
 
+    def check_files(self, progress: bool = True) -> None:
+        """Read every file of the split cheaply before any training step (:func:`probe_file`: headers, PNG
+        checksums, TIFF extents) and check sizes and channels; raise ONE DatasetError naming every bad file."""
+        from tqdm import tqdm
+        n_files = sum(1 + bool(r.mask) + bool(self.aux_ch and r.aux) for r in self.records)
+        bar = tqdm(self.records, desc=f"checking {n_files} files of {self.name} {self.split}", leave=False,
+                   disable=not progress or n_files < self.CHECK_PROGRESS_FROM)
+        problems: List[str] = []
+        for r in bar:
+            try:
+                h, w, _ = probe_file(r.rgb)
+                if r.mask:
+                    mh, mw, _ = probe_file(r.mask)
+                    if (mh, mw) != (h, w):
+                        raise DatasetError(f"mask {r.mask} is {mw}x{mh} but its image {r.rgb} is {w}x{h}")
+                if self.aux_ch and r.aux:
+                    ah, aw, ac = probe_file(r.aux)
+                    if self.aux_file_channels is not None and ac != self.aux_file_channels:
+                        raise DatasetError(f"aux file {r.aux} has {ac} channel(s), expected {self.aux_file_channels}")
+                    if self.aux_matches_rgb and (ah, aw) != (h, w):
+                        raise DatasetError(f"aux {r.aux} is {aw}x{ah} but {r.rgb} is {w}x{h}")
+            except DatasetError as exc:
+                problems.append(str(exc))
+        if problems:
+            shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+            raise DatasetError(f"{len(problems)} bad file(s) in the {self.split} split of {self.name}: {shown}")
+
     def defect_counts(self) -> Dict[str, int]:
         counts: Dict[str, int] = {}
         for r in self.records:
             counts[r.defect] = counts.get(r.defect, 0) + 1
         return counts
+
+
+class ShiftedAux(Dataset):
+    """A robustness study's view of a dataset: every sample's aux shifted right by ``dx`` pixels (sub-pixel,
+    bilinear); RGB and the mask (which follows RGB) unchanged."""
+
+    def __init__(self, base: Dataset, dx: float):
+        self.base, self.dx = base, float(dx)
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i: int) -> Dict[str, object]:
+        s = dict(self.base[i])
+        if s.get("aux") is not None:
+            s["aux"] = translate(s["aux"], self.dx).to(s["aux"].dtype)
+        return s

@@ -24,11 +24,14 @@ def read_xyz(path: str) -> np.ndarray:
     xyz = read_tiff(path)
     if xyz.ndim != 3 or xyz.shape[2] != 3:
         raise DatasetError(f"xyz file {path} must be an organised H x W x 3 point cloud, got shape {xyz.shape}")
-    return np.nan_to_num(xyz.astype(np.float32))
+    xyz = xyz.astype(np.float32)
+    # A point with any non-finite coordinate (NaN, inf) is a missing point, like the zeros the scanners write.
+    return np.where(np.isfinite(xyz).all(axis=2, keepdims=True), xyz, 0.0).astype(np.float32)
 
 
 class MVTec3D(AnomalyDataset):
     has_valid = True
+    aux_file_channels = 3       # organised xyz point clouds
 
     def __init__(self, root: str, object_name: str, split: str = "train", img_size=256, aux_ch: int = 3,
                  family: str = "MVTec 3D-AD", **kw):

@@ -29,6 +29,7 @@ NORMAL_DIRS = ("normals", "pseudo3d", "ps", "normal")
 
 
 class RealIADD3(AnomalyDataset):
+    aux_file_channels = 3       # photometric-stereo normals stored as RGB
     aux_kind = "normals"
     has_valid = True
 

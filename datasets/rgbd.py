@@ -47,6 +47,7 @@ class RGBDFolder(AnomalyDataset):
                     if mask is None and split == "test":
                         raise DatasetError(f"no mask for {p}: expected {gt_dir}/{stem}.png")
                 records.append(Record(p, aux, mask, int(defect != "good"), defect, object_name))
+        self.aux_file_channels = 3 if aux_ch == 3 else 1
         super().__init__(records, img_size, aux_ch, split, f"rgbd {object_name}", **kw)
 
     def _load_aux(self, path):

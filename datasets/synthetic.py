@@ -208,6 +208,9 @@ class SyntheticDataset(AnomalyDataset):
                           object_name) for i, d in enumerate(_plan(split, self.counts))]
         super().__init__(records, img_size, aux_ch, split, f"synthetic {object_name}", seed=seed, **kw)
 
+    def check_files(self, progress: bool = True) -> None:
+        """Nothing to check: samples are rendered, not read."""
+
     def render(self, i: int) -> Dict[str, np.ndarray]:
         r = self.records[i]
         rng = np.random.default_rng((self.data_seed, _SPLIT_IDS[self.split], OBJECT_TYPES.index(r.object), i))

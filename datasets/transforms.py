@@ -13,13 +13,16 @@ Normals convention: camera frame (x right, y down, z forward), unit vectors poin
 """
 from __future__ import annotations
 
+import os
+
 from typing import Dict, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "AUX_KINDS", "DatasetError", "read_image", "read_mask",
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "AUX_KINDS", "DatasetError", "read_image", "read_mask", "translate",
+           "probe_file",
            "read_tiff", "to_hw", "AlignedTransform", "normals_from_xyz", "decode_normals_png",
            "normalize_rgb", "denormalize_rgb", "aux_to_image"]
 
@@ -76,6 +79,43 @@ def read_tiff(path: str) -> np.ndarray:
     return arr
 
 
+def probe_file(path: str) -> Tuple[int, int, int]:
+    """(H, W, channels) of an image or TIFF file, read cheaply: headers, PNG chunk checksums (a truncated PNG
+    fails here) and, for TIFF, that every strip or tile lies inside the file. Raises DatasetError naming the
+    path."""
+    if path.lower().endswith((".tif", ".tiff")):
+        import tifffile
+        try:
+            with tifffile.TiffFile(path) as tif:
+                series = tif.series[0]
+                shape = tuple(series.shape)
+                if series.dataoffset is not None:       # uncompressed, contiguous: it must all be in the file
+                    end = series.dataoffset + series.nbytes
+                else:
+                    end = max((o + c for page in tif.pages for o, c in zip(page.dataoffsets, page.databytecounts)),
+                              default=0)
+            size = os.path.getsize(path)
+        except FileNotFoundError:
+            raise DatasetError(f"file not found: {path}") from None
+        except Exception as exc:  # tifffile raises many types on bad files
+            raise DatasetError(f"cannot read TIFF {path}: {exc}") from exc
+        if end > size or not shape or 0 in shape:
+            raise DatasetError(f"cannot read TIFF {path}: truncated (its data ends at byte {end}, the file has "
+                               f"{size})")
+        return shape[0], shape[1], shape[2] if len(shape) > 2 else 1
+    from PIL import Image, UnidentifiedImageError
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+            bands = len(im.getbands())
+            im.verify()
+    except FileNotFoundError:
+        raise DatasetError(f"file not found: {path}") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise DatasetError(f"cannot read image {path}: {exc}") from exc
+    return h, w, bands
+
+
 def decode_normals_png(arr: np.ndarray, axis_order: str = "xyz", flip: str = "", path: str = ""
                        ) -> Tuple[np.ndarray, np.ndarray]:
     """Decode normals stored as an 8- or 16-bit RGB image: [0, max] -> [-1, 1] per channel, reorder channels
@@ -123,6 +163,14 @@ def normals_from_xyz(xyz: np.ndarray, path: str = "") -> Tuple[np.ndarray, np.nd
     n[flip] *= -1
     n[~valid] = 0
     return n.astype(np.float32), valid
+
+
+def translate(x: torch.Tensor, dx: float, dy: float = 0.0) -> torch.Tensor:
+    """Shift a (C, H, W) map right by dx and down by dy pixels (bilinear, sub-pixel; border values repeat)."""
+    C, H, W = x.shape
+    theta = torch.tensor([[1.0, 0.0, -2 * dx / W], [0.0, 1.0, -2 * dy / H]], dtype=torch.float32)
+    grid = F.affine_grid(theta[None], (1, C, H, W), align_corners=False)
+    return F.grid_sample(x[None].float(), grid, mode="bilinear", padding_mode="border", align_corners=False)[0]
 
 
 def _mean_std(x: torch.Tensor):

@@ -241,7 +241,8 @@ def test_bad_inputs_name_the_path(tmp_path):
     rgb = os.path.join(obj, "test/good/rgb/000.png")
     data = open(rgb, "rb").read()
     open(rgb, "wb").write(data[: len(data) // 2])
-    ds = build_dataset("mvtec3d", root, "widget", "test", 32, 3)  # records: crack/000, crack/001, good/000, good/001
+    # check=False: each reader's own error, item by item (build_dataset's up-front check is tested below)
+    ds = build_dataset("mvtec3d", root, "widget", "test", 32, 3, check=False)  # crack/000, crack/001, good/000, good/001
     with pytest.raises(DatasetError, match=r"cannot read image .*000.png"):
         ds[2]
     tifffile.imwrite(os.path.join(obj, "test/good/xyz/001.tiff"), np.zeros((24, 32), np.float32))
@@ -259,3 +260,40 @@ def test_bad_inputs_name_the_path(tmp_path):
     empty.mkdir(parents=True)
     with pytest.raises(DatasetError, match="has no images"):
         build_dataset("mvtec3d", str(tmp_path / "e"), "obj", "train", 32, 3)
+
+
+def test_every_bad_file_is_reported_before_the_first_step(tmp_path):
+    """build_dataset reads every file cheaply up front and names all the bad ones in one error."""
+    obj = _mvtec3d_tree(str(tmp_path))
+    assert len(build_dataset("mvtec3d", str(tmp_path), "widget", "test", 32, 3)) == 4
+    rgb = os.path.join(obj, "test/good/rgb/000.png")
+    data = open(rgb, "rb").read()
+    open(rgb, "wb").write(data[: len(data) // 2])                               # truncated PNG
+    open(os.path.join(obj, "test/good/rgb/001.png"), "wb").close()              # zero bytes
+    tifffile.imwrite(os.path.join(obj, "test/crack/xyz/001.tiff"), np.zeros((24, 32), np.float32))  # wrong shape
+    _png(os.path.join(obj, "test/crack/gt/000.png"), np.zeros((10, 10), np.uint8))  # mask of another size
+    with pytest.raises(DatasetError) as err:
+        build_dataset("mvtec3d", str(tmp_path), "widget", "test", 32, 3)
+    msg = str(err.value)
+    assert msg.startswith("4 bad file(s) in the test split") and "\n" not in msg
+    for name in ("good/rgb/000.png", "good/rgb/001.png", "crack/xyz/001.tiff", "crack/gt/000.png"):
+        assert name in msg, name
+    tif = os.path.join(obj, "train/good/xyz/000.tiff")
+    data = open(tif, "rb").read()
+    open(tif, "wb").write(data[: len(data) // 3])                                # truncated TIFF
+    with pytest.raises(DatasetError, match=r"1 bad file.*train/good/xyz/000.tiff"):
+        build_dataset("mvtec3d", str(tmp_path), "widget", "train", 32, 3)
+
+
+def test_non_finite_xyz_values_are_missing_points(tmp_path):
+    obj = _mvtec3d_tree(str(tmp_path))
+    tif = os.path.join(obj, "train/good/xyz/000.tiff")
+    xyz = tifffile.imread(tif)
+    xyz[5, 7] = [np.inf, 0.0, 1.0]
+    xyz[9, 9, 2] = np.nan
+    tifffile.imwrite(tif, xyz)
+    for aux_ch in (1, 3):
+        ds = build_dataset("mvtec3d", str(tmp_path), "widget", "train", 32, aux_ch)
+        s, clean = ds[0], ds[1]                                # 001.tiff holds the same points, all finite
+        assert torch.isfinite(s["aux"]).all()
+        assert s["valid"].sum() < clean["valid"].sum()
