@@ -205,9 +205,11 @@ class MambaAlign(nn.Module):
     @classmethod
     def from_checkpoint(cls, path, map_location="cpu", config: Optional[dict] = None) -> "MambaAlign":
         """Rebuild a model from a checkpoint alone: a training checkpoint ({"model", "config", ...}), or a raw
-        state dict together with ``config`` (a dict or MambaAlignConfig). Loads strictly, ``weights_only``."""
+        state dict together with ``config`` (a dict or MambaAlignConfig). Loads strictly, ``weights_only``, and
+        returns the model in eval mode (call ``.train()`` to fine-tune it)."""
         model = cls.from_loaded(torch.load(path, map_location=map_location, weights_only=True), config, source=path)
-        return model.to(map_location) if isinstance(map_location, (str, torch.device)) else model
+        model = model.to(map_location) if isinstance(map_location, (str, torch.device)) else model
+        return model.eval()
 
     @classmethod
     def from_loaded(cls, ckpt, config: Optional[dict] = None, source: str = "checkpoint") -> "MambaAlign":

@@ -24,13 +24,13 @@ import warnings
 from typing import Dict, List
 
 import numpy as np
-import torch
 from torch.utils.data import DataLoader
 
 import metrics
-from datasets import DATASETS, build_dataset, list_objects
+from datasets import DATASETS, ShiftedAux, build_dataset, list_objects
 from datasets.transforms import aux_to_image, denormalize_rgb
-from engine import git_revision, load_model, resolve_device, run_inference
+from engine import (HelpFormatter, RunError, git_revision, image_size, load_checkpoint, load_model, nonneg_int,
+                    positive_int, resolve_device, run_cli, run_inference)
 
 CSV_COLUMNS = ("path", "object", "defect", "label", "score", "score_logit", "pixel_auroc")
 # viridis, sampled at 9 evenly spaced points (perceptually uniform, colour-blind friendly)
@@ -39,8 +39,7 @@ _VIRIDIS = np.array([(68, 1, 84), (71, 44, 122), (59, 81, 139), (44, 113, 142), 
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser("MambaAlign evaluation", add_help=True,
-                                description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser("eval.py", add_help=True, description=__doc__, formatter_class=HelpFormatter)
     g = p.add_argument_group("data")
     g.add_argument("--dataset", default=None, choices=sorted(DATASETS),
                    help="dataset family (default: the one the checkpoint was trained on)")
@@ -49,9 +48,10 @@ def get_args_parser():
     g.add_argument("--objects", default=None,
                    help="comma-separated objects, or 'all' (overrides --object); use {object} in --checkpoint "
                         "for one checkpoint per object")
-    g.add_argument("--img_size", type=int, default=None, help="input size (default: the checkpoint's training size)")
-    g.add_argument("--batch_size", type=int, default=8, help="images per forward pass")
-    g.add_argument("--num_workers", type=int, default=0, help="DataLoader worker processes")
+    g.add_argument("--img_size", type=image_size, default=None,
+                   help="input size, a multiple of 32 (default: each checkpoint's training size)")
+    g.add_argument("--batch_size", type=positive_int, default=8, help="images per forward pass")
+    g.add_argument("--num_workers", type=nonneg_int, default=0, help="DataLoader worker processes")
     g = p.add_argument_group("model")
     g.add_argument("--checkpoint", required=True,
                    help="checkpoint from train.py (or a raw state dict with --config); may contain {object}")
@@ -60,13 +60,23 @@ def get_args_parser():
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     g.add_argument("--use_amp", action="store_true", help="mixed precision inference (bf16 where supported)")
     g = p.add_argument_group("evaluation")
-    g.add_argument("--fpr_limit", type=float, default=0.3, help="FPR integration limit of AUPRO (MVTec: 0.3)")
+    g.add_argument("--fpr_limit", type=_fpr_limit, default=0.3,
+                   help="FPR integration limit of the 'aupro' key (MVTec: 0.3); aupro_0.1/0.05/0.01 are always "
+                        "reported beside it")
     g.add_argument("--aux_shift", type=float, default=0.0,
                    help="robustness study: shift aux right by this many pixels before the model sees it")
     g.add_argument("--out_dir", required=True, help="folder for eval_results.csv, summary.{txt,json} and vis/")
     g.add_argument("--save_vis", action="store_true", help="write a heatmap and an overlay per test image")
     g.add_argument("--quiet", action="store_true", help="no progress bars")
+    g.add_argument("--debug", action="store_true", help="show the traceback of a data or checkpoint error")
     return p
+
+
+def _fpr_limit(text):
+    v = float(text)
+    if not 0 < v <= 1:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text}")
+    return v
 
 
 def _colormap(x: np.ndarray) -> np.ndarray:
@@ -152,52 +162,73 @@ def format_table(summary: Dict[str, object]) -> str:
 
 
 def _load_model(path: str, config_path, device):
-    if not os.path.isfile(path):
-        raise SystemExit(f"checkpoint not found: {path}")
+    """(model in eval mode on device, the training args saved in the checkpoint or {})."""
     config = None
     if config_path:
-        with open(config_path) as fh:
-            config = json.load(fh)
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    try:
-        model = load_model(ckpt, config=config, source=path)
-    except ValueError as exc:
-        raise SystemExit(str(exc)) from None
+        try:
+            with open(config_path) as fh:
+                config = json.load(fh)
+        except (OSError, ValueError) as exc:
+            raise RunError(f"--config {config_path}: not a readable JSON file ({exc})") from None
+    ckpt = load_checkpoint(path)
+    model = load_model(ckpt, config=config, source=path)
     train_args = ckpt.get("args", {}) if isinstance(ckpt, dict) and "model" in ckpt else {}
     return model.to(device), train_args
+
+
+def _plan(args, device) -> List[Dict]:
+    """Every object's checkpoint, settings and test dataset, checked before anything is written. With {object}
+    in --checkpoint each object is evaluated at the size and data seed its own checkpoint was trained with."""
+    template = "{object}" in args.checkpoint
+    first_model, first_args = (None, {}) if template else _load_model(args.checkpoint, args.config, device)
+    dataset = args.dataset or first_args.get("dataset")
+    if dataset is None:
+        raise RunError("--dataset is required: " + ("with {object} in --checkpoint the dataset is read per object "
+                                                   "only after the objects are known" if template else
+                                                   "the checkpoint does not say which dataset it was trained on"))
+    data_root = args.data_root if args.data_root is not None else first_args.get("data_root")
+    if args.objects:
+        objects = list_objects(dataset, data_root) if args.objects == "all" else args.objects.split(",")
+    else:
+        obj = args.object or first_args.get("object")
+        if obj is None:
+            raise RunError("--object (or --objects) is required: the checkpoint does not name its object")
+        objects = [obj]
+    plan = []
+    for obj in objects:
+        path = args.checkpoint.replace("{object}", obj)
+        model, train_args = (first_model, first_args) if not template else _load_model(path, args.config, device)
+        img_size = args.img_size or train_args.get("img_size") or 256
+        root = data_root if data_root is not None else train_args.get("data_root")
+        kw = {"seed": train_args.get("data_seed", 0)} if dataset == "synthetic" else {}
+        ds = build_dataset(dataset, root, obj, "test", img_size, model.config.aux_ch, progress=not args.quiet, **kw)
+        if args.aux_shift:
+            ds = ShiftedAux(ds, args.aux_shift)
+        plan.append({"object": obj, "checkpoint": path, "model": model if not template else None,
+                     "img_size": img_size, "dataset": ds})
+    return dataset, plan
 
 
 def main(args) -> Dict[str, object]:
     device = resolve_device(args.device)
     t0 = time.time()
     print(f"MambaAlign eval | git {git_revision()} | device {device}")
-    if "{object}" not in args.checkpoint:
-        model, train_args = _load_model(args.checkpoint, args.config, device)
-    else:
-        model, train_args = None, {}
-    dataset = args.dataset or train_args.get("dataset")
-    if dataset is None:
-        raise SystemExit("--dataset is required: the checkpoint does not say which dataset it was trained on")
-    data_root = args.data_root if args.data_root is not None else train_args.get("data_root")
-    img_size = args.img_size or train_args.get("img_size") or 256
-    if args.objects:
-        objects = list_objects(dataset, data_root) if args.objects == "all" else args.objects.split(",")
-    else:
-        obj = args.object or train_args.get("object")
-        if obj is None:
-            raise SystemExit("--object (or --objects) is required: the checkpoint does not name its object")
-        objects = [obj]
-    os.makedirs(args.out_dir, exist_ok=True)
+    dataset, plan = _plan(args, device)
+    objects = [p["object"] for p in plan]
+    sizes = sorted({p["img_size"] for p in plan})
+    img_size = sizes[0] if len(sizes) == 1 else {p["object"]: p["img_size"] for p in plan}
+    try:
+        os.makedirs(args.out_dir, exist_ok=True)
+    except OSError as exc:
+        raise RunError(f"--out_dir {args.out_dir} cannot be created: {exc}") from None
+    if not os.access(args.out_dir, os.W_OK):
+        raise RunError(f"--out_dir {args.out_dir} is not writable")
     results: List[Dict] = []
-    for obj in objects:
-        if model is None or "{object}" in args.checkpoint:
-            model, _ = _load_model(args.checkpoint.replace("{object}", obj), args.config, device)
-        aux_ch = model.config.aux_ch
-        kw = {"seed": train_args.get("data_seed", 0)} if dataset == "synthetic" else {}
-        ds = build_dataset(dataset, data_root, obj, "test", img_size, aux_ch, **kw)
-        loader = DataLoader(ds, batch_size=args.batch_size, shuffle=False, num_workers=args.num_workers)
-        res = run_inference(model, loader, device, amp=args.use_amp, aux_shift=args.aux_shift,
-                            progress=not args.quiet, desc=f"test {obj}", keep_inputs=args.save_vis)
+    for p in plan:
+        model = p["model"] or _load_model(p["checkpoint"], args.config, device)[0]
+        loader = DataLoader(p["dataset"], batch_size=args.batch_size, shuffle=False, num_workers=args.num_workers)
+        res = run_inference(model, loader, device, amp=args.use_amp, progress=not args.quiet,
+                            desc=f"test {p['object']}", keep_inputs=args.save_vis)
         if args.save_vis:
             save_visualisations(res, args.out_dir)
         results.append(res)
@@ -239,4 +270,4 @@ def main(args) -> Dict[str, object]:
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    run_cli(main, get_args_parser())

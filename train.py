@@ -33,7 +33,9 @@ from torch.utils.data import DataLoader, Sampler
 import metrics
 from datasets import DATASETS, DatasetError, build_dataset
 from datasets.synthesis import MODES, AnomalySynthesizer, SynthesisDataset
-from engine import autocast_context, dist_info, git_revision, resolve_device, run_inference, save_atomic
+from engine import (HelpFormatter, RunError, autocast_context, dist_info, git_revision, image_size, load_checkpoint,
+                    nonneg_float, nonneg_int, positive_float, positive_int, probability, remove_stale_temporaries,
+                    resolve_device, run_cli, run_inference, save_atomic)
 from knn import KNNConfig, PatchKNN
 from MambaAlign import PRESETS, MambaAlign, MambaAlignConfig
 from rgbx_backbone import BACKBONES
@@ -41,29 +43,28 @@ from selective_scan import BACKENDS
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser("MambaAlign training", add_help=True,
-                                description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser("train.py", add_help=True, description=__doc__, formatter_class=HelpFormatter)
     g = p.add_argument_group("data")
     g.add_argument("--dataset", default="synthetic", choices=sorted(DATASETS),
                    help="dataset family; 'synthetic' is built in and needs no --data_root")
     g.add_argument("--data_root", default=None, help="root folder of the dataset tree")
     g.add_argument("--object", default="disc", help="object/class to train on (one model per object)")
-    g.add_argument("--img_size", type=int, default=256, help="square input size; a multiple of 32")
+    g.add_argument("--img_size", type=image_size, default=256, help="square input size; a multiple of 32")
     g.add_argument("--aux_ch", type=int, default=None,
                    help="aux channels: 3 normals, 1 depth/infrared, 0 RGB only (default: the dataset's)")
-    g.add_argument("--num_workers", type=int, default=0, help="DataLoader worker processes per rank")
-    g.add_argument("--val_fraction", type=float, default=0.1,
+    g.add_argument("--num_workers", type=nonneg_int, default=0, help="DataLoader worker processes per rank")
+    g.add_argument("--val_fraction", type=_fraction, default=0.1,
                    help="share of the TRAIN normals held out for model selection (at least 2 images)")
     g.add_argument("--data_seed", type=int, default=0, help="seed of the synthetic dataset (dataset=synthetic)")
     g = p.add_argument_group("anomaly synthesis")
-    g.add_argument("--synth_prob", type=float, default=0.5, help="chance that a training image gets an anomaly")
+    g.add_argument("--synth_prob", type=probability, default=0.7, help="chance that a training image gets an anomaly")
     g.add_argument("--synth_mode", default="mixed", choices=MODES,
                    help="which modality the anomaly lives in: rgb, aux, both, or mixed (one per sample)")
     g.add_argument("--anomaly_source_path", default=None,
                    help="folder of texture images (e.g. DTD) for RGB anomalies; default: procedural textures")
-    g.add_argument("--misalign_px", type=float, default=0.0,
+    g.add_argument("--misalign_px", type=nonneg_float, default=0.0,
                    help="random aux-vs-RGB shift up to this many pixels on every training image (0 = off)")
-    g.add_argument("--misalign_deg", type=float, default=0.0, help="random aux-vs-RGB rotation up to this angle")
+    g.add_argument("--misalign_deg", type=nonneg_float, default=0.0, help="random aux-vs-RGB rotation up to this angle")
     g = p.add_argument_group("model")
     g.add_argument("--model", default="mambaalign", choices=("mambaalign", "knn"),
                    help="mambaalign: train the model; knn: fit the training-free memory-bank baseline (PatchCore-"
@@ -86,36 +87,44 @@ def get_args_parser():
                         "kernels, else torch; on CPU torch)")
     g.add_argument("--compile", action="store_true", help="torch.compile the whole model")
     g = p.add_argument_group("knn baseline (--model knn)")
-    g.add_argument("--coreset_size", type=int, default=KNNConfig.coreset_size,
+    g.add_argument("--coreset_size", type=positive_int, default=KNNConfig.coreset_size,
                    help="memory-bank size bound per modality (greedy coreset of the train normals' patches)")
-    g.add_argument("--knn_sigma", type=float, default=KNNConfig.sigma,
+    g.add_argument("--knn_sigma", type=nonneg_float, default=KNNConfig.sigma,
                    help="Gaussian smoothing of the distance map, in input pixels")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int, default=30, help="training epochs")
-    g.add_argument("--max_steps", type=int, default=0, help="stop after this many optimizer steps (0 = no limit)")
-    g.add_argument("--batch_size", type=int, default=8, help="images per step per rank")
-    g.add_argument("--accum_steps", type=int, default=1, help="gradient accumulation steps per optimizer step")
-    g.add_argument("--lr", type=float, default=5e-4, help="peak learning rate (AdamW)")
-    g.add_argument("--min_lr", type=float, default=1e-6, help="final learning rate of the cosine schedule")
-    g.add_argument("--weight_decay", type=float, default=0.01,
+    g.add_argument("--epochs", type=positive_int, default=30, help="training epochs")
+    g.add_argument("--max_steps", type=nonneg_int, default=0, help="stop after this many optimizer steps (0 = no limit)")
+    g.add_argument("--batch_size", type=positive_int, default=8, help="images per step per rank")
+    g.add_argument("--accum_steps", type=positive_int, default=1, help="gradient accumulation steps per optimizer step")
+    g.add_argument("--lr", type=positive_float, default=1e-3, help="peak learning rate (AdamW)")
+    g.add_argument("--min_lr", type=nonneg_float, default=1e-6, help="final learning rate of the cosine schedule")
+    g.add_argument("--weight_decay", type=nonneg_float, default=0.01,
                    help="AdamW weight decay (not applied to biases, norms, A_log and D)")
-    g.add_argument("--warmup_epochs", type=float, default=1.0, help="linear warm-up length in epochs")
-    g.add_argument("--clip_grad", type=float, default=1.0, help="max gradient norm (0 = no clipping)")
+    g.add_argument("--warmup_epochs", type=nonneg_float, default=1.0, help="linear warm-up length in epochs")
+    g.add_argument("--clip_grad", type=nonneg_float, default=1.0, help="max gradient norm (0 = no clipping)")
     g.add_argument("--use_amp", action="store_true",
                    help="mixed precision: bf16 where supported (fp16 + GradScaler on older GPUs); off on CPU "
                         "unless given")
-    g.add_argument("--w_focal", type=float, default=1.0, help="weight of the focal loss on the map")
-    g.add_argument("--w_dice", type=float, default=1.0, help="weight of the dice loss on the map")
-    g.add_argument("--w_cls", type=float, default=0.5, help="weight of the BCE loss on the image logit")
-    g.add_argument("--focal_gamma", type=float, default=2.0, help="focal loss gamma")
+    g.add_argument("--w_focal", type=nonneg_float, default=1.0, help="weight of the focal loss on the map")
+    g.add_argument("--w_dice", type=nonneg_float, default=1.0, help="weight of the dice loss on the map")
+    g.add_argument("--w_cls", type=nonneg_float, default=0.5, help="weight of the BCE loss on the image logit")
+    g.add_argument("--focal_gamma", type=nonneg_float, default=2.0, help="focal loss gamma")
     g = p.add_argument_group("run")
     g.add_argument("--out_dir", required=True, help="folder for checkpoints and log.jsonl")
     g.add_argument("--resume", default=None, help="checkpoint to continue from, or 'auto' for out_dir/last.pth")
-    g.add_argument("--eval_every", type=int, default=1, help="validate every N epochs (and after the last)")
+    g.add_argument("--eval_every", type=positive_int, default=1, help="validate every N epochs (and after the last)")
     g.add_argument("--seed", type=int, default=0, help="random seed (data order, synthesis, initialisation)")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     g.add_argument("--quiet", action="store_true", help="no progress bars")
+    g.add_argument("--debug", action="store_true", help="show the traceback of a data or checkpoint error")
     return p
+
+
+def _fraction(text):
+    v = float(text)
+    if not 0 <= v < 1:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text}")
+    return v
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -174,7 +183,7 @@ def split_train_val(n: int, val_fraction: float, seed: int):
     """Seeded split of the train normals into (train indices, validation indices)."""
     n_val = max(2, int(round(n * val_fraction))) if val_fraction > 0 else 0
     if n - n_val < 1:
-        raise SystemExit(f"--val_fraction {val_fraction} leaves no training images out of {n}")
+        raise RunError(f"--val_fraction {val_fraction} leaves no training images out of {n}")
     perm = np.random.default_rng(seed).permutation(n)
     return sorted(perm[n_val:].tolist()), sorted(perm[:n_val].tolist())
 
@@ -225,7 +234,27 @@ def check_out_dir(path: str) -> None:
             fh.write("ok")
         os.remove(probe)
     except OSError as exc:
-        raise SystemExit(f"--out_dir {path} is not writable: {exc}") from None
+        raise RunError(f"--out_dir {path} is not writable: {exc}") from None
+
+
+def _prepare_out_dir(path: str, log) -> None:
+    """Create out_dir (only once every check has passed) and delete temporaries a killed save left there."""
+    check_out_dir(path)
+    for stale in remove_stale_temporaries(path):
+        log(f"removed {stale}: a temporary checkpoint an interrupted run left behind")
+
+
+def _keep_jsonl_rows(path: str, keep) -> None:
+    """Rewrite a JSON-lines log keeping the rows ``keep(row)`` accepts (a resumed run drops the rows it redoes)."""
+    if not os.path.isfile(path):
+        return
+    with open(path) as fh:
+        rows = [line for line in fh if line.strip()]
+    kept = [line for line in rows if keep(json.loads(line))]
+    if len(kept) != len(rows):
+        with open(path + ".tmp", "w") as fh:
+            fh.writelines(kept)
+        os.replace(path + ".tmp", path)
 
 
 def lr_lambda_factory(args, steps_per_epoch: int, total_steps: int):
@@ -291,7 +320,7 @@ def fit_knn(args, base, aux_ch: int, device) -> Dict[str, object]:
         model = PatchKNN(cfg, pretrained=args.backbone_weights is None,
                          weights_path=args.backbone_weights).to(device)
     except (RuntimeError, FileNotFoundError) as exc:
-        raise SystemExit(f"backbone: {exc}") from None
+        raise RunError(f"backbone: {exc}") from None
     progress = None if args.quiet else (lambda it, **k: tqdm(it, leave=False, **k))
     loader = lambda idx: DataLoader(Subset(base, idx), batch_size=args.batch_size, num_workers=args.num_workers)
     stats = model.fit(loader(bank_idx), loader(hold_idx), device, seed=args.seed, progress=progress)
@@ -325,46 +354,46 @@ def main(args):
     is_main = rank == 0
     log = print if is_main else (lambda *a, **k: None)
 
-    # ---- checks that must fail before any training step -----------------------------------------------
-    if args.img_size % 32:
-        raise SystemExit(f"--img_size must be a multiple of 32, got {args.img_size}")
-    if args.batch_size < 1 or args.accum_steps < 1:
-        raise SystemExit("--batch_size and --accum_steps must be >= 1")
-    check_out_dir(args.out_dir)
+    # ---- checks that must fail before any training step (nothing is written before they pass) ---------
     aux_ch = DATASETS[args.dataset][3] if args.aux_ch is None else args.aux_ch
     try:
         extra = {"seed": args.data_seed} if args.dataset == "synthetic" else {}
-        base = build_dataset(args.dataset, args.data_root, args.object, "train", args.img_size, aux_ch, **extra)
+        base = build_dataset(args.dataset, args.data_root, args.object, "train", args.img_size, aux_ch,
+                             progress=is_main and not args.quiet, **extra)
         first = base[0]
     except DatasetError as exc:
-        raise SystemExit(f"data error: {exc}") from None
+        raise RunError(f"data error: {exc}") from None
     if aux_ch and first["aux"].shape[0] != aux_ch:
-        raise SystemExit(f"--aux_ch {aux_ch} does not match the data: {first['path']} gives "
-                         f"{first['aux'].shape[0]} aux channels")
+        raise RunError(f"--aux_ch {aux_ch} does not match the data: {first['path']} gives "
+                       f"{first['aux'].shape[0]} aux channels")
+    split_train_val(len(base), args.val_fraction, args.seed)          # fails early on a split that leaves nothing
     if args.model == "knn":
         if distributed:
-            raise SystemExit("--model knn fits in one process; run it without torchrun")
+            raise RunError("--model knn fits in one process; run it without torchrun")
+        _prepare_out_dir(args.out_dir, log)
         return fit_knn(args, base, aux_ch, device)
     cfg = build_config(args, aux_ch)
     resume_path = os.path.join(args.out_dir, "last.pth") if args.resume == "auto" else args.resume
     ckpt = None
     if resume_path:
         if not os.path.isfile(resume_path):
-            if args.resume == "auto":
-                resume_path = None
-            else:
-                raise SystemExit(f"--resume: checkpoint not found: {resume_path}")
+            if args.resume != "auto":
+                raise RunError(f"--resume: checkpoint not found: {resume_path}")
+            log(f"--resume auto: no checkpoint at {resume_path} yet, starting from scratch")
+            resume_path = None
         if resume_path:
-            ckpt = torch.load(resume_path, map_location="cpu", weights_only=True)
+            ckpt = load_checkpoint(resume_path)
             if not isinstance(ckpt, dict) or "config" not in ckpt or "optimizer" not in ckpt:
-                raise SystemExit(f"--resume {resume_path} is not a training checkpoint written by train.py")
+                raise RunError(f"--resume {resume_path} is not a training checkpoint written by train.py")
             if _architecture(ckpt["config"]) != _architecture(cfg.to_dict()):
                 diff = {k: (ckpt["config"].get(k), v) for k, v in _architecture(cfg.to_dict()).items()
                         if ckpt["config"].get(k) != v}
-                raise SystemExit(f"--resume {resume_path} holds another architecture: (checkpoint, requested) "
-                                 f"differ in {diff}")
+                raise RunError(f"--resume {resume_path} holds another architecture: (checkpoint, requested) "
+                               f"differ in {diff}")
             cfg = MambaAlignConfig.from_dict({**ckpt["config"], "pretrained": False, "backbone_weights": None,
                                               "scan_backend": args.scan_backend})
+    if is_main:
+        _prepare_out_dir(args.out_dir, log)
 
     # ---- data ------------------------------------------------------------------------------------------
     torch.manual_seed(args.seed)
@@ -429,6 +458,9 @@ def main(args):
             + (f" (stopping at step {args.max_steps})" if args.max_steps else ""))
         if ckpt is not None:
             log(f"resumed from {resume_path} at epoch {start_epoch}, step {step}")
+            # Rows written after that checkpoint (a stop mid-epoch, a kill) are redone: drop them.
+            _keep_jsonl_rows(os.path.join(args.out_dir, "steps.jsonl"), lambda r: r["step"] <= step)
+            _keep_jsonl_rows(os.path.join(args.out_dir, "log.jsonl"), lambda r: r.get("epoch", 0) <= start_epoch)
     log_path = os.path.join(args.out_dir, "log.jsonl")
     if is_main:
         with open(os.path.join(args.out_dir, "splits.json"), "w") as fh:
@@ -466,7 +498,7 @@ def main(args):
                 out = net(rgb, aux)
             loss, parts = compute_loss(out, mask, label, args)
             if not torch.isfinite(loss):
-                raise SystemExit(f"non-finite loss ({loss.item()}) at epoch {epoch + 1}, step {step + 1} "
+                raise RunError(f"non-finite loss ({loss.item()}) at epoch {epoch + 1}, step {step + 1} "
                                  f"(parts {parts}); lower --lr, enable --clip_grad or check the data")
             scaler.scale(loss / args.accum_steps).backward()
             batches_done += 1
@@ -493,8 +525,13 @@ def main(args):
         epoch_complete = batches_done >= batches_per_epoch
         skip_batches = 0
         val = None
-        last_epoch = epoch + 1 >= args.epochs or done
-        if val_loader is not None and ((epoch + 1) % args.eval_every == 0 or last_epoch):
+        # Validate after complete epochs (every eval_every, and the last). A --max_steps stop mid-epoch only
+        # validates when no best checkpoint exists yet, so it never replaces a best one with a mid-epoch model.
+        if epoch_complete:
+            want_val = (epoch + 1) % args.eval_every == 0 or epoch + 1 >= args.epochs or done
+        else:
+            want_val = best["epoch"] is None
+        if val_loader is not None and want_val:
             val = validate(model, val_loader, device, args, rank, world)
             if val["criterion"] > best["criterion"]:
                 best = {"criterion": val["criterion"], "epoch": epoch + 1, "step": step}
@@ -507,7 +544,7 @@ def main(args):
             save_atomic(state, os.path.join(args.out_dir, "last.pth"))
             if val_loader is None:  # no validation split (--val_fraction 0): the latest model is the one kept
                 save_atomic(state, os.path.join(args.out_dir, "best_checkpoint.pth"))
-            record = {"epoch": epoch + 1, "step": step, "lr": scheduler.get_last_lr()[0],
+            record = {"epoch": epoch + 1, "complete": epoch_complete, "step": step, "lr": scheduler.get_last_lr()[0],
                       "train_loss": float(np.mean(losses)) if losses else None,
                       "time_s": round(time.time() - t0, 2), "val": val, "best": best}
             with open(log_path, "a") as fh:
@@ -533,4 +570,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    run_cli(main, get_args_parser())
