@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.installed-stamp
 
 # The demo: the tiny preset on the built-in synthetic dataset, on CPU.
 DEMO_DIR   ?= runs/demo
-DEMO_TRAIN ?= --dataset synthetic --object disc --img_size 128 --epochs 24 --batch_size 8 --lr 1e-3 --synth_prob 0.7
+DEMO_TRAIN ?= --dataset synthetic --object disc --img_size 128 --epochs 24
 
 .PHONY: install test test-fast demo bench clean-venv
 

@@ -339,9 +339,9 @@ def bench_ablation(args) -> None:
     import json
     import eval as eval_script
     import train as train_script
+    # Everything not listed here is train.py's default, as in `make demo`.
     common = ["--dataset", args.dataset, "--object", args.object, "--img_size", str(args.img_size),
-              "--epochs", str(args.epochs), "--batch_size", str(args.batch_size), "--lr", str(args.lr),
-              "--seed", str(args.seed), "--synth_prob", str(args.synth_prob), "--quiet"]
+              "--epochs", str(args.epochs), "--seed", str(args.seed), "--quiet"]
     if args.data_root:
         common += ["--data_root", args.data_root]
     if args.aux_ch is not None:
@@ -531,8 +531,8 @@ COMMANDS = {"scan": bench_scan, "block": bench_block, "model": bench_model, "met
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser("MambaAlign benchmarks", add_help=True,
-                                description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from engine import HelpFormatter
+    p = argparse.ArgumentParser("bench.py", add_help=True, description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("what", choices=sorted(COMMANDS) + ["all"], help="which benchmark to run")
     p.add_argument("--repeats", type=int, default=3, help="timed repetitions per measurement (median is shown)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = all cores of this machine)")
@@ -550,10 +550,7 @@ def get_args_parser():
     g.add_argument("--aux_ch", type=int, default=None, help="aux channels of the full model (default: dataset's)")
     g.add_argument("--img_size", type=int, default=128, help="training and test size")
     g.add_argument("--epochs", type=int, default=24, help="epochs per variant (the shared budget; 24 as make demo)")
-    g.add_argument("--batch_size", type=int, default=8, help="batch size")
-    g.add_argument("--lr", type=float, default=1e-3, help="learning rate")
     g.add_argument("--seed", type=int, default=0, help="seed, the same for every variant")
-    g.add_argument("--synth_prob", type=float, default=0.7, help="chance of a synthetic anomaly per image")
     g.add_argument("--variants", default=None, help=f"comma-separated subset of: {', '.join(ABLATIONS)}")
     g.add_argument("--out_dir", default=None,
                    help="where each run and eval go (default: runs/ablation or runs/compare)")

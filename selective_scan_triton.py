@@ -96,6 +96,27 @@ if triton is not None:
         return u, raw, dt
 
     @triton.jit
+    def _program_channels(A_ptr, bias_ptr, D_ptr, pid_g, pid_j, Dg, N, HAS_BIAS: tl.constexpr,
+                          HAS_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+        """A program's channels (local index jl, global d) of group pid_g, its state lanes n, their masks, and
+        its rows of A, delta_bias and D in float32 (zeros where absent)."""
+        jl = tl.arange(0, BLOCK_D)
+        j = pid_j * BLOCK_D + jl
+        mask_d = j < Dg
+        d = pid_g * Dg + j
+        n = tl.arange(0, BLOCK_N)
+        mask_n = n < N
+        mask_dn = mask_d[:, None] & mask_n[None, :]
+        A = tl.load(A_ptr + d[:, None] * N + n[None, :], mask=mask_dn, other=0.0).to(tl.float32)
+        bias = tl.zeros((BLOCK_D,), dtype=tl.float32)
+        if HAS_BIAS:
+            bias = tl.load(bias_ptr + d, mask=mask_d, other=0.0).to(tl.float32)
+        Dv = tl.zeros((BLOCK_D,), dtype=tl.float32)
+        if HAS_D:
+            Dv = tl.load(D_ptr + d, mask=mask_d, other=0.0).to(tl.float32)
+        return jl, d, mask_d, n, mask_n, mask_dn, A, bias, Dv
+
+    @triton.jit
     def _fwd_kernel(u_ptr, dl_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, out_ptr, last_ptr, ckpt_ptr,
                     L, Dg, N, n_chunks,
                     su_b, su_d, su_l, sd_b, sd_d, sd_l, sz_b, sz_d, sz_l, so_b, so_d, so_l,
@@ -104,20 +125,9 @@ if triton is not None:
                     CHUNK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
         pid_b, pid_g, pid_j = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         n_groups = tl.num_programs(1)
-        j = pid_j * BLOCK_D + tl.arange(0, BLOCK_D)
-        mask_d = j < Dg
-        d = pid_g * Dg + j                                          # channels of this program
-        n = tl.arange(0, BLOCK_N)
-        mask_n = n < N
-        mask_dn = mask_d[:, None] & mask_n[None, :]
+        jl, d, mask_d, n, mask_n, mask_dn, A, bias, Dv = _program_channels(
+            A_ptr, bias_ptr, D_ptr, pid_g, pid_j, Dg, N, HAS_BIAS, HAS_D, BLOCK_D, BLOCK_N)
         dim = n_groups * Dg
-        A = tl.load(A_ptr + d[:, None] * N + n[None, :], mask=mask_dn, other=0.0).to(tl.float32)
-        bias = tl.zeros((BLOCK_D,), dtype=tl.float32)
-        if HAS_BIAS:
-            bias = tl.load(bias_ptr + d, mask=mask_d, other=0.0).to(tl.float32)
-        Dv = tl.zeros((BLOCK_D,), dtype=tl.float32)
-        if HAS_D:
-            Dv = tl.load(D_ptr + d, mask=mask_d, other=0.0).to(tl.float32)
         h = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
         # ckpt: (batch, dim, n_chunks, N) float32, contiguous
         ck = ckpt_ptr + ((pid_b * dim + d[:, None]) * n_chunks) * N + n[None, :]
@@ -154,21 +164,9 @@ if triton is not None:
                     BLOCK_N: tl.constexpr):
         pid_b, pid_g, pid_j = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         n_groups = tl.num_programs(1)
-        jl = tl.arange(0, BLOCK_D)
-        j = pid_j * BLOCK_D + jl
-        mask_d = j < Dg
-        d = pid_g * Dg + j
-        n = tl.arange(0, BLOCK_N)
-        mask_n = n < N
-        mask_dn = mask_d[:, None] & mask_n[None, :]
+        jl, d, mask_d, n, mask_n, mask_dn, A, bias, Dv = _program_channels(
+            A_ptr, bias_ptr, D_ptr, pid_g, pid_j, Dg, N, HAS_BIAS, HAS_D, BLOCK_D, BLOCK_N)
         dim = n_groups * Dg
-        A = tl.load(A_ptr + d[:, None] * N + n[None, :], mask=mask_dn, other=0.0).to(tl.float32)
-        bias = tl.zeros((BLOCK_D,), dtype=tl.float32)
-        if HAS_BIAS:
-            bias = tl.load(bias_ptr + d, mask=mask_d, other=0.0).to(tl.float32)
-        Dv = tl.zeros((BLOCK_D,), dtype=tl.float32)
-        if HAS_D:
-            Dv = tl.load(D_ptr + d, mask=mask_d, other=0.0).to(tl.float32)
         dh = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
         if HAS_DLAST:
             dh = tl.load(dlast_ptr + (pid_b * dim + d[:, None]) * N + n[None, :], mask=mask_dn,
