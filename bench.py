@@ -271,8 +271,8 @@ def bench_model(args) -> None:
     size = args.size
     dev = args.device
     for preset in ("tiny", "base"):
-        cfg = MambaAlignConfig.preset(preset, aux_ch=3, scan_backend=args.scan_backend)
-        model = MambaAlign(cfg).eval().to(dev)
+        cfg = MambaAlignConfig.preset(preset, aux_ch=3)
+        model = MambaAlign(cfg, scan_backend=args.scan_backend).eval().to(dev)
         backbone = RGBXBackbone(cfg.backbone, 3, stages=(2, 3, 4, 5)).eval().to(dev)
         rgb, aux = torch.randn(1, 3, size, size, device=dev), torch.randn(1, 3, size, size, device=dev)
 

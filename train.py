@@ -213,17 +213,10 @@ def _plain(v):
 # --------------------------------------------------------------------------------------------------------
 
 def build_config(args, aux_ch: int) -> MambaAlignConfig:
-    overrides = dict(aux_ch=aux_ch, pretrained=args.pretrained_backbone, backbone_weights=args.backbone_weights,
-                     use_pmm=not args.no_pmm, use_cmi=not args.no_cmi, use_aaf=not args.no_aaf,
-                     scan_backend=args.scan_backend)
+    overrides = dict(aux_ch=aux_ch, use_pmm=not args.no_pmm, use_cmi=not args.no_cmi, use_aaf=not args.no_aaf)
     if args.backbone:
         overrides["backbone"] = args.backbone
     return MambaAlignConfig.preset(args.preset, **overrides)
-
-
-def _architecture(cfg: dict) -> dict:
-    # Where weights come from is not architecture: a resumed run never re-reads them.
-    return {k: v for k, v in cfg.items() if k not in ("pretrained", "backbone_weights", "scan_backend")}
 
 
 def check_out_dir(path: str) -> None:
@@ -385,13 +378,11 @@ def main(args):
             ckpt = load_checkpoint(resume_path)
             if not isinstance(ckpt, dict) or "config" not in ckpt or "optimizer" not in ckpt:
                 raise RunError(f"--resume {resume_path} is not a training checkpoint written by train.py")
-            if _architecture(ckpt["config"]) != _architecture(cfg.to_dict()):
-                diff = {k: (ckpt["config"].get(k), v) for k, v in _architecture(cfg.to_dict()).items()
-                        if ckpt["config"].get(k) != v}
+            saved = MambaAlignConfig.from_dict(ckpt["config"]).to_dict()
+            if saved != cfg.to_dict():
+                diff = {k: (saved.get(k), v) for k, v in cfg.to_dict().items() if saved.get(k) != v}
                 raise RunError(f"--resume {resume_path} holds another architecture: (checkpoint, requested) "
                                f"differ in {diff}")
-            cfg = MambaAlignConfig.from_dict({**ckpt["config"], "pretrained": False, "backbone_weights": None,
-                                              "scan_backend": args.scan_backend})
     if is_main:
         _prepare_out_dir(args.out_dir, log)
 
@@ -424,7 +415,13 @@ def main(args):
     total_steps = steps_per_epoch * args.epochs
 
     # ---- model, optimiser --------------------------------------------------------------------------------
-    model = MambaAlign(cfg).to(device)
+    # A resumed run takes its weights from the checkpoint: it never re-reads ImageNet or a backbone file.
+    try:
+        model = MambaAlign(cfg, pretrained=args.pretrained_backbone and ckpt is None,
+                           backbone_weights=args.backbone_weights if ckpt is None else None,
+                           scan_backend=args.scan_backend).to(device)
+    except (RuntimeError, FileNotFoundError) as exc:     # weights that cannot be had or do not fit
+        raise RunError(f"backbone: {exc}") from None
     optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.999))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda_factory(args, steps_per_epoch, total_steps))
     use_scaler = args.use_amp and device.type == "cuda" and not torch.cuda.is_bf16_supported()

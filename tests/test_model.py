@@ -240,3 +240,20 @@ def test_cuda_mixed_precision_step_matches_fp32():
     assert not bad, bad
     pred = model.predict(rgb, aux)
     assert pred["anomaly_map"].device.type == "cpu" and pred["anomaly_map"].dtype == torch.float32
+
+
+def test_config_holds_architecture_only_and_reads_older_configs():
+    from dataclasses import fields
+    names = {f.name for f in fields(MambaAlignConfig)}
+    assert not names & {"pretrained", "backbone_weights", "scan_backend"}
+    old = {**MambaAlignConfig.preset("tiny", aux_ch=1).to_dict(), "pretrained": True, "backbone_weights": "x.pth",
+           "scan_backend": "torch"}      # a checkpoint written when these runtime choices lived in the config
+    assert MambaAlignConfig.from_dict(old) == MambaAlignConfig.preset("tiny", aux_ch=1)
+    with pytest.raises(ValueError, match="scan_backend"):
+        MambaAlign(MambaAlignConfig.preset("tiny"), scan_backend="fast")
+
+
+def test_from_checkpoint_returns_eval_mode(tmp_path):
+    model = mambaalign_tiny(aux_ch=0)
+    torch.save({"model": model.state_dict(), "config": model.config.to_dict()}, tmp_path / "m.pth")
+    assert not MambaAlign.from_checkpoint(tmp_path / "m.pth").training
