@@ -11,7 +11,6 @@ Notebook entry points: ``mambaalign_tiny(**overrides)``, ``mambaalign_base(**ove
 from __future__ import annotations
 
 import dataclasses
-import logging
 from dataclasses import asdict, dataclass
 from typing import Dict, Optional, Tuple
 
@@ -25,7 +24,6 @@ from pmm_qsvss import PerModalMamba
 from rgbx_backbone import RGBXBackbone
 from selective_scan import BACKENDS
 
-logger = logging.getLogger(__name__)
 
 __all__ = ["MambaAlignConfig", "MambaAlign", "mambaalign_tiny", "mambaalign_base", "PRESETS"]
 

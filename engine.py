@@ -14,14 +14,16 @@ import os
 import pickle
 import subprocess
 import sys
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from MambaAlign import INPUT_MULTIPLE     # the stride the model needs H and W to be multiples of
+
 __all__ = ["resolve_device", "autocast_context", "run_inference", "git_revision", "dist_info", "load_model",
-           "save_atomic", "load_checkpoint", "remove_stale_temporaries", "MODEL_TYPES", "RunError",
+           "save_atomic", "make_checkpoint", "plain", "load_checkpoint", "remove_stale_temporaries", "MODEL_TYPES", "RunError",
            "HelpFormatter", "positive_int", "nonneg_int", "positive_float", "nonneg_float", "probability",
            "image_size", "run_cli"]
 
@@ -52,8 +54,8 @@ nonneg_int = _number(int, lambda v: v >= 0, "an integer >= 0")
 positive_float = _number(float, lambda v: v > 0, "a number > 0")
 nonneg_float = _number(float, lambda v: v >= 0, "a number >= 0")
 probability = _number(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
-# The stride the model needs H and W to be multiples of (MambaAlign.INPUT_MULTIPLE).
-image_size = _number(int, lambda v: v >= 32 and v % 32 == 0, "a positive multiple of 32")
+image_size = _number(int, lambda v: v >= INPUT_MULTIPLE and v % INPUT_MULTIPLE == 0,
+                     f"a positive multiple of {INPUT_MULTIPLE}")
 
 
 def run_cli(main: Callable, parser: argparse.ArgumentParser, argv=None):
@@ -99,6 +101,23 @@ def remove_stale_temporaries(folder: str) -> List[str]:
 # The model families a checkpoint can hold; its "model_type" entry names one (absent: a MambaAlign checkpoint
 # or a raw MambaAlign state dict).
 MODEL_TYPES = ("mambaalign", "knn")
+
+
+def plain(value):
+    """A value safe for ``weights_only`` loading and JSON: numbers, strings, booleans and None as they are, anything
+    else as its string."""
+    return value if isinstance(value, (int, float, str, bool, type(None))) else str(value)
+
+
+def make_checkpoint(model, config: dict, args: dict, metrics: Optional[dict] = None, **training) -> dict:
+    """The one checkpoint format. Every checkpoint: ``model_type`` (see MODEL_TYPES), ``model`` (state dict),
+    ``config`` (the model's config as a plain dict), ``args`` (the run's arguments as plain values) and
+    ``metrics``. A training checkpoint adds its resumable state as keyword arguments (optimizer, scheduler,
+    scaler, epoch, step, batches_done, best, rng)."""
+    ckpt = {"model_type": getattr(model, "model_type", "mambaalign"), "model": model.state_dict(),
+            "config": config, "args": {k: plain(v) for k, v in args.items()}, "metrics": metrics or {}}
+    ckpt.update(training)
+    return ckpt
 
 
 def save_atomic(obj, path: str) -> None:

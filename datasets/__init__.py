@@ -16,7 +16,7 @@ from typing import Dict, List, Optional, Tuple
 from .base import AnomalyDataset, Record, ShiftedAux
 from .transforms import DatasetError
 
-__all__ = ["build_dataset", "list_objects", "DATASETS", "AUX_CHANNELS", "AnomalyDataset", "DatasetError",
+__all__ = ["build_dataset", "list_objects", "DATASETS", "AnomalyDataset", "DatasetError",
            "Record", "ShiftedAux"]
 
 # name -> (module, class, aux_ch choices, default aux_ch)
@@ -29,7 +29,6 @@ DATASETS: Dict[str, Tuple[str, str, Tuple[int, ...], int]] = {
     "rgbd": ("rgbd", "RGBDFolder", (1, 3, 0), 1),
     "synthetic": ("synthetic", "SyntheticDataset", (3, 1, 0), 3),
 }
-AUX_CHANNELS = {name: spec[2] for name, spec in DATASETS.items()}
 
 
 def _class(name: str):

@@ -13,10 +13,7 @@ from torch.utils.data import Dataset
 from .transforms import (IMAGE_EXTENSIONS, AlignedTransform, DatasetError, probe_file, read_image, read_mask,
                          translate)
 
-__all__ = ["Record", "AnomalyDataset", "ShiftedAux", "list_images", "require_dir", "find_mask", "natural_key",
-           "SPLITS"]
-
-SPLITS = ("train", "validation", "test")
+__all__ = ["Record", "AnomalyDataset", "ShiftedAux", "list_images", "require_dir", "find_mask", "natural_key"]
 
 
 @dataclass(frozen=True)

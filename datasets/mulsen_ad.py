@@ -22,8 +22,6 @@ import numpy as np
 from .base import AnomalyDataset, Record, list_images, require_dir
 from .transforms import DatasetError, read_image
 
-CLASSNAMES = ("button_cell", "capsule", "cotton", "cube", "flat_pad", "light", "nut", "piggy", "plastic_cylinder",
-              "screen", "screw", "solar_panel", "spring_pad", "toothbrush", "zipper")
 LABEL_SOURCES = {"any": (0, 1, 2), "rgb": (0,), "infrared": (1,), "rgb_or_infrared": (0, 1)}
 
 

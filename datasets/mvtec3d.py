@@ -15,9 +15,8 @@ from typing import List
 import numpy as np
 
 from .base import AnomalyDataset, Record, list_images, require_dir
-from .transforms import DatasetError, normals_from_xyz, read_tiff
+from .transforms import GEOMETRY_AUX_KIND, DatasetError, normals_from_xyz, read_tiff
 
-CLASSNAMES = ("bagel", "cable_gland", "carrot", "cookie", "dowel", "foam", "peach", "potato", "rope", "tire")
 
 
 def read_xyz(path: str) -> np.ndarray:
@@ -39,7 +38,7 @@ class MVTec3D(AnomalyDataset):
             raise DatasetError(f"{family} gives normals (aux_ch=3), depth (aux_ch=1) or RGB only (0); got {aux_ch}")
         if split not in ("train", "validation", "test"):
             raise DatasetError(f"{family} has the splits train, validation and test, got {split!r}")
-        self.aux_kind = {3: "normals", 1: "depth", 0: None}[aux_ch]
+        self.aux_kind = GEOMETRY_AUX_KIND[aux_ch]
         split_dir = require_dir(os.path.join(root, object_name, split), f"{family} {object_name}/{split} folder")
         records: List[Record] = []
         for defect in sorted(d for d in os.listdir(split_dir) if os.path.isdir(os.path.join(split_dir, d))):

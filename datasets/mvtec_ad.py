@@ -12,8 +12,6 @@ from typing import List
 from .base import AnomalyDataset, Record, find_mask, list_images, require_dir
 from .transforms import DatasetError
 
-CLASSNAMES = ("bottle", "cable", "capsule", "carpet", "grid", "hazelnut", "leather", "metal_nut", "pill", "screw",
-              "tile", "toothbrush", "transistor", "wood", "zipper")
 
 
 class MVTecAD(AnomalyDataset):

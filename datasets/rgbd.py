@@ -15,7 +15,7 @@ from typing import List
 import numpy as np
 
 from .base import AnomalyDataset, Record, find_mask, list_images, require_dir
-from .transforms import DatasetError, decode_normals_png, read_image, read_tiff
+from .transforms import GEOMETRY_AUX_KIND, DatasetError, decode_normals_png, read_image, read_tiff
 
 
 class RGBDFolder(AnomalyDataset):
@@ -26,7 +26,7 @@ class RGBDFolder(AnomalyDataset):
             raise DatasetError(f"the rgbd folder holds depth (aux_ch=1), normals (3) or nothing (0); got {aux_ch}")
         if split not in ("train", "test"):
             raise DatasetError(f"the rgbd folder has the splits train and test, got {split!r}")
-        self.aux_kind = {1: "depth", 3: "normals", 0: None}[aux_ch]
+        self.aux_kind = GEOMETRY_AUX_KIND[aux_ch]
         base = require_dir(os.path.join(root, object_name), f"object {object_name!r}")
         split_dir = require_dir(os.path.join(base, split), f"{object_name}/{split} folder")
         records: List[Record] = []

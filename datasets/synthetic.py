@@ -31,7 +31,7 @@ import numpy as np
 from scipy import ndimage
 
 from .base import AnomalyDataset, Record
-from .transforms import DatasetError, to_hw
+from .transforms import GEOMETRY_AUX_KIND, DatasetError, to_hw
 
 __all__ = ["OBJECT_TYPES", "DEFECT_TYPES", "render_sample", "SyntheticDataset", "write_mvtec3d_tree",
            "TABLE_DEPTH", "FOCAL"]
@@ -200,7 +200,7 @@ class SyntheticDataset(AnomalyDataset):
             raise DatasetError(f"synthetic splits are {tuple(_SPLIT_IDS)}, got {split!r}")
         if aux_ch not in (0, 1, 3):
             raise DatasetError(f"synthetic data gives normals (aux_ch=3), depth (1) or RGB only (0); got {aux_ch}")
-        self.aux_kind = {3: "normals", 1: "depth", 0: None}[aux_ch]
+        self.aux_kind = GEOMETRY_AUX_KIND[aux_ch]
         self.counts = {**DEFAULT_COUNTS, **(counts or {})}
         self.render_size = to_hw(render_size or img_size)
         self.data_seed = seed

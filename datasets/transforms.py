@@ -22,13 +22,15 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "AUX_KINDS", "DatasetError", "read_image", "read_mask", "translate",
-           "probe_file",
+           "probe_file", "GEOMETRY_AUX_KIND",
            "read_tiff", "to_hw", "AlignedTransform", "normals_from_xyz", "decode_normals_png",
            "normalize_rgb", "denormalize_rgb", "aux_to_image"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 AUX_KINDS = {"normals": 3, "depth": 1, "intensity": 1}
+# What aux_ch means for a geometric sensor (normals or depth; 0 = RGB only).
+GEOMETRY_AUX_KIND = {3: "normals", 1: "depth", 0: None}
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 
