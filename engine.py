@@ -1,8 +1,13 @@
-"""Inference and run plumbing shared by train.py and eval.py.
+"""The run layer shared by train.py, eval.py and bench.py (scripts import it; it imports no script).
 
-This file is not in DESIGN.md's layout. It exists because both scripts need the same inference loop (train.py
-for model selection on the validation split, eval.py on the test split), and the design forbids a module
-importing a script; keeping one copy here guarantees validation and test numbers are computed the same way.
+* The checkpoint format, one owner: ``make_checkpoint`` (what a checkpoint holds), ``save_atomic``,
+  ``load_checkpoint`` (``weights_only``, every failure a one-line RunError naming the file), ``load_model``
+  (rebuilds the MambaAlign or knn model a checkpoint holds), ``remove_stale_temporaries``.
+* The run's environment: ``resolve_device``, ``autocast_context`` (one autocast for the repo), ``dist_info``,
+  ``git_revision``.
+* Command lines: argument types that range-check numbers, ``HelpFormatter`` (defaults shown), ``run_cli`` (data,
+  checkpoint, argument and file errors become one line and exit status 2).
+* ``run_inference``: the loop train.py (validation) and eval.py (test) share, so both compute metrics the same way.
 """
 from __future__ import annotations
 
