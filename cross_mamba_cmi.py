@@ -9,62 +9,42 @@ so CMI starts close to the identity and grows as it proves useful.
 """
 from __future__ import annotations
 
-import math
 from typing import Tuple
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from pmm_qsvss import SelectiveParams, cross_merge, cross_scan
+from pmm_qsvss import QuadSnakeMixer, mixer_sizes
 
 __all__ = ["CrossMambaInteraction"]
 
 
 class _Branch(nn.Module):
-    """Per-modality projections of CMI: norm, in_proj to (x, z), depthwise conv, selective params, output."""
+    """One modality's side of CMI: a norm, the QuadSnake mixer QSVSS uses, and the residual gate."""
 
-    def __init__(self, dim, d_inner, d_state, dt_rank, d_conv, gate_init):
+    def __init__(self, dim, d_inner, d_state, dt_rank, d_conv, gate_init, scan_backend):
         super().__init__()
         self.norm = nn.LayerNorm(dim)
-        self.in_proj = nn.Linear(dim, 2 * d_inner, bias=False)
-        self.conv = nn.Conv2d(d_inner, d_inner, d_conv, padding=d_conv // 2, groups=d_inner)
-        self.ssm = SelectiveParams(d_inner, d_state, dt_rank)
-        self.out_norm = nn.LayerNorm(d_inner)
-        self.out_proj = nn.Linear(d_inner, dim, bias=False)
+        self.mixer = QuadSnakeMixer(dim, d_inner, d_state, dt_rank, d_conv, scan_backend=scan_backend)
         self.gate = nn.Parameter(torch.full((dim,), float(gate_init)))
-
-    def tokens(self, x):
-        """(B, dim, H, W) -> route sequences xs (B, 4, d_inner, L) and the gate input z (B, H, W, d_inner)."""
-        xi, z = self.in_proj(self.norm(x.permute(0, 2, 3, 1))).chunk(2, dim=-1)
-        xi = F.silu(self.conv(xi.permute(0, 3, 1, 2).contiguous()))
-        return cross_scan(xi), z
 
 
 class CrossMambaInteraction(nn.Module):
-    """(B, C, H, W) x 2 -> (B, C, H, W) x 2. Each modality's (delta, B, C) come from the OTHER modality."""
+    """(B, C, H, W) x 2 -> (B, C, H, W) x 2. Each modality's (delta, B, C) come from the OTHER modality: a QSVSS
+    mixer whose steering tokens are the partner's."""
 
     def __init__(self, dim: int, d_state: int = 16, ssm_ratio: float = 1.0, dt_rank="auto", d_conv: int = 3,
                  gate_init: float = 0.1, scan_backend: str = "auto"):
         super().__init__()
-        d_inner = int(round(ssm_ratio * dim))
-        dt_rank = math.ceil(dim / 16) if dt_rank == "auto" else int(dt_rank)
-        self.scan_backend = scan_backend
-        self.rgb = _Branch(dim, d_inner, d_state, dt_rank, d_conv, gate_init)
-        self.aux = _Branch(dim, d_inner, d_state, dt_rank, d_conv, gate_init)
-
-    def _cross(self, branch: _Branch, xs_self, z_self, xs_other, H, W):
-        dts, Bs, Cs = branch.ssm.project(xs_other)                      # steered by the partner's tokens
-        y = cross_merge(branch.ssm.scan(xs_self, dts, Bs, Cs, backend=self.scan_backend), H, W)
-        y = branch.out_norm(y.permute(0, 2, 3, 1)) * F.silu(z_self)      # (B, H, W, d_inner)
-        return (branch.out_proj(y) * branch.gate).permute(0, 3, 1, 2)
+        d_inner, dt_rank = mixer_sizes(dim, ssm_ratio, dt_rank)
+        self.rgb = _Branch(dim, d_inner, d_state, dt_rank, d_conv, gate_init, scan_backend)
+        self.aux = _Branch(dim, d_inner, d_state, dt_rank, d_conv, gate_init, scan_backend)
 
     def forward(self, f_rgb: torch.Tensor, f_aux: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         if f_rgb.shape != f_aux.shape:
             raise ValueError(f"CMI needs equal shapes, got rgb {tuple(f_rgb.shape)} and aux {tuple(f_aux.shape)}")
-        H, W = f_rgb.shape[2:]
-        xs_r, z_r = self.rgb.tokens(f_rgb)
-        xs_a, z_a = self.aux.tokens(f_aux)
-        out_rgb = f_rgb + self._cross(self.rgb, xs_r, z_r, xs_a, H, W)
-        out_aux = f_aux + self._cross(self.aux, xs_a, z_a, xs_r, H, W)
+        x_r, z_r = self.rgb.mixer.tokens(self.rgb.norm(f_rgb.permute(0, 2, 3, 1)))
+        x_a, z_a = self.aux.mixer.tokens(self.aux.norm(f_aux.permute(0, 2, 3, 1)))
+        out_rgb = f_rgb + (self.rgb.mixer(x_r, z_r, steer=x_a) * self.rgb.gate).permute(0, 3, 1, 2)
+        out_aux = f_aux + (self.aux.mixer(x_a, z_a, steer=x_r) * self.aux.gate).permute(0, 3, 1, 2)
         return out_rgb, out_aux

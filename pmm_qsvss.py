@@ -16,7 +16,7 @@ The QSVSS block scans the four routes as the four groups of ONE selective-scan c
 from __future__ import annotations
 
 import math
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -24,8 +24,8 @@ import torch.nn.functional as F
 
 from selective_scan import selective_scan_fn
 
-__all__ = ["quadsnake_routes", "cross_scan", "cross_merge", "QSVSSBlock", "PerModalMamba", "DropPath",
-           "SelectiveParams", "NUM_ROUTES"]
+__all__ = ["quadsnake_routes", "cross_scan", "cross_merge", "QSVSSBlock", "QuadSnakeMixer", "PerModalMamba",
+           "DropPath", "SelectiveParams", "mixer_sizes", "NUM_ROUTES"]
 
 NUM_ROUTES = 4
 _ROUTE_CACHE: Dict[Tuple[int, int, str], Tuple[torch.Tensor, torch.Tensor]] = {}
@@ -164,61 +164,91 @@ class SelectiveParams(nn.Module):
         return y.view(Bsz, K, d, L)
 
 
+class QuadSnakeMixer(nn.Module):
+    """The state-space mixer that QSVSS and CMI share. (B, H, W, dim) tokens in and out.
+
+    ``tokens``: in_proj to (x, z) -> depthwise conv -> SiLU. ``forward(x, z, steer)``: the per-route selective
+    parameters (dt, B, C) are projected from the STEERING tokens (default: x itself, as in a QSVSS block; the
+    partner modality's tokens in CMI), x is scanned over the four QuadSnake routes with them, the routes are
+    merged -> norm -> * SiLU(z) -> out_proj. ``route_mode="sequential"`` scans one route at a time (lower peak
+    memory, same result).
+    """
+
+    def __init__(self, dim: int, d_inner: int, d_state: int, dt_rank: int, d_conv: int = 3,
+                 route_mode: str = "parallel", scan_backend: str = "auto"):
+        super().__init__()
+        if route_mode not in ("parallel", "sequential"):
+            raise ValueError(f"route_mode must be 'parallel' or 'sequential', got {route_mode!r}")
+        self.route_mode, self.scan_backend = route_mode, scan_backend
+        self.in_proj = nn.Linear(dim, 2 * d_inner, bias=False)
+        self.conv = nn.Conv2d(d_inner, d_inner, d_conv, padding=d_conv // 2, groups=d_inner)
+        self.ssm = SelectiveParams(d_inner, d_state, dt_rank)
+        self.out_norm = nn.LayerNorm(d_inner)
+        self.out_proj = nn.Linear(d_inner, dim, bias=False)
+
+    def tokens(self, xl: torch.Tensor):
+        """Normalised tokens (B, H, W, dim) -> x (B, d_inner, H, W) after conv + SiLU, and z (B, H, W, d_inner)."""
+        xi, z = self.in_proj(xl).chunk(2, dim=-1)
+        return F.silu(self.conv(xi.permute(0, 3, 1, 2).contiguous())), z
+
+    def _scan(self, x: torch.Tensor, steer: torch.Tensor) -> torch.Tensor:
+        """x, steer: (B, d_inner, H, W) -> (B, d_inner, H, W), the four routes merged."""
+        Bsz, d, H, W = x.shape
+        if self.route_mode == "parallel":
+            xs = cross_scan(x)                                           # (B, 4, d, L)
+            dts, Bs, Cs = self.ssm.project(xs if steer is x else cross_scan(steer))
+            return cross_merge(self.ssm.scan(xs, dts, Bs, Cs, backend=self.scan_backend), H, W)
+        routes = quadsnake_routes(H, W, x.device)
+        flat, flat_steer = x.reshape(Bsz, d, H * W), steer.reshape(Bsz, d, H * W)
+        merged = torch.zeros_like(flat)
+        for k in range(NUM_ROUTES):
+            xs = flat.index_select(2, routes[k]).unsqueeze(1)            # (B, 1, d, L)
+            ss = xs if steer is x else flat_steer.index_select(2, routes[k]).unsqueeze(1)
+            dts, Bs, Cs = self.ssm.project(ss, routes=slice(k, k + 1))
+            y = self.ssm.scan(xs, dts, Bs, Cs, routes=slice(k, k + 1), backend=self.scan_backend)
+            merged = merged.index_add(2, routes[k], y[:, 0])
+        return merged.view(Bsz, d, H, W)
+
+    def forward(self, x: torch.Tensor, z: torch.Tensor, steer: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x, steer: (B, d_inner, H, W); z: (B, H, W, d_inner) -> (B, H, W, dim)."""
+        y = self._scan(x, x if steer is None else steer).permute(0, 2, 3, 1)   # (B, H, W, d_inner)
+        return self.out_proj(self.out_norm(y) * F.silu(z))
+
+
+def mixer_sizes(dim: int, ssm_ratio: float, dt_rank="auto"):
+    """(d_inner, dt_rank) of a mixer: d_inner = ssm_ratio * dim, dt_rank = ceil(dim / 16) as in Mamba."""
+    return int(round(ssm_ratio * dim)), (math.ceil(dim / 16) if dt_rank == "auto" else int(dt_rank))
+
+
 class QSVSSBlock(nn.Module):
     """QuadSnake visual state-space block. (B, dim, H, W) -> (B, dim, H, W).
 
-    norm -> in_proj to (x, z) -> depthwise conv -> SiLU -> per-route (dt, B, C) -> selective scan over the
-    4 routes -> merge -> norm -> * SiLU(z) -> out_proj -> residual (+DropPath); norm -> MLP -> residual.
-    ``route_mode="sequential"`` scans one route at a time (lower peak memory, same result).
+    norm -> QuadSnakeMixer (in_proj to (x, z) -> depthwise conv -> SiLU -> per-route (dt, B, C) -> selective
+    scan over the 4 routes -> merge -> norm -> * SiLU(z) -> out_proj) -> residual (+DropPath);
+    norm -> MLP -> residual. ``route_mode="sequential"`` scans one route at a time (lower peak memory).
     """
 
     def __init__(self, dim: int, d_state: int = 16, ssm_ratio: float = 2.0, dt_rank="auto", d_conv: int = 3,
                  mlp_ratio: float = 4.0, drop_path: float = 0.0, norm: str = "ln",
                  route_mode: str = "parallel", scan_backend: str = "auto"):
         super().__init__()
-        if route_mode not in ("parallel", "sequential"):
-            raise ValueError(f"route_mode must be 'parallel' or 'sequential', got {route_mode!r}")
         self.dim = dim
-        self.d_inner = int(round(ssm_ratio * dim))
-        self.dt_rank = math.ceil(dim / 16) if dt_rank == "auto" else int(dt_rank)
-        self.route_mode = route_mode
-        self.scan_backend = scan_backend
+        self.d_inner, self.dt_rank = mixer_sizes(dim, ssm_ratio, dt_rank)
         self.norm1 = _norm(norm, dim)
-        self.in_proj = nn.Linear(dim, 2 * self.d_inner, bias=False)
-        self.conv = nn.Conv2d(self.d_inner, self.d_inner, d_conv, padding=d_conv // 2, groups=self.d_inner)
-        self.ssm = SelectiveParams(self.d_inner, d_state, self.dt_rank)
-        self.out_norm = nn.LayerNorm(self.d_inner)
-        self.out_proj = nn.Linear(self.d_inner, dim, bias=False)
+        self.mixer = QuadSnakeMixer(dim, self.d_inner, d_state, self.dt_rank, d_conv, route_mode, scan_backend)
         self.drop_path = DropPath(drop_path)
         self.norm2 = _norm(norm, dim)
         hidden = int(round(mlp_ratio * dim))
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
 
-    def _ssm(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (B, d_inner, H, W) after conv + SiLU -> (B, d_inner, H, W), the four routes merged."""
-        Bsz, d, H, W = x.shape
-        if self.route_mode == "parallel":
-            xs = cross_scan(x)                                           # (B, 4, d, L)
-            dts, Bs, Cs = self.ssm.project(xs)
-            return cross_merge(self.ssm.scan(xs, dts, Bs, Cs, backend=self.scan_backend), H, W)
-        routes = quadsnake_routes(H, W, x.device)
-        flat = x.reshape(Bsz, d, H * W)
-        merged = torch.zeros_like(flat)
-        for k in range(NUM_ROUTES):
-            xs = flat.index_select(2, routes[k]).unsqueeze(1)            # (B, 1, d, L)
-            dts, Bs, Cs = self.ssm.project(xs, routes=slice(k, k + 1))
-            y = self.ssm.scan(xs, dts, Bs, Cs, routes=slice(k, k + 1), backend=self.scan_backend)
-            merged = merged.index_add(2, routes[k], y[:, 0])
-        return merged.view(Bsz, d, H, W)
+    @property
+    def ssm(self) -> SelectiveParams:
+        return self.mixer.ssm
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xl = x.permute(0, 2, 3, 1)                                       # (B, H, W, C)
-        xz = self.in_proj(self.norm1(xl))
-        xi, z = xz.chunk(2, dim=-1)                                      # (B, H, W, d_inner) each
-        xi = F.silu(self.conv(xi.permute(0, 3, 1, 2).contiguous()))      # (B, d_inner, H, W)
-        y = self._ssm(xi).permute(0, 2, 3, 1)                            # (B, H, W, d_inner)
-        y = self.out_norm(y) * F.silu(z)
-        xl = xl + self.drop_path(self.out_proj(y))
+        xi, z = self.mixer.tokens(self.norm1(xl))
+        xl = xl + self.drop_path(self.mixer(xi, z))
         xl = xl + self.drop_path(self.mlp(self.norm2(xl)))
         return xl.permute(0, 3, 1, 2).contiguous()
 

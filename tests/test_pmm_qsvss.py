@@ -162,3 +162,31 @@ def test_pmm_learns_long_range_copy_that_convs_cannot():
     loss_pmm, loss_conv = _train_copier(pmm), _train_copier(conv)
     assert loss_conv > 0.8, loss_conv
     assert loss_pmm < 0.5 * loss_conv, (loss_pmm, loss_conv)
+
+
+def test_qsvss_and_cmi_share_one_mixer_and_cmi_steers_with_the_partner():
+    from cross_mamba_cmi import CrossMambaInteraction
+    from pmm_qsvss import QuadSnakeMixer
+    torch.manual_seed(0)
+    cmi = CrossMambaInteraction(16, d_state=4, gate_init=1.0)
+    assert isinstance(cmi.rgb.mixer, QuadSnakeMixer) and isinstance(QSVSSBlock(16).mixer, QuadSnakeMixer)
+    a, b = torch.randn(2, 16, 6, 5), torch.randn(2, 16, 6, 5)
+    mixer = cmi.rgb.mixer
+    x, z = mixer.tokens(cmi.rgb.norm(a.permute(0, 2, 3, 1)))
+    # steered by itself, the mixer is exactly a QSVSS block's; steered by the partner, it differs
+    assert torch.equal(mixer(x, z), mixer(x, z, steer=x))
+    out_rgb, _ = cmi(a, b)
+    partner = cmi.aux.mixer.tokens(cmi.aux.norm(b.permute(0, 2, 3, 1)))[0]   # the partner's own tokens
+    assert torch.allclose(out_rgb, a + (mixer(x, z, steer=partner) * cmi.rgb.gate).permute(0, 3, 1, 2), atol=1e-6)
+    assert not torch.allclose(out_rgb, a + (mixer(x, z) * cmi.rgb.gate).permute(0, 3, 1, 2), atol=1e-4)
+
+
+def test_sequential_routes_match_parallel_with_a_partner():
+    from pmm_qsvss import QuadSnakeMixer
+    torch.manual_seed(1)
+    par = QuadSnakeMixer(8, 8, 4, 1)
+    seq = QuadSnakeMixer(8, 8, 4, 1, route_mode="sequential")
+    seq.load_state_dict(par.state_dict())
+    x, s = torch.randn(2, 8, 5, 7), torch.randn(2, 8, 5, 7)
+    z = torch.randn(2, 5, 7, 8)
+    assert torch.allclose(par(x, z, steer=s), seq(x, z, steer=s), atol=1e-5)
