@@ -17,7 +17,8 @@ Peak memory is the process's resident-set high-water mark (Linux VmHWM, reset be
 minus the resident size just before it: what the measured call added on top of its inputs. bench.py re-runs
 itself with glibc's mmap threshold fixed at 64 KiB and trims the heap before each measurement, so memory an
 earlier measurement freed is not resident any more: otherwise it is silently reused and the mark misses it.
-``ablation`` and ``compare`` measure no memory and run with the allocator's defaults: the fixed threshold maps and unmaps
+``ablation`` and ``compare`` measure no memory and run with the allocator's defaults: the fixed threshold maps and
+unmaps
 every large tensor, which doubled training time (a third of it in the kernel).
 """
 from __future__ import annotations
@@ -569,7 +570,8 @@ _MMAP_ENV = "MALLOC_MMAP_THRESHOLD_"
 
 def main(args) -> None:
     args.out_dir = args.out_dir or f"runs/{args.what}"
-    if args.what not in ("ablation", "compare") and os.environ.get(_MMAP_ENV) is None and sys.platform.startswith("linux"):
+    measures_memory = args.what not in ("ablation", "compare")
+    if measures_memory and os.environ.get(_MMAP_ENV) is None and sys.platform.startswith("linux"):
         os.environ[_MMAP_ENV] = "65536"
         os.execv(sys.executable, [sys.executable] + sys.argv)
     n = _pin_threads(args.threads)

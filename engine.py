@@ -28,7 +28,8 @@ from torch.utils.data import DataLoader
 from MambaAlign import INPUT_MULTIPLE     # the stride the model needs H and W to be multiples of
 
 __all__ = ["resolve_device", "autocast_context", "run_inference", "git_revision", "dist_info", "load_model",
-           "save_atomic", "make_checkpoint", "plain", "load_checkpoint", "remove_stale_temporaries", "MODEL_TYPES", "RunError",
+           "save_atomic", "make_checkpoint", "plain", "load_checkpoint", "remove_stale_temporaries", "MODEL_TYPES",
+           "RunError",
            "HelpFormatter", "positive_int", "nonneg_int", "positive_float", "nonneg_float", "probability",
            "image_size", "run_cli"]
 

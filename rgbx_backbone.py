@@ -273,7 +273,8 @@ class RGBXBackbone(nn.Module):
                     or aux.shape[2:] != rgb.shape[2:]:
                 got = None if aux is None else tuple(aux.shape)
                 raise ValueError(f"aux must be (B, {self.aux_ch}, H, W) matching rgb {tuple(rgb.shape)}, got {got}")
-            x = torch.cat([self.conv1(self._rgb_in(rgb)), self.aux_conv1(aux * self.aux_scale)], dim=0)   # (2B, C, H/2, W/2)
+            # (2B, C, H/2, W/2): the two modalities ride the batch axis together
+            x = torch.cat([self.conv1(self._rgb_in(rgb)), self.aux_conv1(aux * self.aux_scale)], dim=0)
         else:
             if aux is not None:
                 raise ValueError("this backbone was built RGB-only (aux_ch=0) but an aux tensor was passed")

@@ -308,7 +308,8 @@ class _TritonScan(torch.autograd.Function):
             _bwd_kernel[(batch, G, n_blocks)](
                 u, delta, A32, B, C, D if D is not None else dummy, zz,
                 delta_bias if delta_bias is not None else dummy, ckpt, dout,
-                dlast.float().contiguous() if dlast is not None else dummy, scratch, du, ddelta, dz, dA, dD, dbias, dB, dC,
+                dlast.float().contiguous() if dlast is not None else dummy, scratch,
+                du, ddelta, dz, dA, dD, dbias, dB, dC,
                 L, Dg, N, n_chunks, n_blocks,
                 *_strides3(u), *_strides3(delta), *_strides3(zz), *_strides3(dout),
                 *B.stride(), *C.stride(),

@@ -93,7 +93,8 @@ def get_args_parser():
                    help="Gaussian smoothing of the distance map, in input pixels")
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=positive_int, default=30, help="training epochs")
-    g.add_argument("--max_steps", type=nonneg_int, default=0, help="stop after this many optimizer steps (0 = no limit)")
+    g.add_argument("--max_steps", type=nonneg_int, default=0,
+                   help="stop after this many optimizer steps (0 = no limit)")
     g.add_argument("--batch_size", type=positive_int, default=8, help="images per step per rank")
     g.add_argument("--accum_steps", type=positive_int, default=1, help="gradient accumulation steps per optimizer step")
     g.add_argument("--lr", type=positive_float, default=1e-3, help="peak learning rate (AdamW)")

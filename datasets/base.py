@@ -144,7 +144,8 @@ class AnomalyDataset(Dataset):
                 if self.aux_ch and r.aux:
                     ah, aw, ac = probe_file(r.aux)
                     if self.aux_file_channels is not None and ac != self.aux_file_channels:
-                        raise DatasetError(f"aux file {r.aux} has {ac} channel(s), expected {self.aux_file_channels}")
+                        raise DatasetError(f"aux file {r.aux} has {ac} channel(s), expected "
+                                           f"{self.aux_file_channels}")
                     if self.aux_matches_rgb and (ah, aw) != (h, w):
                         raise DatasetError(f"aux {r.aux} is {aw}x{ah} but {r.rgb} is {w}x{h}")
             except DatasetError as exc:

@@ -242,7 +242,8 @@ def test_bad_inputs_name_the_path(tmp_path):
     data = open(rgb, "rb").read()
     open(rgb, "wb").write(data[: len(data) // 2])
     # check=False: each reader's own error, item by item (build_dataset's up-front check is tested below)
-    ds = build_dataset("mvtec3d", root, "widget", "test", 32, 3, check=False)  # crack/000, crack/001, good/000, good/001
+    # records: crack/000, crack/001, good/000, good/001
+    ds = build_dataset("mvtec3d", root, "widget", "test", 32, 3, check=False)
     with pytest.raises(DatasetError, match=r"cannot read image .*000.png"):
         ds[2]
     tifffile.imwrite(os.path.join(obj, "test/good/xyz/001.tiff"), np.zeros((24, 32), np.float32))
