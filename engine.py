@@ -19,6 +19,7 @@ import os
 import pickle
 import subprocess
 import sys
+import warnings
 from typing import Callable, Dict, List, Optional
 
 import numpy as np
@@ -85,7 +86,9 @@ def load_checkpoint(path: str, map_location="cpu"):
     if not os.path.isfile(path):
         raise RunError(f"checkpoint not found: {path}")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():     # torch's notes on foreign pickles: the errors below say what matters
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
         if "weights_only" in str(exc) or "Unsupported global" in str(exc):
             raise RunError(f"refused to load {path}: it holds Python objects other than tensors and plain values "

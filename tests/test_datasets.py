@@ -292,7 +292,7 @@ def test_non_finite_xyz_values_are_missing_points(tmp_path):
     xyz = tifffile.imread(tif)
     xyz[5, 7] = [np.inf, 0.0, 1.0]
     xyz[9, 9, 2] = np.nan
-    tifffile.imwrite(tif, xyz)
+    tifffile.imwrite(tif, xyz, photometric="minisblack")
     for aux_ch in (1, 3):
         ds = build_dataset("mvtec3d", str(tmp_path), "widget", "train", 32, aux_ch)
         s, clean = ds[0], ds[1]                                # 001.tiff holds the same points, all finite
