@@ -2,7 +2,8 @@
 
 * The checkpoint format, one owner: ``make_checkpoint`` (what a checkpoint holds), ``save_atomic``,
   ``load_checkpoint`` (``weights_only``, every failure a one-line RunError naming the file), ``load_model``
-  (rebuilds the MambaAlign or knn model a checkpoint holds), ``remove_stale_temporaries``.
+  (rebuilds the MambaAlign or knn model a checkpoint holds), ``prepare_out_dir`` (creates --out_dir once the
+  checks pass and removes temporaries a killed save left).
 * The run's environment: ``resolve_device``, ``autocast_context`` (one autocast for the repo), ``dist_info``,
   ``git_revision``.
 * Command lines: argument types that range-check numbers, ``HelpFormatter`` (defaults shown), ``run_cli`` (data,
@@ -27,12 +28,16 @@ import torch
 from torch.utils.data import DataLoader
 
 from MambaAlign import INPUT_MULTIPLE     # the stride the model needs H and W to be multiples of
+from rgbx_backbone import BackboneWeightsError
 
 __all__ = ["resolve_device", "autocast_context", "run_inference", "git_revision", "dist_info", "load_model",
-           "save_atomic", "make_checkpoint", "plain", "load_checkpoint", "remove_stale_temporaries", "MODEL_TYPES",
-           "RunError",
-           "HelpFormatter", "positive_int", "nonneg_int", "positive_float", "nonneg_float", "probability",
-           "image_size", "run_cli"]
+           "save_atomic", "make_checkpoint", "plain", "load_checkpoint", "prepare_out_dir", "MODEL_TYPES",
+           "RunError", "HelpFormatter", "positive_int", "nonneg_int", "positive_float", "nonneg_float",
+           "probability", "fraction", "fpr_limit", "image_size", "run_cli"]
+
+# The model families a checkpoint can hold; its "model_type" entry names one (absent: a MambaAlign checkpoint
+# or a raw MambaAlign state dict).
+MODEL_TYPES = ("mambaalign", "knn")
 
 
 class RunError(Exception):
@@ -61,6 +66,8 @@ nonneg_int = _number(int, lambda v: v >= 0, "an integer >= 0")
 positive_float = _number(float, lambda v: v > 0, "a number > 0")
 nonneg_float = _number(float, lambda v: v >= 0, "a number >= 0")
 probability = _number(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
+fraction = _number(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
+fpr_limit = _number(float, lambda v: 0 < v <= 1, "a number in (0, 1]")
 image_size = _number(int, lambda v: v >= INPUT_MULTIPLE and v % INPUT_MULTIPLE == 0,
                      f"a positive multiple of {INPUT_MULTIPLE}")
 
@@ -72,7 +79,7 @@ def run_cli(main: Callable, parser: argparse.ArgumentParser, argv=None):
     args = parser.parse_args(argv)
     try:
         return main(args)
-    except (RunError, DatasetError, OSError) as exc:
+    except (RunError, DatasetError, BackboneWeightsError, OSError) as exc:
         if getattr(args, "debug", False):
             raise
         text = " ".join(str(exc).split()) or type(exc).__name__
@@ -93,23 +100,32 @@ def load_checkpoint(path: str, map_location="cpu"):
         if "weights_only" in str(exc) or "Unsupported global" in str(exc):
             raise RunError(f"refused to load {path}: it holds Python objects other than tensors and plain values "
                            f"(loading it would run code); MambaAlign checkpoints never do") from None
-        raise RunError(f"{path} is not a PyTorch checkpoint ({str(exc).splitlines()[0]})") from None
-    except (RuntimeError, EOFError, ValueError, OSError) as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise RunError(f"{path} is not a readable PyTorch checkpoint (truncated or another format: {first})") \
-            from None
+        raise RunError(f"{path} is not a PyTorch checkpoint ({_first_line(exc)})") from None
+    except Exception as exc:  # on corrupt bytes torch.load can raise almost anything (IndexError, KeyError, ...)
+        raise RunError(f"{path} is not a readable PyTorch checkpoint (truncated or another format: "
+                       f"{_first_line(exc)})") from None
 
 
-def remove_stale_temporaries(folder: str) -> List[str]:
-    """Delete temporary checkpoint files (``*.pth.tmp.<pid>``) a killed save left behind; returns their paths."""
-    stale = sorted(glob.glob(os.path.join(glob.escape(folder), "*.pth.tmp.*")))
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def prepare_out_dir(path: str) -> List[str]:
+    """Create ``--out_dir`` (call it once every check has passed), check that it is writable, and delete the
+    temporary checkpoint files (``*.pth.tmp.<pid>``) a killed save left there; returns their paths."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, f".write_test.{os.getpid()}")
+        with open(probe, "w") as fh:
+            fh.write("ok")
+        os.remove(probe)
+    except OSError as exc:
+        raise RunError(f"--out_dir {path} is not writable: {exc}") from None
+    stale = sorted(glob.glob(os.path.join(glob.escape(path), "*.pth.tmp.*")))
     for p in stale:
         os.remove(p)
     return stale
-
-# The model families a checkpoint can hold; its "model_type" entry names one (absent: a MambaAlign checkpoint
-# or a raw MambaAlign state dict).
-MODEL_TYPES = ("mambaalign", "knn")
 
 
 def plain(value):
@@ -155,8 +171,7 @@ def load_model(ckpt, config=None, source: str = "checkpoint"):
         from MambaAlign import MambaAlign
         return MambaAlign.from_loaded(ckpt, config=config, source=source).eval()
     except (KeyError, ValueError, TypeError, RuntimeError) as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise RunError(f"{source} does not hold a model this version can rebuild: {first}") from None
+        raise RunError(f"{source} does not hold a model this version can rebuild: {_first_line(exc)}") from None
 
 
 def resolve_device(name: str = "auto") -> torch.device:
