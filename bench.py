@@ -408,43 +408,47 @@ def _test_loader(dataset, root, obj, img_size, aux_ch, seed=0):
     return DataLoader(build_dataset(dataset, root, obj, "test", img_size, aux_ch, **kw), batch_size=8)
 
 
+def _score_test_split(dataset, root, obj, img_size, aux_ch, scorer):
+    """Run ``scorer(batch) -> {method: (map (B, 1, H, W), image score (B,))}`` over a test split; metrics per
+    method."""
+    import numpy as np
+    cat = np.concatenate
+    res = {}
+    for b in _test_loader(dataset, root, obj, img_size, aux_ch):
+        for name, (maps, scores) in scorer(b).items():
+            r = res.setdefault(name, {"s": [], "m": [], "y": [], "g": []})
+            r["s"].append(scores.numpy())
+            r["m"].append(maps[:, 0].numpy())
+            r["y"].append(np.asarray(b["label"]))
+            r["g"].append(b["mask"][:, 0].numpy() > 0.5)
+    return {name: _metrics_of(cat(r["s"]), cat(r["y"]), cat(r["m"]), cat(r["g"])) for name, r in res.items()}
+
+
 def _compare_floor(dataset, root, obj, img_size):
     from datasets.transforms import denormalize_rgb
-    import numpy as np
-    scores, labels, maps, masks = [], [], [], []
-    for b in _test_loader(dataset, root, obj, img_size, 0):
+
+    def scorer(b):
         m = floor_map(torch.stack([denormalize_rgb(x) for x in b["rgb"]]))
-        maps.append(m[:, 0].numpy())
-        scores.append(m.flatten(1).amax(1).numpy())
-        masks.append(b["mask"][:, 0].numpy() > 0.5)
-        labels.append(np.asarray(b["label"]))
-    cat = np.concatenate
-    return {"floor (border-median colour distance)": _metrics_of(cat(scores), cat(labels), cat(maps), cat(masks))}
+        return {"floor (border-median colour distance)": (m, m.flatten(1).amax(1))}
+    return _score_test_split(dataset, root, obj, img_size, 0, scorer)
 
 
 def _compare_knn(args, dataset, root, obj, aux_ch, out):
     """Fit one knn checkpoint through train.py, then score the test split with each modality and fused."""
-    import numpy as np
     import train as train_script
-    from engine import load_model
+    from engine import load_checkpoint, load_model
     argv = ["--model", "knn", "--dataset", dataset, "--object", obj, "--img_size", str(args.img_size),
             "--aux_ch", str(aux_ch), "--out_dir", out, "--quiet"] + (["--data_root", root] if root else [])
     train_script.main(train_script.get_args_parser().parse_args(argv))
-    model = load_model(torch.load(os.path.join(out, "best_checkpoint.pth"), weights_only=True))
-    res = {}
-    for b in _test_loader(dataset, root, obj, args.img_size, aux_ch):
+    model = load_model(load_checkpoint(os.path.join(out, "best_checkpoint.pth")))
+
+    def scorer(b):
         o = model(b["rgb"], b.get("aux"))
-        parts = dict(o["per_modality"])
+        parts = {f"knn {m}": (v["map"], v["score"]) for m, v in o["per_modality"].items()}
         if aux_ch:
-            parts["fused"] = {"map": o["seg_logits"], "score": o["score_logit"]}
-        for name, v in parts.items():
-            r = res.setdefault(name, {"s": [], "m": [], "y": [], "g": []})
-            r["s"].append(v["score"].numpy())
-            r["m"].append(v["map"][:, 0].numpy())
-            r["y"].append(np.asarray(b["label"]))
-            r["g"].append(b["mask"][:, 0].numpy() > 0.5)
-    cat = np.concatenate
-    return {f"knn {name}": _metrics_of(cat(r["s"]), cat(r["y"]), cat(r["m"]), cat(r["g"])) for name, r in res.items()}
+            parts["knn fused"] = (o["seg_logits"], o["score_logit"])
+        return parts
+    return _score_test_split(dataset, root, obj, args.img_size, aux_ch, scorer)
 
 
 def _compare_model(args, dataset, root, obj, aux_ch, seed, out):

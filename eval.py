@@ -21,7 +21,7 @@ import math
 import os
 import time
 import warnings
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 import numpy as np
 from torch.utils.data import DataLoader
@@ -29,8 +29,8 @@ from torch.utils.data import DataLoader
 import metrics
 from datasets import DATASETS, ShiftedAux, build_dataset, list_objects
 from datasets.transforms import aux_to_image, denormalize_rgb
-from engine import (HelpFormatter, RunError, git_revision, image_size, load_checkpoint, load_model, nonneg_int,
-                    positive_int, resolve_device, run_cli, run_inference)
+from engine import (HelpFormatter, RunError, fpr_limit, git_revision, image_size, load_checkpoint, load_model,
+                    nonneg_int, positive_int, prepare_out_dir, resolve_device, run_cli, run_inference)
 
 CSV_COLUMNS = ("path", "object", "defect", "label", "score", "score_logit", "pixel_auroc")
 # viridis, sampled at 9 evenly spaced points (perceptually uniform, colour-blind friendly)
@@ -60,7 +60,7 @@ def get_args_parser():
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     g.add_argument("--use_amp", action="store_true", help="mixed precision inference (bf16 where supported)")
     g = p.add_argument_group("evaluation")
-    g.add_argument("--fpr_limit", type=_fpr_limit, default=0.3,
+    g.add_argument("--fpr_limit", type=fpr_limit, default=0.3,
                    help="FPR integration limit of the 'aupro' key (MVTec: 0.3); aupro_0.1/0.05/0.01 are always "
                         "reported beside it")
     g.add_argument("--aux_shift", type=float, default=0.0,
@@ -70,13 +70,6 @@ def get_args_parser():
     g.add_argument("--quiet", action="store_true", help="no progress bars")
     g.add_argument("--debug", action="store_true", help="show the traceback of a data or checkpoint error")
     return p
-
-
-def _fpr_limit(text):
-    v = float(text)
-    if not 0 < v <= 1:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text}")
-    return v
 
 
 def _colormap(x: np.ndarray) -> np.ndarray:
@@ -161,8 +154,8 @@ def format_table(summary: Dict[str, object]) -> str:
     return "\n".join(lines)
 
 
-def _load_model(path: str, config_path, device):
-    """(model in eval mode on device, the training args saved in the checkpoint or {})."""
+def _load_model(path: str, config_path):
+    """(model in eval mode on the CPU, the training args saved in the checkpoint or {})."""
     config = None
     if config_path:
         try:
@@ -173,14 +166,15 @@ def _load_model(path: str, config_path, device):
     ckpt = load_checkpoint(path)
     model = load_model(ckpt, config=config, source=path)
     train_args = ckpt.get("args", {}) if isinstance(ckpt, dict) and "model" in ckpt else {}
-    return model.to(device), train_args
+    return model, train_args
 
 
-def _plan(args, device) -> List[Dict]:
-    """Every object's checkpoint, settings and test dataset, checked before anything is written. With {object}
-    in --checkpoint each object is evaluated at the size and data seed its own checkpoint was trained with."""
+def _plan(args) -> Tuple[str, List[Dict]]:
+    """Every object's model (read once, kept on the CPU), settings and test dataset, checked before anything is
+    written. With {object} in --checkpoint each object is evaluated at the size and data seed its own checkpoint
+    was trained with."""
     template = "{object}" in args.checkpoint
-    first_model, first_args = (None, {}) if template else _load_model(args.checkpoint, args.config, device)
+    first_model, first_args = (None, {}) if template else _load_model(args.checkpoint, args.config)
     dataset = args.dataset or first_args.get("dataset")
     if dataset is None:
         raise RunError("--dataset is required: " + ("with {object} in --checkpoint the dataset is read per object "
@@ -197,15 +191,14 @@ def _plan(args, device) -> List[Dict]:
     plan = []
     for obj in objects:
         path = args.checkpoint.replace("{object}", obj)
-        model, train_args = (first_model, first_args) if not template else _load_model(path, args.config, device)
+        model, train_args = (first_model, first_args) if not template else _load_model(path, args.config)
         img_size = args.img_size or train_args.get("img_size") or 256
         root = data_root if data_root is not None else train_args.get("data_root")
         kw = {"seed": train_args.get("data_seed", 0)} if dataset == "synthetic" else {}
         ds = build_dataset(dataset, root, obj, "test", img_size, model.config.aux_ch, progress=not args.quiet, **kw)
         if args.aux_shift:
             ds = ShiftedAux(ds, args.aux_shift)
-        plan.append({"object": obj, "checkpoint": path, "model": model if not template else None,
-                     "img_size": img_size, "dataset": ds})
+        plan.append({"object": obj, "checkpoint": path, "model": model, "img_size": img_size, "dataset": ds})
     return dataset, plan
 
 
@@ -213,22 +206,18 @@ def main(args) -> Dict[str, object]:
     device = resolve_device(args.device)
     t0 = time.time()
     print(f"MambaAlign eval | git {git_revision()} | device {device}")
-    dataset, plan = _plan(args, device)
+    dataset, plan = _plan(args)
     objects = [p["object"] for p in plan]
     sizes = sorted({p["img_size"] for p in plan})
     img_size = sizes[0] if len(sizes) == 1 else {p["object"]: p["img_size"] for p in plan}
-    try:
-        os.makedirs(args.out_dir, exist_ok=True)
-    except OSError as exc:
-        raise RunError(f"--out_dir {args.out_dir} cannot be created: {exc}") from None
-    if not os.access(args.out_dir, os.W_OK):
-        raise RunError(f"--out_dir {args.out_dir} is not writable")
+    prepare_out_dir(args.out_dir)
     results: List[Dict] = []
     for p in plan:
-        model = p["model"] or _load_model(p["checkpoint"], args.config, device)[0]
+        model = p["model"].to(device)          # one model on the device at a time
         loader = DataLoader(p["dataset"], batch_size=args.batch_size, shuffle=False, num_workers=args.num_workers)
         res = run_inference(model, loader, device, amp=args.use_amp, progress=not args.quiet,
                             desc=f"test {p['object']}", keep_inputs=args.save_vis)
+        model.cpu()
         if args.save_vis:
             save_visualisations(res, args.out_dir)
         results.append(res)

@@ -76,37 +76,54 @@ def _flat(scores, labels, what):
     return s, (y > 0)
 
 
-def _auroc(s: np.ndarray, y: np.ndarray, what: str) -> float:
-    P, N = int(y.sum()), int((~y).sum())
-    if P == 0 or N == 0:
-        return _degenerate(f"{what} needs both classes (positives={P}, negatives={N})")
-    tp, fp, _ = _ranked_counts(s, y)
-    tpr = np.r_[0.0, tp / P]
-    fpr = np.r_[0.0, fp / N]
-    return float(np.trapezoid(tpr, fpr))
+# The formulas, on cumulative counts per distinct score (tp, fp, thr as _ranked_counts returns them, P positives
+# and N negatives in all): one copy serves the image metrics and the pooled-pixel ranking.
+
+def _auroc_of(tp, fp, P: int, N: int) -> float:
+    return float(np.trapezoid(np.r_[0.0, tp / P], np.r_[0.0, fp / N]))
 
 
-def _ap(s: np.ndarray, y: np.ndarray, what: str) -> float:
-    P = int(y.sum())
-    if P == 0 or P == y.size:
-        return _degenerate(f"{what} needs both classes (positives={P}, total={y.size})")
-    tp, fp, _ = _ranked_counts(s, y)
-    precision = tp / (tp + fp)
-    recall = tp / P
-    return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
+def _ap_of(tp, fp, P: int) -> float:
+    return float(np.sum(np.diff(np.r_[0.0, tp / P]) * (tp / (tp + fp))))
 
 
-def _f1max(s: np.ndarray, y: np.ndarray, what: str) -> Tuple[float, float]:
-    P = int(y.sum())
-    if P == 0 or P == y.size:
-        return _degenerate(f"{what} needs both classes (positives={P}, total={y.size})"), float("nan")
-    tp, fp, thr = _ranked_counts(s, y)
-    precision = tp / (tp + fp)
-    recall = tp / P
+def _f1max_of(tp, fp, thr, P: int) -> Tuple[float, float]:
+    precision, recall = tp / (tp + fp), tp / P
     denom = precision + recall
     f1 = np.where(denom > 0, 2 * precision * recall / np.where(denom > 0, denom, 1), 0.0)
     k = int(np.argmax(f1))
     return float(f1[k]), float(thr[k])
+
+
+def _both_classes(P: int, N: int, what: str) -> bool:
+    """True when the ranking has positives and negatives; otherwise warns (the caller returns NaN)."""
+    if P == 0 or N == 0:
+        _degenerate(f"{what} needs both classes (positives={P}, negatives={N})")
+        return False
+    return True
+
+
+def _auroc(s: np.ndarray, y: np.ndarray, what: str) -> float:
+    P, N = int(y.sum()), int((~y).sum())
+    if not _both_classes(P, N, what):
+        return float("nan")
+    tp, fp, _ = _ranked_counts(s, y)
+    return _auroc_of(tp, fp, P, N)
+
+
+def _ap(s: np.ndarray, y: np.ndarray, what: str) -> float:
+    P, N = int(y.sum()), int((~y).sum())
+    if not _both_classes(P, N, what):
+        return float("nan")
+    tp, fp, _ = _ranked_counts(s, y)
+    return _ap_of(tp, fp, P)
+
+
+def _f1max(s: np.ndarray, y: np.ndarray, what: str) -> Tuple[float, float]:
+    P, N = int(y.sum()), int((~y).sum())
+    if not _both_classes(P, N, what):
+        return float("nan"), float("nan")
+    return _f1max_of(*_ranked_counts(s, y), P)
 
 
 def image_auroc(scores: ArrayLike, labels: ArrayLike) -> float:
@@ -240,16 +257,11 @@ def aupro_key(fpr_limit: float) -> str:
 
 
 def _ranking_metrics(r: _PixelRanking, what: str) -> Dict[str, float]:
-    """AUROC, AP and F1-max of a ranking (the same formulas as the image-level functions)."""
-    if r.P == 0 or r.N == 0:
-        nan = _degenerate(f"{what} needs both classes (positives={r.P}, negatives={r.N})")
-        return {"auroc": nan, "ap": nan, "f1_max": nan}
-    tpr, fpr = np.r_[0.0, r.tp / r.P], np.r_[0.0, r.fp / r.N]
-    precision, recall = r.tp / (r.tp + r.fp), r.tp / r.P
-    denom = precision + recall
-    f1 = np.where(denom > 0, 2 * precision * recall / np.where(denom > 0, denom, 1), 0.0)
-    return {"auroc": float(np.trapezoid(tpr, fpr)),
-            "ap": float(np.sum(np.diff(np.r_[0.0, recall]) * precision)), "f1_max": float(f1.max())}
+    """AUROC, AP and F1-max of the pooled-pixel ranking (the image metrics' formulas)."""
+    if not _both_classes(r.P, r.N, what):
+        return {"auroc": float("nan"), "ap": float("nan"), "f1_max": float("nan")}
+    return {"auroc": _auroc_of(r.tp, r.fp, r.P, r.N), "ap": _ap_of(r.tp, r.fp, r.P),
+            "f1_max": _f1max_of(r.tp, r.fp, r.thr, r.P)[0]}
 
 
 def pixel_images_kept(image_labels: ArrayLike, masks: ArrayLike) -> np.ndarray:

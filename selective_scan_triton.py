@@ -27,6 +27,7 @@ Triton's interpreter: slow, but that is how they are tested on machines without 
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Optional
 
@@ -251,6 +252,11 @@ def _blocks(Dg: int, N: int):
     return block_d, block_n
 
 
+def _on_device(x):
+    """Launch on x's GPU (Triton launches on the current device); nothing to select for interpreted CPU tensors."""
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+
+
 def _strides3(x):
     return x.stride(0), x.stride(1), x.stride(2)
 
@@ -273,7 +279,7 @@ class _TritonScan(torch.autograd.Function):
         dummy = A32
         zz = z if z is not None else u
         grid = (batch, G, n_blocks)
-        with torch.cuda.device(u.device) if u.is_cuda else _nullcontext():
+        with _on_device(u):
             _fwd_kernel[grid](u, delta, A32, B, C, D if D is not None else dummy, zz,
                               delta_bias if delta_bias is not None else dummy, out, last, ckpt,
                               L, Dg, N, n_chunks,
@@ -304,7 +310,7 @@ class _TritonScan(torch.autograd.Function):
         scratch = torch.empty(batch * G * n_blocks * (chunk + 1) * BLOCK_D * BLOCK_N, **f32)
         zz = z if z is not None else u
         dummy = A32
-        with torch.cuda.device(u.device) if u.is_cuda else _nullcontext():
+        with _on_device(u):
             _bwd_kernel[(batch, G, n_blocks)](
                 u, delta, A32, B, C, D if D is not None else dummy, zz,
                 delta_bias if delta_bias is not None else dummy, ckpt, dout,
@@ -321,14 +327,6 @@ class _TritonScan(torch.autograd.Function):
                  dz.to(z.dtype) if z is not None else None,
                  dbias.sum(0).to(delta_bias.dtype) if delta_bias is not None else None, None, None]
         return tuple(grads)
-
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,

@@ -33,9 +33,9 @@ from torch.utils.data import DataLoader, Sampler
 import metrics
 from datasets import DATASETS, DatasetError, build_dataset
 from datasets.synthesis import MODES, AnomalySynthesizer, SynthesisDataset
-from engine import (HelpFormatter, RunError, autocast_context, dist_info, git_revision, image_size, load_checkpoint,
-                    nonneg_float, nonneg_int, positive_float, positive_int, probability, remove_stale_temporaries,
-                    make_checkpoint, resolve_device, run_cli, run_inference, save_atomic)
+from engine import (HelpFormatter, RunError, autocast_context, dist_info, fraction, git_revision, image_size,
+                    load_checkpoint, make_checkpoint, nonneg_float, nonneg_int, positive_float, positive_int,
+                    prepare_out_dir, probability, resolve_device, run_cli, run_inference, save_atomic)
 from knn import KNNConfig, PatchKNN
 from MambaAlign import PRESETS, MambaAlign, MambaAlignConfig
 from rgbx_backbone import BACKBONES
@@ -53,7 +53,7 @@ def get_args_parser():
     g.add_argument("--aux_ch", type=int, default=None,
                    help="aux channels: 3 normals, 1 depth/infrared, 0 RGB only (default: the dataset's)")
     g.add_argument("--num_workers", type=nonneg_int, default=0, help="DataLoader worker processes per rank")
-    g.add_argument("--val_fraction", type=_fraction, default=0.1,
+    g.add_argument("--val_fraction", type=fraction, default=0.1,
                    help="share of the TRAIN normals held out for model selection (at least 2 images)")
     g.add_argument("--data_seed", type=int, default=0, help="seed of the synthetic dataset (dataset=synthetic)")
     g = p.add_argument_group("anomaly synthesis")
@@ -119,13 +119,6 @@ def get_args_parser():
     g.add_argument("--quiet", action="store_true", help="no progress bars")
     g.add_argument("--debug", action="store_true", help="show the traceback of a data or checkpoint error")
     return p
-
-
-def _fraction(text):
-    v = float(text)
-    if not 0 <= v < 1:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text}")
-    return v
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -216,22 +209,25 @@ def build_config(args, aux_ch: int) -> MambaAlignConfig:
     return MambaAlignConfig.preset(args.preset, **overrides)
 
 
-def check_out_dir(path: str) -> None:
-    try:
-        os.makedirs(path, exist_ok=True)
-        probe = os.path.join(path, f".write_test.{os.getpid()}")
-        with open(probe, "w") as fh:
-            fh.write("ok")
-        os.remove(probe)
-    except OSError as exc:
-        raise RunError(f"--out_dir {path} is not writable: {exc}") from None
-
-
 def _prepare_out_dir(path: str, log) -> None:
-    """Create out_dir (only once every check has passed) and delete temporaries a killed save left there."""
-    check_out_dir(path)
-    for stale in remove_stale_temporaries(path):
+    """Create out_dir (only once every check has passed); say which temporaries of a killed save were removed."""
+    for stale in prepare_out_dir(path):
         log(f"removed {stale}: a temporary checkpoint an interrupted run left behind")
+
+
+def _print_header(log, title: str, device, args, extra: str = "") -> None:
+    """The run's first lines: what ran, on which revision and device, with every argument."""
+    log(f"MambaAlign {title} | git {git_revision()} | device {device}{extra}")
+    for k in sorted(vars(args)):
+        log(f"  {k}: {getattr(args, k)}")
+
+
+def _write_splits(out_dir: str, base, **named_indices) -> None:
+    """splits.json: the image paths of each part carved from the train split (the test split is never read)."""
+    parts = {name: [base.records[i].rgb for i in idx] for name, idx in named_indices.items()}
+    with open(os.path.join(out_dir, "splits.json"), "w") as fh:
+        json.dump({**parts, "note": "carved from the train split; the test split is never read by train.py"},
+                  fh, indent=1)
 
 
 def _keep_jsonl_rows(path: str, keep) -> None:
@@ -292,35 +288,29 @@ def validate(model, loader, device, args, rank, world) -> Dict[str, float]:
     return m
 
 
-def fit_knn(args, base, aux_ch: int, device) -> Dict[str, object]:
-    """--model knn: fit the memory banks on the train normals, standardise on held-out train normals, and write
-    best_checkpoint.pth (the same file name and eval.py path as a trained model)."""
+def fit_knn(args, base, aux_ch: int, device, bank_idx, hold_idx) -> Dict[str, object]:
+    """--model knn: fit the memory banks on the train normals ``bank_idx``, standardise on the held-out train
+    normals ``hold_idx``, and write best_checkpoint.pth (the same file name and eval.py path as a trained model)."""
     from torch.utils.data import Subset
     from tqdm import tqdm
     t0 = time.time()
-    bank_idx, hold_idx = split_train_val(len(base), args.val_fraction, args.seed)
     cfg = KNNConfig(backbone=args.backbone or KNNConfig.backbone, aux_ch=aux_ch, coreset_size=args.coreset_size,
                     sigma=args.knn_sigma)
-    print(f"MambaAlign knn baseline | git {git_revision()} | device {device}")
-    for k in sorted(vars(args)):
-        print(f"  {k}: {getattr(args, k)}")
+    model = PatchKNN(cfg, pretrained=args.backbone_weights is None, weights_path=args.backbone_weights).to(device)
+    _prepare_out_dir(args.out_dir, print)
+    _print_header(print, "knn baseline", device, args)
     print(f"backbone {cfg.backbone} (ImageNet weights, frozen), stages {cfg.stages}; bank from {len(bank_idx)} "
           f"train normals, standardisation on {len(hold_idx)} held-out train normals")
-    try:
-        model = PatchKNN(cfg, pretrained=args.backbone_weights is None,
-                         weights_path=args.backbone_weights).to(device)
-    except (RuntimeError, FileNotFoundError) as exc:
-        raise RunError(f"backbone: {exc}") from None
+
+    def loader(idx):
+        return DataLoader(Subset(base, idx), batch_size=args.batch_size, num_workers=args.num_workers)
+
     progress = None if args.quiet else (lambda it, **k: tqdm(it, leave=False, **k))
-    loader = lambda idx: DataLoader(Subset(base, idx), batch_size=args.batch_size, num_workers=args.num_workers)
     stats = model.fit(loader(bank_idx), loader(hold_idx), device, seed=args.seed, progress=progress)
     ckpt = make_checkpoint(model, cfg.to_dict(), vars(args), {"holdout_stats": stats})
     best_path = os.path.join(args.out_dir, "best_checkpoint.pth")
     save_atomic(ckpt, best_path)
-    with open(os.path.join(args.out_dir, "splits.json"), "w") as fh:
-        json.dump({"bank": [base.records[i].rgb for i in bank_idx],
-                   "holdout": [base.records[i].rgb for i in hold_idx],
-                   "note": "both carved from the train split; the test split is never read by train.py"}, fh, indent=1)
+    _write_splits(args.out_dir, base, bank=bank_idx, holdout=hold_idx)
     with open(os.path.join(args.out_dir, "log.jsonl"), "a") as fh:
         fh.write(json.dumps({"model": "knn", "bank_sizes": {m: int(getattr(model, f"bank_{m}").shape[0])
                                                             for m in model.modalities},
@@ -355,12 +345,11 @@ def main(args):
     if aux_ch and first["aux"].shape[0] != aux_ch:
         raise RunError(f"--aux_ch {aux_ch} does not match the data: {first['path']} gives "
                        f"{first['aux'].shape[0]} aux channels")
-    split_train_val(len(base), args.val_fraction, args.seed)          # fails early on a split that leaves nothing
+    train_idx, val_idx = split_train_val(len(base), args.val_fraction, args.seed)
     if args.model == "knn":
         if distributed:
             raise RunError("--model knn fits in one process; run it without torchrun")
-        _prepare_out_dir(args.out_dir, log)
-        return fit_knn(args, base, aux_ch, device)
+        return fit_knn(args, base, aux_ch, device, train_idx, val_idx)
     cfg = build_config(args, aux_ch)
     resume_path = os.path.join(args.out_dir, "last.pth") if args.resume == "auto" else args.resume
     ckpt = None
@@ -383,17 +372,13 @@ def main(args):
     np.random.seed(args.seed)
     random.seed(args.seed)
     # A resumed run takes its weights from the checkpoint: it never re-reads ImageNet or a backbone file.
-    try:
-        model = MambaAlign(cfg, pretrained=args.pretrained_backbone and ckpt is None,
-                           backbone_weights=args.backbone_weights if ckpt is None else None,
-                           scan_backend=args.scan_backend).to(device)
-    except (RuntimeError, FileNotFoundError) as exc:     # weights that cannot be had or do not fit
-        raise RunError(f"backbone: {exc}") from None
+    model = MambaAlign(cfg, pretrained=args.pretrained_backbone and ckpt is None,
+                       backbone_weights=args.backbone_weights if ckpt is None else None,
+                       scan_backend=args.scan_backend).to(device)
     if is_main:
         _prepare_out_dir(args.out_dir, log)
 
     # ---- data ------------------------------------------------------------------------------------------
-    train_idx, val_idx = split_train_val(len(base), args.val_fraction, args.seed)
     kind = base.aux_kind if aux_ch else None
     synth = AnomalySynthesizer(kind, args.synth_mode, args.synth_prob, args.anomaly_source_path,
                                args.misalign_px, args.misalign_deg)
@@ -440,9 +425,7 @@ def main(args):
             net, device_ids=[device.index] if device.type == "cuda" else None)
 
     if is_main:
-        log(f"MambaAlign train | git {git_revision()} | device {device} | world {world}")
-        for k in sorted(vars(args)):
-            log(f"  {k}: {getattr(args, k)}")
+        _print_header(log, "train", device, args, f" | world {world}")
         n_params = sum(p.numel() for p in model.parameters())
         log(f"model: preset {args.preset}, aux_ch {aux_ch}, {n_params / 1e6:.2f} M parameters; "
             f"train {len(train_idx)} images, validation {len(val_idx)} (from the train split, each seen with a "
@@ -456,11 +439,7 @@ def main(args):
             _keep_jsonl_rows(os.path.join(args.out_dir, "log.jsonl"), lambda r: r.get("epoch", 0) <= start_epoch)
     log_path = os.path.join(args.out_dir, "log.jsonl")
     if is_main:
-        with open(os.path.join(args.out_dir, "splits.json"), "w") as fh:
-            json.dump({"train": [base.records[i].rgb for i in train_idx],
-                       "validation": [base.records[i].rgb for i in val_idx],
-                       "note": "both carved from the train split; the test split is never read by train.py"},
-                      fh, indent=1)
+        _write_splits(args.out_dir, base, train=train_idx, validation=val_idx)
     steps_path = os.path.join(args.out_dir, "steps.jsonl")
 
     def checkpoint(epoch, batches_done, val=None):
