@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import importlib
 import os
+import pickle
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -41,6 +42,24 @@ _EFFNET_STAGE_BLOCKS = ((0, 2), (2, 3), (3, 5), (5, 7))
 
 class BackboneWeightsError(RuntimeError):
     """Pretrained weights that cannot be had (no cache, no network, no package) or do not fit the network."""
+
+
+def _read_weights(path: str) -> Dict[str, torch.Tensor]:
+    """A backbone state dict from a file (``weights_only``); anything else is a BackboneWeightsError naming it."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except pickle.UnpicklingError:
+        raise BackboneWeightsError(f"cannot read backbone weights {path}: not a PyTorch state dict of tensors "
+                                   f"(or it holds Python objects, which weights_only loading refuses)") from None
+    except Exception as exc:  # corrupt or foreign files make torch.load raise many types
+        text = str(exc).strip()
+        raise BackboneWeightsError(f"cannot read backbone weights {path}: "
+                                   f"{text.splitlines()[0] if text else type(exc).__name__}") from None
+    if not isinstance(state, dict):
+        raise BackboneWeightsError(f"{path} does not hold a state dict")
+    return state
 
 
 def _is_effnet(name: str) -> bool:
@@ -221,7 +240,7 @@ class RGBXBackbone(nn.Module):
         net = getattr(_torchvision().models, name)(weights=None)
         state = None
         if weights_path:
-            state = torch.load(weights_path, map_location="cpu", weights_only=True)
+            state = _read_weights(weights_path)
             if isinstance(state, dict) and "state_dict" in state and not any(k.startswith("conv1") for k in state):
                 state = state["state_dict"]
         elif pretrained:
@@ -246,9 +265,7 @@ class RGBXBackbone(nn.Module):
         net = timm.create_model(f"tf_{name}", pretrained=False)
         source = weights_path or (efficientnet_lite_weights_file(name) if pretrained else None)
         if source:
-            state = torch.load(source, map_location="cpu", weights_only=True)
-            if not isinstance(state, dict):
-                raise BackboneWeightsError(f"{source} does not hold a state dict")
+            state = _read_weights(source)
             net.load_state_dict(load_efficientnet_lite_state(state, net.state_dict(), source), strict=True)
         layers = tuple(nn.Sequential(*net.blocks[a:b]) for a, b in _EFFNET_STAGE_BLOCKS)
         # timm's BatchNormAct2d carries the stem's ReLU6; there is no max-pool.

@@ -75,6 +75,17 @@ def test_train_numeric_flags_are_range_checked(tmp_path, capsys, extra, needle):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("backbone", ["resnet18", "efficientnet_lite0"])
+def test_train_unreadable_backbone_weights_are_one_line(tmp_path, capsys, backbone):
+    bad = tmp_path / "weights.pth"
+    bad.write_bytes(b"not a checkpoint")
+    code, _, err = _cli(train_script, TRAIN + ["--backbone", backbone, "--backbone_weights", str(bad),
+                                               "--out_dir", str(tmp_path / "o")], capsys)
+    _one_line_error(code, err, "weights.pth")
+    assert "weights_only=False" not in err and "set to `False`" not in err
+    assert not (tmp_path / "o").exists()
+
+
 def test_train_bad_file_in_the_split_stops_before_the_first_step(tmp_path, tree, capsys):
     bad = tree / "obj" / "train" / "good" / "004.png"
     data = bad.read_bytes()
