@@ -2,8 +2,18 @@
 
     rgb ─┐                       ┌─ PMM_rgb(s) ─┐            ┌──────────────┐
          ├─ RGBXBackbone ─ s3..5 ┤              ├─ CMI (s5) ─┤ AAF 5 → 4 → 3 ├─ decoder (+ s2) ─ seg head ─ seg_logits
-    aux ─┘  (shared convs,       └─ PMM_aux(s) ─┘            └──────────────┘          └──────── image head ─ score_logit
-             per-modal norms)
+    aux ─┘  (shared convs,  │    └─ PMM_aux(s) ─┘            └──────────────┘     ▲         └── image head ─ score_logit
+             per-modal      └─ s3+s4 ─ memory bank (normality signal) ─ distance maps ┘──────────────────▲
+             norms)
+
+The normality signal (``normality="bank"``, the tiny preset): the backbone is frozen ImageNet EfficientNet-Lite0
+and, per modality, a memory bank of the train normals' stage-3+4 patch features (``knn.MemoryBank``) gives each
+patch its distance to the nearest normal patch, standardised on held-out train normals. Those maps enter the
+decoder beside the fused features and their maxima enter the image head, so the heads learn on top of "how far
+from normal" instead of learning normality from synthetic anomalies alone. During training each image's
+distances skip the bank rows that image contributed (leave-one-out), so a training image looks like an unseen
+normal one. With ``image_score="head+bank"`` the image score is the head's logit standardised on held-out
+normals plus the bank's standardised scores.
 
 Notebook entry points: ``mambaalign_tiny(**overrides)``, ``mambaalign_base(**overrides)``,
 ``MambaAlign.from_checkpoint(path)``, ``model.predict(rgb, aux)``.
@@ -18,8 +28,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from alignment_aware_fusion import AlignmentAwareFusion, conv_norm_act
+from alignment_aware_fusion import AlignmentAwareFusion, conv_norm_act, global_align
 from cross_mamba_cmi import CrossMambaInteraction
+from knn import MemoryBank, pooled_patch_features
 from pmm_qsvss import PerModalMamba
 from rgbx_backbone import RGBXBackbone
 from selective_scan import BACKENDS
@@ -37,10 +48,7 @@ class MambaAlignConfig:
     come from and which scan backend runs are not architecture: they are arguments of :class:`MambaAlign`."""
     backbone: str = "resnet18"
     aux_ch: int = 3                       # 3 normals, 1 depth/infrared, 0 RGB-only
-    backbone_norm: str = "bn"             # per-modality norm in the backbone: bn | gn
-    freeze_backbone: bool = False
-    freeze_bn: bool = False
-    use_stage2: bool = True               # stride-4 skip into the decoder
+    freeze_backbone: bool = False         # no gradients into the backbone (needed by the memory bank)
     dims: Tuple[int, int, int] = (64, 96, 128)       # channels after reduction at stages 3, 4, 5
     pmm_depths: Tuple[int, int, int] = (1, 1, 1)     # QSVSS blocks per modality at stages 3, 4, 5
     d_state: int = 8
@@ -57,6 +65,13 @@ class MambaAlignConfig:
     use_aaf: bool = True
     fused_dim: int = 64
     decoder_dim: int = 32
+    normality: str = "none"               # none | bank: nearest-normal-patch distances fed to the heads
+    bank_stages: Tuple[int, ...] = (3, 4)  # backbone stages whose pooled features the bank holds
+    bank_pool: int = 3                    # local averaging window of the bank's patch features
+    bank_size: int = 4096                 # coreset size bound per modality
+    bank_sigma: float = 4.0               # Gaussian smoothing of the distance maps, in input pixels
+    image_score: str = "head"             # head | head+bank (head logit standardised + bank scores)
+    global_align: str = "none"            # none | shift: per-image translation of aux onto RGB before everything
 
     def __post_init__(self):
         self.dims = tuple(int(d) for d in self.dims)
@@ -64,8 +79,22 @@ class MambaAlignConfig:
         if len(self.dims) != 3 or len(self.pmm_depths) != 3:
             raise ValueError(f"dims and pmm_depths need 3 entries (stages 3, 4, 5), got {self.dims}, "
                              f"{self.pmm_depths}")
+        self.bank_stages = tuple(int(s) for s in self.bank_stages)
         if self.aux_ch not in (0, 1, 3):
             raise ValueError(f"aux_ch must be 0 (RGB-only), 1 (depth/infrared) or 3 (normals), got {self.aux_ch}")
+        if self.normality not in ("none", "bank"):
+            raise ValueError(f"normality must be 'none' or 'bank', got {self.normality!r}")
+        if self.image_score not in ("head", "head+bank"):
+            raise ValueError(f"image_score must be 'head' or 'head+bank', got {self.image_score!r}")
+        if self.normality == "bank" and not self.freeze_backbone:
+            raise ValueError("normality='bank' needs freeze_backbone=True: the bank holds backbone features, which "
+                             "must not change while the heads train")
+        if self.global_align not in ("none", "shift"):
+            raise ValueError(f"global_align must be 'none' or 'shift', got {self.global_align!r}")
+        if self.image_score == "head+bank" and self.normality != "bank":
+            raise ValueError("image_score='head+bank' needs normality='bank'")
+        if not set(self.bank_stages) <= {2, 3, 4, 5}:
+            raise ValueError(f"bank_stages must be backbone stages 2..5, got {self.bank_stages}")
 
     def to_dict(self) -> dict:
         """Plain values only (lists, not tuples), safe for ``torch.load(weights_only=True)`` and JSON."""
@@ -75,6 +104,12 @@ class MambaAlignConfig:
     def from_dict(cls, d: dict) -> "MambaAlignConfig":
         names = {f.name for f in dataclasses.fields(cls)}
         d = {k: v for k, v in d.items() if k not in _RUNTIME_KEYS}
+        for key, only in _REMOVED_OPTIONS.items():
+            if key in d:
+                if d[key] != only:
+                    raise ValueError(f"this config sets {key}={d[key]!r}, an option this version no longer has "
+                                     f"(only {only!r} is built)")
+                del d[key]
         unknown = sorted(set(d) - names)
         if unknown:
             raise ValueError(f"unknown MambaAlignConfig fields {unknown} (checkpoint from another version?)")
@@ -90,11 +125,16 @@ class MambaAlignConfig:
 
 # Runtime choices that configs written before they moved out of MambaAlignConfig still carry: ignored on load.
 _RUNTIME_KEYS = ("pretrained", "backbone_weights", "scan_backend")
+# Options that no flag reached, removed; configs that carry them at the one value that was ever built still load.
+_REMOVED_OPTIONS = {"backbone_norm": "bn", "freeze_bn": False, "use_stage2": True}
 
 PRESETS: Dict[str, dict] = {
-    "tiny": dict(backbone="resnet18", dims=(64, 96, 128), pmm_depths=(1, 1, 1), d_state=8, ssm_ratio=1.0,
-                 mlp_ratio=2.0, cmi_d_state=8, fused_dim=64, decoder_dim=32),
-    "base": dict(backbone="wide_resnet50_2", dims=(128, 192, 256), pmm_depths=(2, 2, 2), d_state=16,
+    "tiny": dict(backbone="efficientnet_lite0", freeze_backbone=True, normality="bank", image_score="head+bank",
+                 dims=(64, 96, 128),
+                 pmm_depths=(1, 1, 1), d_state=8, ssm_ratio=1.0, mlp_ratio=2.0, cmi_d_state=8, fused_dim=64,
+                 decoder_dim=32),
+    "base": dict(backbone="wide_resnet50_2", freeze_backbone=True, normality="bank", image_score="head+bank",
+                 dims=(128, 192, 256), pmm_depths=(2, 2, 2), d_state=16,
                  ssm_ratio=2.0, mlp_ratio=4.0, drop_path=0.1, cmi_d_state=16, fused_dim=128, decoder_dim=64),
 }
 
@@ -102,7 +142,9 @@ PRESETS: Dict[str, dict] = {
 class MambaAlign(nn.Module):
     """forward(rgb, aux=None) -> dict with
     ``seg_logits`` (B, 1, H, W), ``anomaly_map`` = sigmoid(seg_logits), ``score_logit`` (B,), ``score`` (B,),
-    and ``offsets``: AAF's predicted aux->RGB offsets per stage (3, 4, 5), for inspection."""
+    ``head_logit`` / ``bank_score`` (B,) the parts of the image score, ``global_shift`` (B, 2) the translation the
+    global alignment applied to aux, and ``offsets``: AAF's predicted aux->RGB offsets per stage (3, 4, 5), for
+    inspection."""
 
     model_type = "mambaalign"
     score_description = "image head, sigmoid(score_logit)"
@@ -117,11 +159,11 @@ class MambaAlign(nn.Module):
             raise ValueError(f"scan_backend must be one of {BACKENDS}, got {scan_backend!r}")
         self.config = cfg
         self.has_aux = cfg.aux_ch > 0
-        stages = (2, 3, 4, 5) if cfg.use_stage2 else (3, 4, 5)
-        self.backbone = RGBXBackbone(cfg.backbone, cfg.aux_ch, pretrained, backbone_weights,
-                                     cfg.backbone_norm, cfg.freeze_backbone, cfg.freeze_bn, stages)
+        self.modalities = ("rgb", "aux") if self.has_aux else ("rgb",)
+        self.backbone = RGBXBackbone(cfg.backbone, cfg.aux_ch, pretrained, backbone_weights, cfg.freeze_backbone,
+                                     stages=(2, 3, 4, 5))
         chans = [self.backbone.out_channels[s] for s in (3, 4, 5)]
-        modalities = ("rgb", "aux") if self.has_aux else ("rgb",)
+        modalities = self.modalities
         self.reduce = nn.ModuleDict({m: nn.ModuleList(conv_norm_act(c, d) for c, d in zip(chans, cfg.dims))
                                      for m in modalities})
         if cfg.use_pmm:
@@ -135,26 +177,48 @@ class MambaAlign(nn.Module):
                                           gate_init=cfg.cmi_gate_init, scan_backend=scan_backend)
                     if cfg.use_cmi and self.has_aux else None)
         self.aaf = AlignmentAwareFusion(cfg.dims, cfg.fused_dim, has_aux=self.has_aux, align=cfg.use_aaf)
+        n_bank = len(modalities) if cfg.normality == "bank" else 0
+        self.bank = (MemoryBank(modalities, sum(self.backbone.out_channels[s] for s in cfg.bank_stages),
+                                cfg.bank_size, 64, cfg.bank_sigma) if n_bank else None)
         D = cfg.decoder_dim
-        self.dec3 = conv_norm_act(cfg.fused_dim, D, 3)
-        if cfg.use_stage2:
-            c2 = self.backbone.out_channels[2]
-            self.skip2 = conv_norm_act(c2 * len(modalities), D)
+        self.dec3 = conv_norm_act(cfg.fused_dim + n_bank, D, 3)
+        self.skip2 = conv_norm_act(self.backbone.out_channels[2] * len(modalities), D)
         self.dec2 = nn.Sequential(conv_norm_act(D, D, 3), conv_norm_act(D, D, 3))
         self.seg_head = nn.Conv2d(D, 1, 1)
-        # Image head: pooled fused features (avg + max of stages 3 and 5) + map statistics (max, mean, top-1%).
-        self.image_head = nn.Sequential(nn.Linear(4 * cfg.fused_dim + 3, 128), nn.GELU(), nn.Linear(128, 1))
+        # Image head: pooled fused features (avg + max of stages 3 and 5), map statistics (max, mean, top-1%) and
+        # the bank's standardised score per modality.
+        self.image_head = nn.Sequential(nn.Linear(4 * cfg.fused_dim + 3 + n_bank, 128), nn.GELU(), nn.Linear(128, 1))
+        # Calibration on held-out train normals (train.py): the head logit's mean and std, and the decision
+        # threshold on the image score (NaN until calibrated).
+        self.register_buffer("head_stats", torch.tensor([0.0, 1.0]))
+        self.register_buffer("threshold", torch.tensor(float("nan")))
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.backbone.train(mode)   # a frozen backbone keeps its norms in eval mode
+        return self
 
     # ------------------------------------------------------------------------------------------------
-    def forward(self, rgb: torch.Tensor, aux: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+    def forward(self, rgb: torch.Tensor, aux: Optional[torch.Tensor] = None, exclude: Optional[torch.Tensor] = None,
+                aux_present: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+        """rgb (B, 3, H, W); aux (B, aux_ch, H, W), or None for a model built with aux: then the model runs from
+        RGB alone (a zero aux, its bank signal off: what modality dropout trains for). aux_present (B,) bool marks
+        the samples whose aux is real (training with modality dropout). exclude (B,): the train-image indices
+        whose own bank rows are skipped (leave-one-out; train.py passes them for images in the bank)."""
         H, W = rgb.shape[-2:]
         if H % INPUT_MULTIPLE or W % INPUT_MULTIPLE:
             raise ValueError(f"input height and width must be multiples of {INPUT_MULTIPLE}, got {H}x{W}")
+        B = rgb.shape[0]
         if self.has_aux and aux is None:
-            raise ValueError(f"this model was built with aux_ch={self.config.aux_ch}: pass an aux tensor")
-        feats = self.backbone(rgb, aux if self.has_aux else None)
-        if self.config.use_stage2:
-            f2, feats = feats[0], feats[1:]
+            aux = rgb.new_zeros(B, self.config.aux_ch, H, W)
+            aux_present = torch.zeros(B, dtype=torch.bool, device=rgb.device)
+        aux, shift = self._align(rgb, aux, aux_present)
+        all_feats = self.backbone(rgb, aux)
+        f2, feats = all_feats[0], all_feats[1:]
+        bank_maps, bank_scores, bank_score = None, None, torch.zeros(B, device=rgb.device)
+        if self.bank is not None:
+            bank_maps, bank_scores = self._normality(all_feats, (H, W), exclude, aux_present)
+            bank_score = bank_scores.sum(1)
         rgb_s = [red(f[0]) for red, f in zip(self.reduce["rgb"], feats)]
         aux_s = [red(f[1]) for red, f in zip(self.reduce["aux"], feats)] if self.has_aux else None
         if self.config.use_pmm:
@@ -164,18 +228,92 @@ class MambaAlign(nn.Module):
         if self.cmi is not None:
             rgb_s[2], aux_s[2] = self.cmi(rgb_s[2], aux_s[2])
         fused, offsets = self.aaf(rgb_s, aux_s)
-        x = self.dec3(fused[0])                                               # stride 8
-        size4 = (H // 4, W // 4)
-        x = F.interpolate(x, size=size4, mode="bilinear", align_corners=False)
-        if self.config.use_stage2:
-            skip = torch.cat([t for t in f2 if t is not None], dim=1)
-            x = x + self.skip2(skip)
+        x = fused[0]                                                           # stride 8
+        if bank_maps is not None:
+            x = torch.cat([x, torch.asinh(F.adaptive_avg_pool2d(bank_maps, x.shape[-2:]))], dim=1)
+        x = self.dec3(x)
+        x = F.interpolate(x, size=(H // 4, W // 4), mode="bilinear", align_corners=False)
+        x = x + self.skip2(torch.cat([t for t in f2 if t is not None], dim=1))
         seg = self.seg_head(self.dec2(x))                                     # stride 4
         seg_logits = F.interpolate(seg, size=(H, W), mode="bilinear", align_corners=False)
-        score_logit = self.image_head(torch.cat([self._pool(fused[0]), self._pool(fused[2]),
-                                                 self._map_stats(seg)], dim=1)).squeeze(1)
-        return {"seg_logits": seg_logits, "anomaly_map": torch.sigmoid(seg_logits),
-                "score_logit": score_logit, "score": torch.sigmoid(score_logit), "offsets": offsets}
+        head_in = [self._pool(fused[0]), self._pool(fused[2]), self._map_stats(seg)]
+        if bank_scores is not None:
+            head_in.append(torch.asinh(bank_scores))
+        head_logit = self.image_head(torch.cat(head_in, dim=1)).squeeze(1)
+        score_logit = self.combine(head_logit, bank_score)
+        return {"seg_logits": seg_logits, "anomaly_map": torch.sigmoid(seg_logits), "score_logit": score_logit,
+                "score": torch.sigmoid(score_logit), "head_logit": head_logit, "bank_score": bank_score,
+                "offsets": offsets, "global_shift": shift}
+
+    def _align(self, rgb, aux, aux_present=None):
+        """(aux for the backbone, (B, 2) the global shift applied to it in pixels). No aux: (None, zeros)."""
+        zero = rgb.new_zeros(rgb.shape[0], 2)
+        if not self.has_aux:
+            return None, zero
+        if self.config.global_align == "none":
+            return aux, zero
+        with torch.no_grad():
+            aligned, shift = global_align(rgb, aux)
+        if aux_present is not None:   # an absent (zero) aux has nothing to align
+            shift = shift * aux_present.to(shift.dtype)[:, None]
+            aligned = torch.where(aux_present.view(-1, 1, 1, 1), aligned, aux)
+        return aligned, shift
+
+    def combine(self, head_logit: torch.Tensor, bank_score: torch.Tensor) -> torch.Tensor:
+        """The image score logit from the head's logit and the bank's summed standardised score."""
+        if self.config.image_score == "head":
+            return head_logit
+        return (head_logit - self.head_stats[0]) / self.head_stats[1] + bank_score
+
+    def _normality(self, feats, size, exclude, aux_present):
+        """Standardised bank distance maps (B, n_mod, H, W) and scores (B, n_mod); an absent aux counts as
+        normal (0)."""
+        with torch.no_grad():
+            per = self.bank.standardised(self.bank.raw_maps(self._bank_patches(feats), size, exclude))
+        maps = torch.cat([per[m]["map"] for m in self.modalities], dim=1).to(feats[0][0].dtype)
+        scores = torch.stack([per[m]["score"] for m in self.modalities], dim=1).to(maps.dtype)
+        if aux_present is not None and self.has_aux:
+            keep = torch.ones_like(scores)
+            keep[:, 1] = aux_present.to(scores.dtype)
+            maps, scores = maps * keep[:, :, None, None], scores * keep
+        return maps, scores
+
+    # ------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def bank_patches(self, rgb: torch.Tensor, aux: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+        """{modality: (B, C, h, w)} the patch features the memory bank holds, for building it."""
+        return self._bank_patches(self.backbone(rgb, self._align(rgb, aux)[0]))
+
+    def _bank_patches(self, feats):
+        by_stage = dict(zip((2, 3, 4, 5), feats))
+        return pooled_patch_features([by_stage[s] for s in self.config.bank_stages], self.config.bank_pool,
+                                     self.modalities)
+
+    def fit_bank(self, bank_batches, holdout_batches, device=None, seed: int = 0, progress=None) -> Dict[str, dict]:
+        """Build the memory bank from normal images and standardise it on other, held-out normal images: batches
+        of sample dicts with ``rgb``, ``aux`` (models with aux) and optionally ``index`` (see
+        ``knn.MemoryBank.fit``). train.py does this before training; a notebook can too."""
+        if self.bank is None:
+            raise ValueError("this model has no memory bank (config normality='none')")
+        was_training = self.training
+        self.eval()
+        try:
+            return self.bank.fit(self.bank_patches, bank_batches, holdout_batches, device, seed, progress)
+        finally:
+            self.train(was_training)
+
+    @torch.no_grad()
+    def calibrate(self, head_logit: torch.Tensor, bank_score: torch.Tensor, target_fpr: float) -> Dict[str, float]:
+        """From held-out normal images: the head logit's mean and std (used by ``image_score="head+bank"``), then
+        the decision threshold = the image score exceeded by a ``target_fpr`` share of those normals."""
+        head_logit, bank_score = head_logit.float().flatten(), bank_score.float().flatten()
+        if head_logit.numel() < 2:
+            raise ValueError("calibration needs at least 2 held-out normal images")
+        self.head_stats.copy_(torch.stack([head_logit.mean(), head_logit.std().clamp_min(1e-6)]))
+        scores = self.combine(head_logit.to(self.head_stats.device), bank_score.to(self.head_stats.device))
+        self.threshold.fill_(float(torch.quantile(scores.float(), 1.0 - target_fpr)))
+        return {"head_mean": float(self.head_stats[0]), "head_std": float(self.head_stats[1]),
+                "threshold": float(self.threshold), "target_fpr": target_fpr, "normals": int(scores.numel())}
 
     @staticmethod
     def _pool(x):
@@ -190,8 +328,10 @@ class MambaAlign(nn.Module):
     # ------------------------------------------------------------------------------------------------
     @torch.no_grad()
     def predict(self, rgb: torch.Tensor, aux: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
-        """Eval-mode inference without gradients. Accepts (3, H, W) or (B, 3, H, W) (aux likewise); returns
-        detached float32 CPU tensors: anomaly_map (B, H, W), seg_logits (B, H, W), score (B,), score_logit (B,)."""
+        """Eval-mode inference without gradients. Accepts (3, H, W) or (B, 3, H, W) (aux likewise; a model built
+        with aux also runs without it, from RGB alone); returns detached float32 CPU tensors: anomaly_map (B, H, W),
+        seg_logits (B, H, W), score (B,), score_logit (B,), and for a calibrated model (train.py calibrates on
+        held-out train normals) decision (B,) bool = score_logit above the stored threshold."""
         was_training = self.training
         self.eval()
         try:
@@ -202,9 +342,12 @@ class MambaAlign(nn.Module):
             out = self(rgb.to(device), aux.to(device) if aux is not None else None)
         finally:
             self.train(was_training)
-        return {"anomaly_map": out["anomaly_map"][:, 0].float().cpu(),
-                "seg_logits": out["seg_logits"][:, 0].float().cpu(),
-                "score": out["score"].float().cpu(), "score_logit": out["score_logit"].float().cpu()}
+        res = {"anomaly_map": out["anomaly_map"][:, 0].float().cpu(),
+               "seg_logits": out["seg_logits"][:, 0].float().cpu(),
+               "score": out["score"].float().cpu(), "score_logit": out["score_logit"].float().cpu()}
+        if not torch.isnan(self.threshold):
+            res["decision"] = res["score_logit"] > float(self.threshold)
+        return res
 
     @classmethod
     def from_checkpoint(cls, path, map_location="cpu", config: Optional[dict] = None,

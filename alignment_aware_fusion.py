@@ -11,6 +11,16 @@ At each stage s (coarse to fine):
 
 Modes: ``align=False`` (the ablation without AAF) fuses rgb + aux with no offsets and no gate; without aux
 (RGB-only models) a stage is just the refined RGB projection plus the coarser map.
+
+Global alignment (:func:`global_align`, MambaAlign's ``global_align="shift"``) comes first, on the input
+images: two cameras that are not registered see the object at different places (MulSen-AD's RGB and infrared:
+up to about 25 pixels apart at 256 px, differently per image), more than AAF's local offsets should have to
+absorb. Per image, the aux image is translated by the shift that best overlays its outlines on the RGB image's
+(the peak of the cross-correlation of their gradient magnitudes: outlines show in both cameras whatever the
+sign of their contrast, where intensities do not). Only the translation is estimated: scale and rotation
+between these camera pairs are small, and thresholding either modality into a silhouette to measure them was
+unreliable (infrared backgrounds have texture and vignetting). Everything downstream (backbone, memory bank,
+stage-2 skip, PMM, CMI, AAF) sees the aligned aux, so nothing bypasses it.
 """
 from __future__ import annotations
 
@@ -20,13 +30,66 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["AlignmentAwareFusion", "warp", "conv_norm_act"]
+__all__ = ["AlignmentAwareFusion", "warp", "conv_norm_act", "estimate_shift", "global_align"]
 
 
 def conv_norm_act(cin: int, cout: int, k: int = 1) -> nn.Sequential:
     """Conv + GroupNorm + GELU (GroupNorm: batch-size independent, so small training batches are fine)."""
     return nn.Sequential(nn.Conv2d(cin, cout, k, padding=k // 2, bias=False),
                          nn.GroupNorm(min(8, cout), cout), nn.GELU())
+
+
+def _edge_strength(x: torch.Tensor, sigma: float = 2.0) -> torch.Tensor:
+    """(B, H, W) gradient magnitude of the Gaussian-smoothed image (summed over channels), standardised per image:
+    outlines that both cameras see, whatever the sign of their contrast."""
+    B, C, H, W = x.shape
+    r = max(1, int(round(2 * sigma)))
+    t = torch.arange(-r, r + 1, dtype=torch.float32, device=x.device)
+    k = torch.exp(-0.5 * (t / sigma) ** 2)
+    k = k / k.sum()
+    y = x.float().reshape(B * C, 1, H, W)
+    y = F.conv2d(F.pad(y, (r, r, 0, 0), mode="replicate"), k.view(1, 1, 1, -1))
+    y = F.conv2d(F.pad(y, (0, 0, r, r), mode="replicate"), k.view(1, 1, -1, 1)).reshape(B, C, H, W)
+    gx = F.pad(y[..., :, 2:] - y[..., :, :-2], (1, 1, 0, 0))
+    gy = F.pad(y[..., 2:, :] - y[..., :-2, :], (0, 0, 1, 1))
+    g = (gx ** 2 + gy ** 2).sum(1).sqrt()
+    g = g - g.mean(dim=(1, 2), keepdim=True)
+    return g / g.flatten(1).std(1).view(B, 1, 1).clamp_min(1e-6)
+
+
+def estimate_shift(rgb: torch.Tensor, aux: torch.Tensor, max_shift: float = 0.25) -> torch.Tensor:
+    """(B, 2) the translation (dx, dy) in pixels that moves ``aux`` onto ``rgb``: the peak of the cross-correlation
+    of their edge strengths (:func:`_edge_strength`, computed with zero-padded FFTs, so no wrap-around), searched
+    within ``max_shift`` of the image size, refined to sub-pixel by a parabola through the peak and its
+    neighbours."""
+    a, b = _edge_strength(rgb), _edge_strength(aux)
+    B, H, W = a.shape
+    xc = torch.fft.irfft2(torch.fft.rfft2(a, s=(2 * H, 2 * W)) * torch.fft.rfft2(b, s=(2 * H, 2 * W)).conj(),
+                          s=(2 * H, 2 * W))                       # xc[d] = sum_p a[p + d] * b[p]
+    my, mx = max(1, int(max_shift * H)), max(1, int(max_shift * W))
+    win = torch.roll(xc, shifts=(my, mx), dims=(1, 2))[:, :2 * my + 1, :2 * mx + 1]   # shifts -m..m
+    k = win.flatten(1).argmax(1)
+    iy, ix = k // win.shape[2], k % win.shape[2]
+
+    def refine(centre, left, right):
+        den = left - 2 * centre + right
+        return torch.where(den < 0, 0.5 * (left - right) / den.clamp_max(-1e-12), torch.zeros_like(den))
+
+    rows = torch.arange(B, device=a.device)
+    c = win[rows, iy, ix]
+    fy = refine(c, win[rows, (iy - 1).clamp_min(0), ix], win[rows, (iy + 1).clamp_max(2 * my), ix])
+    fx = refine(c, win[rows, iy, (ix - 1).clamp_min(0)], win[rows, iy, (ix + 1).clamp_max(2 * mx)])
+    return torch.stack([ix - mx + fx.clamp(-0.5, 0.5), iy - my + fy.clamp(-0.5, 0.5)], dim=1).float()
+
+
+def global_align(rgb: torch.Tensor, aux: torch.Tensor, max_shift: float = 0.25
+                 ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(aux moved onto rgb, (B, 2) the shift dx, dy in pixels) with the per-image shift of :func:`estimate_shift`
+    (bilinear, border padding)."""
+    shift = estimate_shift(rgb, aux, max_shift)
+    B, _, H, W = aux.shape
+    offset = -shift.to(aux.dtype).view(B, 2, 1, 1).expand(B, 2, H, W)
+    return warp(aux, offset), shift
 
 
 def warp(x: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:

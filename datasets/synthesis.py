@@ -277,17 +277,23 @@ def misalign(aux: torch.Tensor, rng: np.random.Generator, max_px: float, max_deg
 
 
 class AnomalySynthesizer:
-    """The callable a dataset wrapper uses: synth_prob, mode, textures and misalignment in one place."""
+    """The callable a dataset wrapper uses: synth_prob, mode, textures, misalignment and modality dropout in one
+    place. ``aux_dropout``: the chance that a sample's aux is replaced by zeros and marked absent
+    (``aux_present`` False), so a model learns to run from RGB alone; an anomaly that lived only in the dropped
+    aux is gone with it (label 0, empty mask)."""
 
     def __init__(self, aux_kind: Optional[str], mode: str = "mixed", synth_prob: float = 0.5,
-                 anomaly_source_path: Optional[str] = None, misalign_px: float = 0.0, misalign_deg: float = 0.0):
-        if not 0.0 <= synth_prob <= 1.0:
-            raise ValueError(f"synth_prob must be in [0, 1], got {synth_prob}")
+                 anomaly_source_path: Optional[str] = None, misalign_px: float = 0.0, misalign_deg: float = 0.0,
+                 aux_dropout: float = 0.0):
+        for name, p in (("synth_prob", synth_prob), ("aux_dropout", aux_dropout)):
+            if not 0.0 <= p <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {p}")
         if mode not in MODES:
             raise ValueError(f"synth mode must be one of {MODES}, got {mode!r}")
         self.aux_kind, self.mode, self.synth_prob = aux_kind, mode, synth_prob
         self.textures = TextureSource(anomaly_source_path) if anomaly_source_path else None
         self.misalign_px, self.misalign_deg = misalign_px, misalign_deg
+        self.aux_dropout = aux_dropout
 
     def __call__(self, sample: Dict[str, object], rng: np.random.Generator,
                  inject: Optional[bool] = None) -> Dict[str, object]:
@@ -304,12 +310,18 @@ class AnomalySynthesizer:
         if aux is not None and (self.misalign_px or self.misalign_deg):
             aux = misalign(aux, rng, self.misalign_px, self.misalign_deg, self.aux_kind)
         if aux is not None:
-            sample["aux"] = aux
+            present = not (self.aux_dropout and rng.random() < self.aux_dropout)
+            if not present:
+                aux = torch.zeros_like(aux)
+                if sample["defect"] == "synthetic_aux":
+                    sample.update(mask=torch.zeros_like(sample["mask"]), label=0, defect="good")
+            sample.update(aux=aux, aux_present=present)
         return sample
 
 
 class SynthesisDataset(Dataset):
-    """Wraps a dataset of normal images: item i gets an anomaly drawn with rng (seed, epoch, i).
+    """Wraps a dataset of normal images: item i gets an anomaly drawn with rng (seed, epoch, i), and ``index``:
+    the base dataset's index of its image (the memory bank's leave-one-out key).
     With ``fixed=True`` (the validation set) the epoch is ignored and every image appears twice, first with a
     fixed anomaly, then clean: the same anomalies every time, both classes equally present, and each anomalous
     view paired with its own clean one, so the scores compare like with like (with one view per image, which
@@ -330,9 +342,12 @@ class SynthesisDataset(Dataset):
     def __getitem__(self, i: int):
         if self.fixed:
             j = self.indices[i // 2]
-            return self.synth(self.base[j], np.random.default_rng((self.seed, 0, j)), inject=(i % 2 == 0))
-        j = self.indices[i]
-        return self.synth(self.base[j], np.random.default_rng((self.seed, self.epoch, j)), inject=None)
+            sample = self.synth(self.base[j], np.random.default_rng((self.seed, 0, j)), inject=(i % 2 == 0))
+        else:
+            j = self.indices[i]
+            sample = self.synth(self.base[j], np.random.default_rng((self.seed, self.epoch, j)), inject=None)
+        sample["index"] = j
+        return sample
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -38,3 +38,24 @@ def shared_data():
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def fit_random_bank(model, height: int, width: int, n: int = 4, seed: int = 1):
+    """Give a fresh MambaAlign's memory bank something to hold: random 'normal' images (shape checks only)."""
+    if model.bank is None:
+        return model
+    g = torch.Generator().manual_seed(seed)
+
+    def batch():
+        b = {"rgb": torch.randn(n, 3, height, width, generator=g)}
+        if model.has_aux:
+            b["aux"] = torch.randn(n, model.config.aux_ch, height, width, generator=g)
+        return b
+    model.fit_bank([batch()], [batch()])
+    return model
+
+
+@pytest.fixture
+def fit_bank():
+    """fit_bank(model, H, W): fit a fresh model's memory bank on random images."""
+    return fit_random_bank

@@ -8,6 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from alignment_aware_fusion import AlignmentAwareFusion, warp
+from conftest import fit_random_bank
 from MambaAlign import MambaAlign, MambaAlignConfig, mambaalign_tiny
 from rgbx_backbone import DualNorm, RGBXBackbone
 
@@ -22,8 +23,8 @@ def _inputs(aux_ch, batch=2, seed=0):
 
 
 @pytest.mark.parametrize("aux_ch", [0, 1, 3])
-def test_output_keys_and_shapes(aux_ch):
-    model = mambaalign_tiny(aux_ch=aux_ch)
+def test_output_keys_and_shapes(aux_ch, fit_bank):
+    model = fit_bank(mambaalign_tiny(aux_ch=aux_ch), H, W)
     out = model(*_inputs(aux_ch))
     assert out["seg_logits"].shape == (2, 1, H, W)
     assert out["anomaly_map"].shape == (2, 1, H, W)
@@ -36,8 +37,8 @@ def test_output_keys_and_shapes(aux_ch):
         assert model.cmi is None and "aux" not in model.reduce and not hasattr(model.backbone, "aux_conv1")
 
 
-def test_every_parameter_gets_a_gradient():
-    model = mambaalign_tiny(aux_ch=3)
+def test_every_parameter_gets_a_gradient(fit_bank):
+    model = fit_bank(mambaalign_tiny(aux_ch=3), H, W)
     out = model(*_inputs(3))
     (out["seg_logits"].square().mean() + out["score_logit"].square().mean()).backward()
     missing = [n for n, p in model.named_parameters()
@@ -46,8 +47,8 @@ def test_every_parameter_gets_a_gradient():
 
 
 @pytest.mark.parametrize("switch", ["use_pmm", "use_cmi", "use_aaf"])
-def test_each_ablation_switch_builds_and_runs(switch):
-    model = mambaalign_tiny(aux_ch=1, **{switch: False})
+def test_each_ablation_switch_builds_and_runs(switch, fit_bank):
+    model = fit_bank(mambaalign_tiny(aux_ch=1, **{switch: False}), H, W)
     out = model(*_inputs(1))
     assert out["seg_logits"].shape == (2, 1, H, W) and torch.isfinite(out["seg_logits"]).all()
     names = [n for n, _ in model.named_parameters()]
@@ -121,8 +122,8 @@ def test_pretrained_without_network_names_the_cache_file(monkeypatch, tmp_path):
     assert str(tmp_path) in msg and "resnet18-" in msg and "--backbone_weights" in msg
 
 
-def test_checkpoint_round_trip(tmp_path):
-    model = mambaalign_tiny(aux_ch=1).eval()
+def test_checkpoint_round_trip(tmp_path, fit_bank):
+    model = fit_bank(mambaalign_tiny(aux_ch=1), H, W).eval()
     rgb, aux = _inputs(1, batch=1)
     path = tmp_path / "ckpt.pth"
     torch.save({"model": model.state_dict(), "config": model.config.to_dict()}, path)
@@ -146,8 +147,10 @@ def test_bad_inputs_are_reported():
     model = mambaalign_tiny(aux_ch=1)
     with pytest.raises(ValueError, match="multiples of 32"):
         model(torch.randn(1, 3, 90, 128), torch.randn(1, 1, 90, 128))
-    with pytest.raises(ValueError, match="aux"):
-        model(torch.randn(1, 3, 64, 64))
+    with pytest.raises(RuntimeError, match="memory bank is empty"):
+        model(torch.randn(1, 3, 64, 64), torch.randn(1, 1, 64, 64))
+    with pytest.raises(ValueError, match="freeze_backbone"):
+        MambaAlignConfig(normality="bank")
     with pytest.raises(ValueError, match="aux_ch"):
         MambaAlignConfig(aux_ch=2)
     with pytest.raises(ValueError, match="preset"):
@@ -156,13 +159,14 @@ def test_bad_inputs_are_reported():
 
 def test_presets():
     tiny, base = MambaAlignConfig.preset("tiny"), MambaAlignConfig.preset("base", aux_ch=1)
-    assert tiny.backbone == "resnet18" and base.backbone == "wide_resnet50_2" and base.aux_ch == 1
+    assert tiny.backbone == "efficientnet_lite0" and base.backbone == "wide_resnet50_2" and base.aux_ch == 1
+    assert tiny.normality == base.normality == "bank" and tiny.freeze_backbone and base.freeze_backbone
 
 
 @pytest.mark.slow
-def test_base_preset_runs():
+def test_base_preset_runs(fit_bank):
     from MambaAlign import mambaalign_base
-    model = mambaalign_base(aux_ch=3).eval()
+    model = fit_bank(mambaalign_base(aux_ch=3), 64, 64).eval()
     with torch.no_grad():
         out = model(torch.randn(1, 3, 64, 64), torch.randn(1, 3, 64, 64))
     assert out["seg_logits"].shape == (1, 1, 64, 64)
@@ -221,7 +225,7 @@ def test_cuda_mixed_precision_step_matches_fp32():
     gradients everywhere, and its maps stay close to the float32 ones."""
     from engine import autocast_context
     torch.manual_seed(0)
-    model = mambaalign_tiny(aux_ch=3).cuda().eval()
+    model = fit_random_bank(mambaalign_tiny(aux_ch=3), H, W).cuda().eval()
     rgb, aux = (t.cuda() for t in _inputs(3))
     head_dtypes = []
     model.seg_head.register_forward_hook(lambda mod, inp, out: head_dtypes.append(out.dtype))

@@ -13,6 +13,7 @@ import eval as eval_script
 import train as train_script
 from datasets import DatasetError
 from engine import RunError
+from conftest import fit_random_bank
 from MambaAlign import MambaAlign, mambaalign_tiny
 
 ERRORS = (SystemExit, RunError, DatasetError)   # what main() raises; run_cli turns each into one line
@@ -117,7 +118,7 @@ def test_missing_split_unwritable_dir_and_foreign_resume(tmp_path):
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory):
     d = tmp_path_factory.mktemp("ckpt")
-    model = mambaalign_tiny(aux_ch=3)
+    model = fit_random_bank(mambaalign_tiny(aux_ch=3), 64, 64)
     path = d / "model.pth"
     torch.save({"model": model.state_dict(), "config": model.config.to_dict(),
                 "args": {"dataset": "synthetic", "object": "tile", "img_size": 64}}, path)
