@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from alignment_aware_fusion import AlignmentAwareFusion, conv_norm_act, global_align
+from alignment_aware_fusion import AlignmentAwareFusion, conv_norm_act, global_align, warp
 from cross_mamba_cmi import CrossMambaInteraction
 from knn import MemoryBank, pooled_patch_features
 from pmm_qsvss import PerModalMamba
@@ -147,7 +147,6 @@ class MambaAlign(nn.Module):
     inspection."""
 
     model_type = "mambaalign"
-    score_description = "image head, sigmoid(score_logit)"
 
     def __init__(self, cfg: MambaAlignConfig, pretrained: bool = False, backbone_weights: Optional[str] = None,
                  scan_backend: str = "auto"):
@@ -193,6 +192,13 @@ class MambaAlign(nn.Module):
         self.register_buffer("head_stats", torch.tensor([0.0, 1.0]))
         self.register_buffer("threshold", torch.tensor(float("nan")))
 
+    @property
+    def score_description(self) -> str:
+        if self.config.image_score == "head":
+            return "image head, sigmoid(score_logit)"
+        return ("image head's logit standardised on held-out train normals plus the memory bank's standardised "
+                "scores, sigmoid(score_logit)")
+
     def train(self, mode: bool = True):
         super().train(mode)
         self.backbone.train(mode)   # a frozen backbone keeps its norms in eval mode
@@ -233,7 +239,7 @@ class MambaAlign(nn.Module):
             x = torch.cat([x, torch.asinh(F.adaptive_avg_pool2d(bank_maps, x.shape[-2:]))], dim=1)
         x = self.dec3(x)
         x = F.interpolate(x, size=(H // 4, W // 4), mode="bilinear", align_corners=False)
-        x = x + self.skip2(torch.cat([t for t in f2 if t is not None], dim=1))
+        x = x + self.skip2(torch.cat(self._aligned_skip(f2, offsets[0]), dim=1))
         seg = self.seg_head(self.dec2(x))                                     # stride 4
         seg_logits = F.interpolate(seg, size=(H, W), mode="bilinear", align_corners=False)
         head_in = [self._pool(fused[0]), self._pool(fused[2]), self._map_stats(seg)]
@@ -258,6 +264,18 @@ class MambaAlign(nn.Module):
             shift = shift * aux_present.to(shift.dtype)[:, None]
             aligned = torch.where(aux_present.view(-1, 1, 1, 1), aligned, aux)
         return aligned, shift
+
+    @staticmethod
+    def _aligned_skip(f2, offsets3):
+        """The stage-2 (stride 4) features for the decoder skip, aux warped by AAF's finest (stride 8) offsets,
+        upsampled and doubled into stride-4 pixels: the skip does not bypass alignment."""
+        rgb2, aux2 = f2
+        if aux2 is None:
+            return [rgb2]
+        if offsets3 is None:                       # no AAF (the ablation): plain concatenation
+            return [rgb2, aux2]
+        o = 2 * F.interpolate(offsets3, size=aux2.shape[-2:], mode="bilinear", align_corners=False)
+        return [rgb2, warp(aux2, o)]
 
     def combine(self, head_logit: torch.Tensor, bank_score: torch.Tensor) -> torch.Tensor:
         """The image score logit from the head's logit and the bank's summed standardised score."""

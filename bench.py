@@ -133,9 +133,9 @@ def _where(device: torch.device) -> str:
 # ----------------------------------------------------------------------------------------------------
 
 def _scan_inputs(batch, dim, L, dstate, groups, seed=0):
-    import math
+    from selective_scan import dt_bias_init
     g = torch.Generator().manual_seed(seed)
-    dt = torch.exp(torch.rand(dim, generator=g) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3))
+    delta_bias = dt_bias_init(dim, generator=g)
     return dict(
         u=torch.randn(batch, dim, L, generator=g),
         delta=0.1 * torch.randn(batch, dim, L, generator=g),
@@ -144,7 +144,7 @@ def _scan_inputs(batch, dim, L, dstate, groups, seed=0):
         C=torch.randn(batch, groups, dstate, L, generator=g),
         D=torch.ones(dim),
         z=torch.randn(batch, dim, L, generator=g),
-        delta_bias=dt + torch.log(-torch.expm1(-dt)),
+        delta_bias=delta_bias,
     )
 
 
@@ -273,7 +273,12 @@ def bench_model(args) -> None:
     dev = args.device
     for preset in ("tiny", "base"):
         cfg = MambaAlignConfig.preset(preset, aux_ch=3)
-        model = MambaAlign(cfg, scan_backend=args.scan_backend).eval().to(dev)
+        model = MambaAlign(cfg, scan_backend=args.scan_backend).eval()
+        if model.bank is not None:   # a full-size bank (coreset_size rows per modality) of random features
+            dim = model.bank.bank_rgb.shape[1]
+            n = -(-cfg.bank_size // 1024)
+            model.bank.build({m: torch.randn(n, dim, 32, 32) for m in model.modalities}, torch.arange(n))
+        model = model.to(dev)
         backbone = RGBXBackbone(cfg.backbone, 3, stages=(2, 3, 4, 5)).eval().to(dev)
         rgb, aux = torch.randn(1, 3, size, size, device=dev), torch.randn(1, 3, size, size, device=dev)
 
@@ -473,7 +478,7 @@ def _compare_model(args, dataset, root, obj, aux_ch, seed, out):
 
 def _compare_sets(args):
     """(dataset family, root, object, aux_ch of the data, seeds for trained models) of every compared class."""
-    from datasets import DATASETS, list_objects
+    from datasets import default_aux_ch, list_objects
     from datasets.synthetic import OBJECT_TYPES
     sets = [("synthetic", None, o, 3, args.seeds if i == 0 else 1) for i, o in enumerate(OBJECT_TYPES)]
     for family, root in (("mulsenad", args.mulsen_root), ("mvtec", args.mvtec_root)):
@@ -481,7 +486,7 @@ def _compare_sets(args):
             continue
         if not os.path.isdir(root):
             raise SystemExit(f"--{family.replace('mulsenad', 'mulsen')}_root {root}: folder not found")
-        sets += [(family, root, o, DATASETS[family][3], args.seeds) for o in list_objects(family, root)]
+        sets += [(family, root, o, default_aux_ch(family), args.seeds) for o in list_objects(family, root)]
     return sets
 
 

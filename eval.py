@@ -5,12 +5,15 @@
         --checkpoint "runs/mulsen_{object}/best_checkpoint.pth" --out_dir results/mulsen
 
 Writes to --out_dir: eval_results.csv (one row per test image: path, object, defect, label, score, score_logit,
-pixel_auroc), summary.json and summary.txt (every metric overall, per defect type, per object and the mean over
-objects) and, with --save_vis, vis/heatmaps/ and vis/overlays/ (one PNG per test image).
+decision, pixel_auroc), summary.json and summary.txt (every metric overall, per defect type, per object and the
+mean over objects; the stored decision threshold's error rates per object) and, with --save_vis, vis/heatmaps/
+and vis/overlays/ (one PNG per test image).
 
-Scores are the model's own: ``score`` = sigmoid(score_logit) of the image head, no normalisation over the test
-set; metrics rank by score_logit (the same order, without sigmoid saturation). Per-defect metrics use the good
-test images plus that defect's images. F1-max values use the best threshold on the test set itself: an oracle.
+Scores are the model's own (``score`` = sigmoid(score_logit), no normalisation over the test set); metrics rank
+by score_logit (the same order, without sigmoid saturation). Per-defect metrics use the good test images plus that
+defect's images. F1-max values use the best threshold on the test set itself: an oracle. ``decision`` uses the
+threshold stored in the checkpoint (chosen by train.py on held-out TRAIN normals at --target_fpr): what a line
+would see; empty for models without one.
 """
 from __future__ import annotations
 
@@ -32,7 +35,7 @@ from datasets.transforms import aux_to_image, denormalize_rgb
 from engine import (HelpFormatter, RunError, fpr_limit, git_revision, image_size, load_checkpoint, load_model,
                     nonneg_int, positive_int, prepare_out_dir, resolve_device, run_cli, run_inference)
 
-CSV_COLUMNS = ("path", "object", "defect", "label", "score", "score_logit", "pixel_auroc")
+CSV_COLUMNS = ("path", "object", "defect", "label", "score", "score_logit", "decision", "pixel_auroc")
 # viridis, sampled at 9 evenly spaced points (perceptually uniform, colour-blind friendly)
 _VIRIDIS = np.array([(68, 1, 84), (71, 44, 122), (59, 81, 139), (44, 113, 142), (33, 144, 141), (39, 173, 129),
                      (92, 200, 99), (170, 220, 50), (253, 231, 37)], dtype=np.float64)
@@ -140,6 +143,15 @@ def summarise(res: Dict, fpr_limit: float) -> Dict[str, object]:
     return summary
 
 
+def _decision_rates(res: Dict) -> Dict[str, object]:
+    """The stored threshold and the share of good / anomalous test images it flags (None without a threshold)."""
+    if not math.isfinite(res["threshold"]):
+        return {"threshold": None, "test_fpr": None, "test_tpr": None}
+    good, bad = res["label"] == 0, res["label"] == 1
+    rate = lambda m: float(res["decision"][m].mean()) if m.any() else float("nan")
+    return {"threshold": res["threshold"], "test_fpr": rate(good), "test_tpr": rate(bad)}
+
+
 def format_table(summary: Dict[str, object]) -> str:
     keys = metrics.METRIC_KEYS
     rows = [("overall", summary["overall"]), ("mean over objects", summary["mean_over_objects"])]
@@ -218,10 +230,15 @@ def main(args) -> Dict[str, object]:
         res = run_inference(model, loader, device, amp=args.use_amp, progress=not args.quiet,
                             desc=f"test {p['object']}", keep_inputs=args.save_vis)
         model.cpu()
+        threshold = float(getattr(model, "threshold", float("nan")))
+        res["decision"] = np.where(res["score_logit"] > threshold, 1.0, 0.0) if math.isfinite(threshold) \
+            else np.full(len(res["score_logit"]), np.nan)
+        res["threshold"] = threshold
         if args.save_vis:
             save_visualisations(res, args.out_dir)
         results.append(res)
-    merged = {k: np.concatenate([r[k] for r in results]) for k in ("score", "score_logit", "label", "maps", "masks")}
+    merged = {k: np.concatenate([r[k] for r in results])
+              for k in ("score", "score_logit", "decision", "label", "maps", "masks")}
     for k in ("path", "defect", "object"):
         merged[k] = [x for r in results for x in r[k]]
     per_image = _per_image_pixel_auroc(merged["maps"], merged["masks"])
@@ -231,8 +248,10 @@ def main(args) -> Dict[str, object]:
         for i in range(len(merged["path"])):
             w.writerow([merged["path"][i], merged["object"][i], merged["defect"][i], int(merged["label"][i]),
                         f"{merged['score'][i]:.6f}", f"{merged['score_logit'][i]:.6f}",
+                        "" if math.isnan(merged["decision"][i]) else int(merged["decision"][i]),
                         "" if math.isnan(per_image[i]) else f"{per_image[i]:.6f}"])
     summary = summarise(merged, args.fpr_limit)
+    summary["decision"] = {p["object"]: _decision_rates(r) for p, r in zip(plan, results)}
     summary["settings"] = {"checkpoint": args.checkpoint, "dataset": dataset, "objects": objects,
                            "img_size": img_size, "fpr_limit": args.fpr_limit, "aux_shift": args.aux_shift,
                            "git": git_revision(), "model": getattr(model, "model_type", "mambaalign"),
@@ -249,6 +268,10 @@ def main(args) -> Dict[str, object]:
                  f"{summary['counts']['left_out_of_pixel_metrics']} anomalous image(s) without a mask in this "
                  f"modality are left out of the pixel metrics (kept in the image metrics).\n\n{table}\n")
     print(table)
+    for obj, d in summary["decision"].items():
+        if d["threshold"] is not None:
+            print(f"decision at the stored threshold {d['threshold']:.4f} ({obj}): flags {d['test_fpr']:.3f} of the "
+                  f"good test images and {d['test_tpr']:.3f} of the anomalous ones")
     if summary["counts"]["left_out_of_pixel_metrics"]:
         print(f"{summary['counts']['left_out_of_pixel_metrics']} anomalous image(s) without a mask are left out of "
               f"the pixel metrics (kept in the image metrics)")

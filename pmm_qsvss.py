@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from selective_scan import selective_scan_fn
+from selective_scan import dt_bias_init, selective_scan_fn
 
 __all__ = ["quadsnake_routes", "cross_scan", "cross_merge", "QSVSSBlock", "QuadSnakeMixer", "PerModalMamba",
            "DropPath", "SelectiveParams", "mixer_sizes", "NUM_ROUTES"]
@@ -141,9 +141,7 @@ class SelectiveParams(nn.Module):
         nn.init.uniform_(self.x_proj_weight, -bound, bound)
         nn.init.uniform_(self.dt_proj_weight, -dt_rank ** -0.5, dt_rank ** -0.5)
         with torch.no_grad():
-            dt = torch.exp(torch.rand(routes, d_inner) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
-            dt = dt.clamp(min=dt_init_floor)
-            self.dt_proj_bias.copy_(dt + torch.log(-torch.expm1(-dt)))    # inverse of softplus
+            self.dt_proj_bias.copy_(dt_bias_init((routes, d_inner), dt_min, dt_max, dt_init_floor))
 
     def project(self, xs: torch.Tensor, routes=slice(None)):
         """xs: (B, K, d_inner, L) -> delta (B, K, d_inner, L), B and C (B, K, N, L) for routes[routes]."""

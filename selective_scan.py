@@ -39,6 +39,7 @@ Everything is computed in float32; fp16/bf16 inputs come back in their own dtype
 """
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from typing import Optional
@@ -47,7 +48,7 @@ import torch
 import torch.nn.functional as F
 
 
-__all__ = ["selective_scan_fn", "selective_scan_ref", "resolve_backend", "cuda_backend_available",
+__all__ = ["selective_scan_fn", "selective_scan_ref", "dt_bias_init", "resolve_backend", "cuda_backend_available",
            "BACKENDS", "CHUNK"]
 
 BACKENDS = ("auto", "cuda", "triton", "torch", "ref")
@@ -66,6 +67,15 @@ _cuda_import_error: Optional[BaseException] = None
 _cuda_import_tried = False
 _warned_auto_fallback = False
 _warned_last_state = False
+
+
+def dt_bias_init(shape, dt_min: float = 1e-3, dt_max: float = 0.1, floor: float = 1e-4,
+                 generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Mamba's initialisation of the step bias: the inverse softplus of dt ~ logU[dt_min, dt_max] (at least
+    ``floor``), so softplus(delta + bias) starts in [dt_min, dt_max]."""
+    u = torch.rand(shape, generator=generator)
+    dt = torch.exp(u * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)).clamp(min=floor)
+    return dt + torch.log(-torch.expm1(-dt))
 
 
 def _import_cuda_kernel():

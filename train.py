@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Sampler
 
 import metrics
-from datasets import DATASETS, DatasetError, build_dataset
+from datasets import DATASETS, DatasetError, build_dataset, default_aux_ch
 from datasets.synthesis import MODES, AnomalySynthesizer, SynthesisDataset
 from engine import (HelpFormatter, RunError, autocast_context, dist_info, fraction, git_revision, image_size,
                     load_checkpoint, make_checkpoint, nonneg_float, nonneg_int, positive_float, positive_int,
@@ -372,7 +372,7 @@ def fit_knn(args, base, aux_ch: int, device, bank_idx, hold_idx) -> Dict[str, ob
 
 def load_train_split(args, is_main: bool):
     """The train split (every file checked up front) and its aux channel count; data errors become RunError."""
-    aux_ch = DATASETS[args.dataset][3] if args.aux_ch is None else args.aux_ch
+    aux_ch = default_aux_ch(args.dataset) if args.aux_ch is None else args.aux_ch
     try:
         extra = {"seed": args.data_seed} if args.dataset == "synthetic" else {}
         base = build_dataset(args.dataset, args.data_root, args.object, "train", args.img_size, aux_ch,

@@ -16,18 +16,18 @@ from typing import Dict, List, Optional, Tuple
 from .base import AnomalyDataset, Record, ShiftedAux
 from .transforms import DatasetError
 
-__all__ = ["build_dataset", "list_objects", "DATASETS", "AnomalyDataset", "DatasetError",
+__all__ = ["build_dataset", "list_objects", "default_aux_ch", "DATASETS", "AnomalyDataset", "DatasetError",
            "Record", "ShiftedAux"]
 
-# name -> (module, class, aux_ch choices, default aux_ch)
-DATASETS: Dict[str, Tuple[str, str, Tuple[int, ...], int]] = {
-    "mulsenad": ("mulsen_ad", "MulSenAD", (1, 0), 1),
-    "realiadd3": ("real_iad_d3", "RealIADD3", (3, 0), 3),
-    "mvtec3d": ("mvtec3d", "MVTec3D", (3, 1, 0), 3),
-    "eyecandies": ("mvtec3d", "MVTec3D", (3, 1, 0), 3),
-    "mvtec": ("mvtec_ad", "MVTecAD", (0,), 0),
-    "rgbd": ("rgbd", "RGBDFolder", (1, 3, 0), 1),
-    "synthetic": ("synthetic", "SyntheticDataset", (3, 1, 0), 3),
+# name -> (module, class). Each class says which aux channel counts it provides (AUX_CHOICES, default first).
+DATASETS: Dict[str, Tuple[str, str]] = {
+    "mulsenad": ("mulsen_ad", "MulSenAD"),
+    "realiadd3": ("real_iad_d3", "RealIADD3"),
+    "mvtec3d": ("mvtec3d", "MVTec3D"),
+    "eyecandies": ("mvtec3d", "MVTec3D"),
+    "mvtec": ("mvtec_ad", "MVTecAD"),
+    "rgbd": ("rgbd", "RGBDFolder"),
+    "synthetic": ("synthetic", "SyntheticDataset"),
 }
 
 
@@ -35,8 +35,13 @@ def _class(name: str):
     if name not in DATASETS:
         raise DatasetError(f"unknown dataset {name!r}; choose one of {sorted(DATASETS)}")
     import importlib
-    module, cls, _, _ = DATASETS[name]
+    module, cls = DATASETS[name]
     return getattr(importlib.import_module(f".{module}", __name__), cls)
+
+
+def default_aux_ch(name: str) -> int:
+    """The aux channel count dataset family ``name`` gives when none is asked for."""
+    return _class(name).AUX_CHOICES[0]
 
 
 def build_dataset(name: str, root: Optional[str], object_name: str, split: str, img_size=256,
@@ -45,10 +50,8 @@ def build_dataset(name: str, root: Optional[str], object_name: str, split: str, 
     ``check`` every file of the split is read cheaply first (``AnomalyDataset.check_files``), so a bad file stops
     the run before its first step, with every bad path named."""
     cls = _class(name)
-    choices = DATASETS[name][2]
-    aux_ch = DATASETS[name][3] if aux_ch is None else aux_ch
-    if aux_ch not in choices:
-        raise DatasetError(f"dataset {name!r} provides aux_ch in {choices} (0 = RGB only), got aux_ch={aux_ch}")
+    aux_ch = cls.AUX_CHOICES[0] if aux_ch is None else aux_ch
+    cls.check_aux_ch(aux_ch, f"dataset {name!r}")
     if name != "synthetic":
         if not root:
             raise DatasetError(f"dataset {name!r} needs a data root (--data_root)")

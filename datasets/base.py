@@ -38,6 +38,11 @@ def require_dir(path: str, what: str) -> str:
     return path
 
 
+def subfolders(folder: str) -> List[str]:
+    """Names of the sub-folders of ``folder`` (a split's defect-type folders), sorted; files are ignored."""
+    return sorted(d for d in os.listdir(folder) if os.path.isdir(os.path.join(folder, d)))
+
+
 def list_images(folder: str, what: str = "image folder", extensions: Sequence[str] = IMAGE_EXTENSIONS) -> List[str]:
     """Image files of a folder in natural order; a missing or empty folder is an error."""
     require_dir(folder, what)
@@ -71,6 +76,15 @@ class AnomalyDataset(Dataset):
     aux_file_channels: Optional[int] = None    # channels an aux FILE must have (None: any)
     # Above this many files the up-front check shows a progress bar.
     CHECK_PROGRESS_FROM = 500
+
+    # The aux channel counts a family provides (the first is its default) and how to say so in an error.
+    AUX_CHOICES: Tuple[int, ...] = (0,)
+    AUX_WHAT = "RGB only (aux_ch=0)"
+
+    @classmethod
+    def check_aux_ch(cls, aux_ch: int, family: str) -> None:
+        if aux_ch not in cls.AUX_CHOICES:
+            raise DatasetError(f"{family} provides {cls.AUX_WHAT}; got aux_ch={aux_ch}")
 
     def __init__(self, records: List[Record], img_size, aux_ch: int, split: str, name: str,
                  crop_size=None, hflip: float = 0.0, vflip: float = 0.0, seed: int = 0):

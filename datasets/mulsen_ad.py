@@ -19,7 +19,7 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from .base import AnomalyDataset, Record, list_images, require_dir
+from .base import AnomalyDataset, Record, list_images, require_dir, subfolders
 from .transforms import DatasetError, read_image
 
 LABEL_SOURCES = {"any": (0, 1, 2), "rgb": (0,), "infrared": (1,), "rgb_or_infrared": (0, 1)}
@@ -49,13 +49,13 @@ def read_label_csv(path: str, stems: List[str], label_source: str) -> Dict[str, 
 
 
 class MulSenAD(AnomalyDataset):
+    AUX_CHOICES, AUX_WHAT = (1, 0), "infrared (aux_ch=1) or RGB only (0)"
     aux_kind = "intensity"
     aux_matches_rgb = False
 
     def __init__(self, root: str, object_name: str, split: str = "train", img_size=256, aux_ch: int = 1,
                  label_source: str = "any", **kw):
-        if aux_ch not in (0, 1):
-            raise DatasetError(f"MulSen-AD provides infrared (aux_ch=1) or RGB only (aux_ch=0); got aux_ch={aux_ch}")
+        self.check_aux_ch(aux_ch, "MulSen-AD")
         if label_source not in LABEL_SOURCES:
             raise ValueError(f"label_source must be one of {sorted(LABEL_SOURCES)}, got {label_source!r}")
         if split not in ("train", "test"):
@@ -71,9 +71,7 @@ class MulSenAD(AnomalyDataset):
                 records.append(Record(p, self._aux_path(ir_dir, "train", p, aux_ch), None, 0, "good", object_name))
         else:
             test_dir = require_dir(os.path.join(rgb_dir, "test"), "MulSen-AD RGB/test")
-            for defect in sorted(os.listdir(test_dir)):
-                if not os.path.isdir(os.path.join(test_dir, defect)):
-                    continue
+            for defect in subfolders(test_dir):
                 files = list_images(os.path.join(test_dir, defect), f"MulSen-AD RGB/test/{defect}")
                 stems = [os.path.splitext(os.path.basename(p))[0] for p in files]
                 gt_dir = os.path.join(rgb_dir, "GT", defect)

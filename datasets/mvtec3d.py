@@ -14,7 +14,7 @@ from typing import List
 
 import numpy as np
 
-from .base import AnomalyDataset, Record, list_images, require_dir
+from .base import AnomalyDataset, Record, list_images, require_dir, subfolders
 from .transforms import GEOMETRY_AUX_KIND, DatasetError, normals_from_xyz, read_tiff
 
 
@@ -29,19 +29,19 @@ def read_xyz(path: str) -> np.ndarray:
 
 
 class MVTec3D(AnomalyDataset):
+    AUX_CHOICES, AUX_WHAT = (3, 1, 0), "normals (aux_ch=3), depth (1) or RGB only (0)"
     has_valid = True
     aux_file_channels = 3       # organised xyz point clouds
 
     def __init__(self, root: str, object_name: str, split: str = "train", img_size=256, aux_ch: int = 3,
                  family: str = "MVTec 3D-AD", **kw):
-        if aux_ch not in (0, 1, 3):
-            raise DatasetError(f"{family} gives normals (aux_ch=3), depth (aux_ch=1) or RGB only (0); got {aux_ch}")
+        self.check_aux_ch(aux_ch, family)
         if split not in ("train", "validation", "test"):
             raise DatasetError(f"{family} has the splits train, validation and test, got {split!r}")
         self.aux_kind = GEOMETRY_AUX_KIND[aux_ch]
         split_dir = require_dir(os.path.join(root, object_name, split), f"{family} {object_name}/{split} folder")
         records: List[Record] = []
-        for defect in sorted(d for d in os.listdir(split_dir) if os.path.isdir(os.path.join(split_dir, d))):
+        for defect in subfolders(split_dir):
             ddir = os.path.join(split_dir, defect)
             for p in list_images(os.path.join(ddir, "rgb"), f"{split}/{defect}/rgb"):
                 stem = os.path.splitext(os.path.basename(p))[0]

@@ -9,15 +9,16 @@ from __future__ import annotations
 import os
 from typing import List
 
-from .base import AnomalyDataset, Record, find_mask, list_images, require_dir
+from .base import AnomalyDataset, Record, find_mask, list_images, require_dir, subfolders
 from .transforms import DatasetError
 
 
 
 class MVTecAD(AnomalyDataset):
+    AUX_CHOICES, AUX_WHAT = (0,), "RGB only (aux_ch=0)"
+
     def __init__(self, root: str, object_name: str, split: str = "train", img_size=256, aux_ch: int = 0, **kw):
-        if aux_ch != 0:
-            raise DatasetError(f"MVTec-AD-style data is RGB only: use aux_ch=0 (got {aux_ch})")
+        self.check_aux_ch(aux_ch, "MVTec-AD-style data")
         base = require_dir(os.path.join(root, object_name), f"class {object_name!r}")
         records: List[Record] = []
         if split == "train":
@@ -25,7 +26,7 @@ class MVTecAD(AnomalyDataset):
                 records.append(Record(p, None, None, 0, "good", object_name))
         elif split == "test":
             test_dir = require_dir(os.path.join(base, "test"), "test folder")
-            for defect in sorted(d for d in os.listdir(test_dir) if os.path.isdir(os.path.join(test_dir, d))):
+            for defect in subfolders(test_dir):
                 for p in list_images(os.path.join(test_dir, defect), f"test/{defect}"):
                     mask = None
                     if defect != "good":

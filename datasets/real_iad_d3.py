@@ -20,7 +20,7 @@ from typing import List, Optional
 
 import numpy as np
 
-from .base import AnomalyDataset, Record, list_images, require_dir
+from .base import AnomalyDataset, Record, list_images, require_dir, subfolders
 from .transforms import DatasetError, decode_normals_png, read_image
 
 logger = logging.getLogger(__name__)
@@ -29,21 +29,21 @@ NORMAL_DIRS = ("normals", "pseudo3d", "ps", "normal")
 
 
 class RealIADD3(AnomalyDataset):
+    AUX_CHOICES, AUX_WHAT = (3, 0), "normals (aux_ch=3) or RGB only (0)"
     aux_file_channels = 3       # photometric-stereo normals stored as RGB
     aux_kind = "normals"
     has_valid = True
 
     def __init__(self, root: str, object_name: str, split: str = "train", img_size=256, aux_ch: int = 3,
                  normal_axis_order: str = "xyz", normal_flip: str = "", require_normals: bool = True, **kw):
-        if aux_ch not in (0, 3):
-            raise DatasetError(f"Real-IAD D3 provides normals (aux_ch=3) or RGB only (0); got aux_ch={aux_ch}")
+        self.check_aux_ch(aux_ch, "Real-IAD D3")
         if split not in ("train", "test"):
             raise DatasetError(f"Real-IAD D3 has the splits train and test, got {split!r}")
         self.axis_order, self.flip = normal_axis_order, normal_flip
         split_dir = require_dir(os.path.join(root, object_name, split), f"Real-IAD D3 {object_name}/{split} folder")
         records: List[Record] = []
         missing = 0
-        for defect in sorted(d for d in os.listdir(split_dir) if os.path.isdir(os.path.join(split_dir, d))):
+        for defect in subfolders(split_dir):
             ddir = os.path.join(split_dir, defect)
             ndir = next((os.path.join(ddir, n) for n in NORMAL_DIRS if os.path.isdir(os.path.join(ddir, n))), None)
             if aux_ch and ndir is None and require_normals:

@@ -14,23 +14,23 @@ from typing import List
 
 import numpy as np
 
-from .base import AnomalyDataset, Record, find_mask, list_images, require_dir
+from .base import AnomalyDataset, Record, find_mask, list_images, require_dir, subfolders
 from .transforms import GEOMETRY_AUX_KIND, DatasetError, decode_normals_png, read_image, read_tiff
 
 
 class RGBDFolder(AnomalyDataset):
+    AUX_CHOICES, AUX_WHAT = (1, 3, 0), "depth (aux_ch=1), normals (3) or RGB only (0)"
     has_valid = True
 
     def __init__(self, root: str, object_name: str, split: str = "train", img_size=256, aux_ch: int = 1, **kw):
-        if aux_ch not in (0, 1, 3):
-            raise DatasetError(f"the rgbd folder holds depth (aux_ch=1), normals (3) or nothing (0); got {aux_ch}")
+        self.check_aux_ch(aux_ch, "the rgbd folder")
         if split not in ("train", "test"):
             raise DatasetError(f"the rgbd folder has the splits train and test, got {split!r}")
         self.aux_kind = GEOMETRY_AUX_KIND[aux_ch]
         base = require_dir(os.path.join(root, object_name), f"object {object_name!r}")
         split_dir = require_dir(os.path.join(base, split), f"{object_name}/{split} folder")
         records: List[Record] = []
-        for defect in sorted(d for d in os.listdir(split_dir) if os.path.isdir(os.path.join(split_dir, d))):
+        for defect in subfolders(split_dir):
             ddir = os.path.join(split_dir, defect)
             for p in list_images(os.path.join(ddir, "rgb"), f"{split}/{defect}/rgb"):
                 stem = os.path.splitext(os.path.basename(p))[0]

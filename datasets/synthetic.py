@@ -190,6 +190,7 @@ class SyntheticDataset(AnomalyDataset):
     aux_ch 3: normals, 1: depth, 0: RGB only. ``counts`` overrides DEFAULT_COUNTS (train, test_good,
     test_defect per defect type). Samples are rendered at ``render_size`` (default: img_size) on access.
     """
+    AUX_CHOICES, AUX_WHAT = (3, 1, 0), "normals (aux_ch=3), depth (1) or RGB only (0)"
     has_valid = True
 
     def __init__(self, root: Optional[str] = None, object_name: str = "disc", split: str = "train", img_size=128,
@@ -198,8 +199,7 @@ class SyntheticDataset(AnomalyDataset):
             raise DatasetError(f"unknown synthetic object {object_name!r}; choose one of {OBJECT_TYPES}")
         if split not in _SPLIT_IDS:
             raise DatasetError(f"synthetic splits are {tuple(_SPLIT_IDS)}, got {split!r}")
-        if aux_ch not in (0, 1, 3):
-            raise DatasetError(f"synthetic data gives normals (aux_ch=3), depth (1) or RGB only (0); got {aux_ch}")
+        self.check_aux_ch(aux_ch, "synthetic data")
         self.aux_kind = GEOMETRY_AUX_KIND[aux_ch]
         self.counts = {**DEFAULT_COUNTS, **(counts or {})}
         self.render_size = to_hw(render_size or img_size)

@@ -298,3 +298,14 @@ def test_non_finite_xyz_values_are_missing_points(tmp_path):
         s, clean = ds[0], ds[1]                                # 001.tiff holds the same points, all finite
         assert torch.isfinite(s["aux"]).all()
         assert s["valid"].sum() < clean["valid"].sum()
+
+
+def test_each_dataset_class_owns_its_aux_channel_choices():
+    from datasets import DATASETS, default_aux_ch
+    assert {n: default_aux_ch(n) for n in DATASETS} == {"mulsenad": 1, "realiadd3": 3, "mvtec3d": 3, "eyecandies": 3,
+                                                      "mvtec": 0, "rgbd": 1, "synthetic": 3}
+    assert all(len(v) == 2 for v in DATASETS.values())          # the registry names modules, nothing more
+    with pytest.raises(DatasetError, match="infrared .aux_ch=1. or RGB only.*got aux_ch=3"):
+        build_dataset("mulsenad", "/nonexistent", "capsule", "train", 64, 3)
+    with pytest.raises(DatasetError, match="RGB only .aux_ch=0.*got aux_ch=1"):
+        build_dataset("mvtec", "/nonexistent", "hazelnut", "train", 64, 1)

@@ -261,3 +261,15 @@ def test_from_checkpoint_returns_eval_mode(tmp_path):
     model = mambaalign_tiny(aux_ch=0)
     torch.save({"model": model.state_dict(), "config": model.config.to_dict()}, tmp_path / "m.pth")
     assert not MambaAlign.from_checkpoint(tmp_path / "m.pth").training
+
+
+def test_stage2_skip_follows_aaf_offsets():
+    g = torch.Generator().manual_seed(0)
+    rgb2, aux2 = torch.randn(1, 4, 16, 16, generator=g), torch.randn(1, 4, 16, 16, generator=g)
+    off = torch.zeros(1, 2, 8, 8)
+    off[:, 0] = 1.0                              # one stride-8 pixel = two stride-4 pixels, to the right
+    rgb_out, aux_out = MambaAlign._aligned_skip((rgb2, aux2), off)
+    assert torch.equal(rgb_out, rgb2)
+    assert torch.allclose(aux_out[..., :, :-2], aux2[..., :, 2:], atol=1e-5)
+    assert MambaAlign._aligned_skip((rgb2, aux2), None)[1] is aux2          # no AAF: nothing to follow
+    assert MambaAlign._aligned_skip((rgb2, None), off) == [rgb2]

@@ -1,11 +1,10 @@
 """The fast `torch` selective scan against the sequential `ref` oracle: outputs, last state, every gradient."""
-import math
 
 import pytest
 import torch
 
 import selective_scan
-from selective_scan import selective_scan_fn, selective_scan_ref
+from selective_scan import dt_bias_init, selective_scan_fn, selective_scan_ref
 
 # mamba-ssm's float32 tolerances (tests/ops/test_selective_scan.py).
 RTOL, ATOL = 6e-4, 2e-3
@@ -20,8 +19,7 @@ def make_inputs(batch, dim, L, dstate, groups, layout, init="mamba", seed=0):
     if init == "mamba":
         # Mamba's initialisation: A = -exp(A_log), A_log = log(1..N); softplus(dt bias) in [1e-3, 1e-1].
         A = -torch.arange(1, dstate + 1, dtype=torch.float32).repeat(dim, 1)
-        dt = torch.exp(torch.rand(dim, generator=g) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3))
-        delta_bias = dt + torch.log(-torch.expm1(-dt))
+        delta_bias = dt_bias_init(dim, generator=g)
         delta = 0.1 * torch.randn(batch, dim, L, generator=g)
     else:  # strong decay: delta*A down to -20 per step for the largest |A|
         A = -torch.linspace(1.0, float(dstate), dstate).repeat(dim, 1)
