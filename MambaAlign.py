@@ -129,10 +129,10 @@ _RUNTIME_KEYS = ("pretrained", "backbone_weights", "scan_backend")
 _REMOVED_OPTIONS = {"backbone_norm": "bn", "freeze_bn": False, "use_stage2": True}
 
 PRESETS: Dict[str, dict] = {
+    # tiny: PMM off, the dev-split ablation (README) showed no gain from it; base keeps the paper's layout.
     "tiny": dict(backbone="efficientnet_lite0", freeze_backbone=True, normality="bank", image_score="head+bank",
-                 dims=(64, 96, 128),
-                 pmm_depths=(1, 1, 1), d_state=8, ssm_ratio=1.0, mlp_ratio=2.0, cmi_d_state=8, fused_dim=64,
-                 decoder_dim=32),
+                 use_pmm=False, dims=(64, 96, 128), pmm_depths=(1, 1, 1), d_state=8, ssm_ratio=1.0, mlp_ratio=2.0,
+                 cmi_d_state=8, fused_dim=64, decoder_dim=32),
     "base": dict(backbone="wide_resnet50_2", freeze_backbone=True, normality="bank", image_score="head+bank",
                  dims=(128, 192, 256), pmm_depths=(2, 2, 2), d_state=16,
                  ssm_ratio=2.0, mlp_ratio=4.0, drop_path=0.1, cmi_d_state=16, fused_dim=128, decoder_dim=64),
@@ -401,7 +401,8 @@ class MambaAlign(nn.Module):
 
 
 def mambaalign_tiny(pretrained: bool = False, scan_backend: str = "auto", **overrides) -> MambaAlign:
-    """The CPU-friendly preset on resnet18 (``MambaAlignConfig.preset("tiny", **overrides)``)."""
+    """The CPU-friendly preset: frozen EfficientNet-Lite0 with the memory bank (``MambaAlignConfig.preset("tiny",
+    **overrides)``); ``pretrained=True`` loads its ImageNet weights from the installed weights package."""
     return MambaAlign(MambaAlignConfig.preset("tiny", **overrides), pretrained=pretrained, scan_backend=scan_backend)
 
 

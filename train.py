@@ -2,14 +2,20 @@
 
     python train.py --dataset synthetic --object disc --out_dir runs/demo --epochs 8 --img_size 128
     python train.py --data_root /path/to/MulSen_AD --dataset mulsenad --object capsule --aux_ch 1 \\
-        --out_dir outputs/mamba_capsule --epochs 300 --batch_size 8 --img_size 512 --use_amp --pretrained_backbone
+        --out_dir outputs/mamba_capsule --epochs 100 --batch_size 8 --img_size 512 --use_amp
     torchrun --nproc_per_node=4 train.py ...            (the same flags; DistributedDataParallel)
 
-Loss: focal + dice on the segmentation logits, BCE on the image logit. AdamW, linear warm-up then cosine.
+Before the first step (presets with the normality signal): the memory bank is built from the train normals'
+frozen backbone features and standardised on the held-out train normals. Each training image then sees its bank
+distances leave-one-out (skipping the rows it contributed). Loss: focal + dice on the segmentation logits, BCE on
+the image head's logit. AdamW, linear warm-up then cosine. Modality dropout (--aux_dropout) teaches the model to
+run from RGB alone.
 Model selection: a validation set carved (seeded) from the TRAIN normals, every other image given a fixed seeded
 synthetic anomaly; the criterion is the mean of image AUROC and AUPRO on it (image AUROC alone if AUPRO is
-undefined). The test split is never read here. Checkpoints: out_dir/last.pth (every epoch) and
-out_dir/best_checkpoint.pth, written atomically; ``--resume auto`` continues exactly from last.pth.
+undefined). At each validation the model is calibrated on the clean validation views: the head logit's mean and
+std (for the combined image score) and the decision threshold at --target_fpr, saved in the checkpoint. The test
+split is never read here. Checkpoints: out_dir/last.pth (every epoch) and out_dir/best_checkpoint.pth, written
+atomically; ``--resume auto`` continues exactly from last.pth.
 """
 from __future__ import annotations
 
@@ -79,7 +85,9 @@ def get_args_parser():
     g.add_argument("--backbone_weights", default=None,
                    help="a local state dict for the backbone (torchvision format for ResNets, the reference or "
                         "timm format for EfficientNet-Lite)")
-    g.add_argument("--no_pmm", action="store_true", help="ablation: no Per-Modal Mamba stacks")
+    g.add_argument("--pmm", default=None, choices=("on", "off"),
+                   help="Per-Modal Mamba stacks (QSVSS) on the reduced features (default: the preset's; off in tiny, "
+                        "where the dev-split ablation showed no gain from them)")
     g.add_argument("--no_cmi", action="store_true", help="ablation: no Cross Mamba Interaction")
     g.add_argument("--no_aaf", action="store_true", help="ablation: plain fusion instead of Alignment-Aware Fusion")
     g.add_argument("--no_bank", action="store_true",
@@ -218,7 +226,9 @@ def _set_rng_state(s):
 # --------------------------------------------------------------------------------------------------------
 
 def build_config(args, aux_ch: int) -> MambaAlignConfig:
-    overrides = dict(aux_ch=aux_ch, use_pmm=not args.no_pmm, use_cmi=not args.no_cmi, use_aaf=not args.no_aaf)
+    overrides = dict(aux_ch=aux_ch, use_cmi=not args.no_cmi, use_aaf=not args.no_aaf)
+    if args.pmm:
+        overrides["use_pmm"] = args.pmm == "on"
     if args.backbone:
         overrides["backbone"] = args.backbone
     if args.no_bank:
@@ -471,6 +481,28 @@ def train_one_epoch(net, model, optimizer, scheduler, scaler, args, device, stat
     return losses, False
 
 
+def make_optimisation(args, model, device, steps_per_epoch: int, total_steps: int):
+    """AdamW (no decay on biases, norms, A_log, D), warm-up + cosine schedule, GradScaler (fp16 AMP only)."""
+    optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.999))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda_factory(args, steps_per_epoch, total_steps))
+    use_scaler = args.use_amp and device.type == "cuda" and not torch.cuda.is_bf16_supported()
+    return optimizer, scheduler, torch.amp.GradScaler(device.type, enabled=use_scaler)
+
+
+def restore(ckpt, model, optimizer, scheduler, scaler):
+    """(start epoch, {"step", "batches_done"}, batches to skip in that epoch, best) of a fresh run, or of the
+    resumed checkpoint after loading every state it holds (weights, optimiser, schedule, scaler, RNG)."""
+    if ckpt is None:
+        return 0, {"step": 0, "batches_done": 0}, 0, {"criterion": -math.inf, "epoch": None}
+    model.load_state_dict(ckpt["model"], strict=True)
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scheduler.load_state_dict(ckpt["scheduler"])
+    scaler.load_state_dict(ckpt["scaler"])
+    _set_rng_state(ckpt["rng"])
+    return (ckpt["epoch"], {"step": ckpt["step"], "batches_done": 0}, ckpt.get("batches_done", 0),
+            ckpt.get("best", {"criterion": -math.inf, "epoch": None}))
+
+
 def main(args):
     rank, world, local_rank = dist_info()
     distributed = world > 1
@@ -512,20 +544,8 @@ def main(args):
     total_steps = steps_per_epoch * args.epochs
 
     # ---- model, optimiser --------------------------------------------------------------------------------
-    optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.999))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda_factory(args, steps_per_epoch, total_steps))
-    use_scaler = args.use_amp and device.type == "cuda" and not torch.cuda.is_bf16_supported()
-    scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
-    start_epoch, state, skip_batches = 0, {"step": 0, "batches_done": 0}, 0
-    best = {"criterion": -math.inf, "epoch": None}
-    if ckpt is not None:
-        model.load_state_dict(ckpt["model"], strict=True)
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        scaler.load_state_dict(ckpt["scaler"])
-        start_epoch, state["step"], skip_batches = ckpt["epoch"], ckpt["step"], ckpt.get("batches_done", 0)
-        best = ckpt.get("best", best)
-        _set_rng_state(ckpt["rng"])
+    optimizer, scheduler, scaler = make_optimisation(args, model, device, steps_per_epoch, total_steps)
+    start_epoch, state, skip_batches, best = restore(ckpt, model, optimizer, scheduler, scaler)
     net = torch.compile(model) if args.compile else model
     if distributed:
         net = torch.nn.parallel.DistributedDataParallel(

@@ -38,7 +38,7 @@ def test_output_keys_and_shapes(aux_ch, fit_bank):
 
 
 def test_every_parameter_gets_a_gradient(fit_bank):
-    model = fit_bank(mambaalign_tiny(aux_ch=3), H, W)
+    model = fit_bank(mambaalign_tiny(aux_ch=3, use_pmm=True), H, W)
     out = model(*_inputs(3))
     (out["seg_logits"].square().mean() + out["score_logit"].square().mean()).backward()
     missing = [n for n, p in model.named_parameters()
@@ -54,7 +54,7 @@ def test_each_ablation_switch_builds_and_runs(switch, fit_bank):
     names = [n for n, _ in model.named_parameters()]
     piece = {"use_pmm": "pmm.", "use_cmi": "cmi.", "use_aaf": ".offset."}[switch]
     assert not any(piece in n for n in names), f"{switch}=False still builds {piece}"
-    full = [n for n, _ in mambaalign_tiny(aux_ch=1).named_parameters()]
+    full = [n for n, _ in mambaalign_tiny(aux_ch=1, use_pmm=True, use_cmi=True, use_aaf=True).named_parameters()]
     assert any(piece in n for n in full)
 
 
