@@ -1,10 +1,12 @@
 """MambaAlign: the config, the model (wiring, decoder, heads), presets and checkpoint loading.
 
-    rgb ─┐                       ┌─ PMM_rgb(s) ─┐            ┌──────────────┐
-         ├─ RGBXBackbone ─ s3..5 ┤              ├─ CMI (s5) ─┤ AAF 5 → 4 → 3 ├─ decoder (+ s2) ─ seg head ─ seg_logits
-    aux ─┘  (shared convs,  │    └─ PMM_aux(s) ─┘            └──────────────┘     ▲         └── image head ─ score_logit
-             per-modal      └─ s3+s4 ─ memory bank (normality signal) ─ distance maps ┘──────────────────▲
-             norms)
+    rgb ─┐ [global align]          ┌─ PMM_rgb(s) ─┐            ┌───────────────┐
+         ├─ RGBXBackbone ─ s3..5 ──┤              ├─ CMI (s5) ─┤ AAF 5 → 4 → 3 ├─ decoder ─ seg head ─ seg_logits
+    aux ─┘  (shared convs,   │     └─ PMM_aux(s) ─┘            └───────────────┘    ▲ (+ s2, aux warped by AAF)
+             per-modal norms)└─ s3+s4 ─ memory bank ─ distance maps ────────────────┘
+                                                  └─ bank scores ─┐
+                        pooled fused features + map statistics ───┴─ image head ─ head_logit ─┐
+                                                score_logit = standardised head_logit + bank scores
 
 The normality signal (``normality="bank"``, the tiny preset): the backbone is frozen ImageNet EfficientNet-Lite0
 and, per modality, a memory bank of the train normals' stage-3+4 patch features (``knn.MemoryBank``) gives each

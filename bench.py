@@ -336,7 +336,8 @@ def bench_metrics(args) -> None:
 # ablation
 # ----------------------------------------------------------------------------------------------------
 
-ABLATIONS = {"full": [], "RGB-only": ["--aux_ch", "0"], "no bank": ["--no_bank"], "PMM on": ["--pmm", "on"], "no PMM": ["--pmm", "off"],
+ABLATIONS = {"full": [], "RGB-only": ["--aux_ch", "0"], "no bank": ["--no_bank"], "PMM on": ["--pmm", "on"],
+             "no PMM": ["--pmm", "off"],
              "no CMI": ["--no_cmi"], "no AAF": ["--no_aaf"], "global align": ["--global_align", "shift"],
              "head score": ["--image_score", "head"]}
 ABLATION_KEYS = ("image_auroc", "aupro", "aupro_0.05", "aupro_0.01")

@@ -30,7 +30,8 @@ from rgbx_backbone import RGBXBackbone
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["KNNConfig", "PatchKNN", "MemoryBank", "pooled_patch_features", "greedy_coreset", "nearest_distance", "gaussian_blur"]
+__all__ = ["KNNConfig", "PatchKNN", "MemoryBank", "pooled_patch_features", "greedy_coreset", "nearest_distance",
+           "gaussian_blur"]
 
 MODEL_TYPE = "knn"
 
@@ -151,9 +152,6 @@ class MemoryBank(nn.Module):
                 state_dict.setdefault(key, torch.full((bank.shape[0],), -1, dtype=torch.long))
                 setattr(self, f"owner_{m}", torch.zeros_like(state_dict[key]))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-
-    def is_fitted(self) -> bool:
-        return all(getattr(self, f"bank_{m}").shape[0] > 0 for m in self.modalities)
 
     @torch.no_grad()
     def build(self, features: Dict[str, torch.Tensor], owners: torch.Tensor, seed: int = 0) -> Dict[str, int]:

@@ -440,9 +440,9 @@ def make_loaders(args, base, aux_ch: int, train_idx, val_idx, rank: int, world: 
 
 
 def train_one_epoch(net, model, optimizer, scheduler, scaler, args, device, state: dict, bar, on_step):
-    """One pass over ``bar`` (the train loader wrapped in its progress bar; what remains of it after a resume). ``state`` holds ``step`` and
-    ``batches_done`` and is updated in place; ``on_step(loss)`` runs after each optimizer step. Returns the
-    losses of the optimizer steps and whether --max_steps was reached."""
+    """One pass over ``bar`` (the train loader wrapped in its progress bar; what remains of it after a resume).
+    ``state`` holds ``step`` and ``batches_done`` and is updated in place; ``on_step(loss, batch_size)`` runs
+    after each optimizer step. Returns the losses of the optimizer steps and whether --max_steps was reached."""
     model.train()
     losses = []
     optimizer.zero_grad(set_to_none=True)
@@ -648,7 +648,8 @@ def _end_of_epoch(args, state: dict, no_validation: bool, log, log_path: str, re
         save_atomic(state, os.path.join(args.out_dir, "best_checkpoint.pth"))
     with open(log_path, "a") as fh:
         fh.write(json.dumps(record, allow_nan=True) + "\n")
-    msg = f"epoch {record['epoch']}: loss {record['train_loss'] if record['train_loss'] is not None else float('nan'):.4f}"
+    loss = record["train_loss"] if record["train_loss"] is not None else float("nan")
+    msg = f"epoch {record['epoch']}: loss {loss:.4f}"
     val, best = record["val"], record["best"]
     if val:
         msg += (f" | val image AUROC {val['image_auroc']:.4f}, AUPRO {val['aupro']:.4f}, "

@@ -89,7 +89,8 @@ def test_threshold_is_stored_and_applied(tmp_path):
     batch = next(iter(DataLoader(Subset(held, val_idx), batch_size=len(val_idx))))
     pred = model.predict(batch["rgb"], batch["aux"])
     assert torch.equal(pred["decision"], pred["score_logit"] > model.threshold)
-    assert pred["decision"].float().mean() <= 0.2 + 1e-6
+    # (the threshold is one of these scores itself: recomputed in another batch it may move by rounding)
+    assert (pred["score_logit"] > model.threshold + 1e-4).float().mean() <= 0.2 + 1e-6
     fresh = mambaalign_tiny(aux_ch=3, normality="none", image_score="head", freeze_backbone=False)
     assert "decision" not in fresh.predict(batch["rgb"][:1], batch["aux"][:1])    # uncalibrated: no decision
     # eval.py writes each test image's decision at that threshold and the rates it gives

@@ -201,3 +201,16 @@ def test_bench_fixes_the_mmap_threshold_only_for_memory_benchmarks(monkeypatch, 
             bench.main(args)
     else:
         bench.main(args)
+
+
+def test_model_flags_reach_the_config():
+    parse = lambda *extra: train_script.get_args_parser().parse_args(FAST + ["--out_dir", "x", *extra])
+    default = train_script.build_config(parse(), 3)
+    assert (default.use_pmm, default.normality, default.image_score, default.global_align) == \
+        (False, "bank", "head+bank", "none")                      # the tiny preset's choices (README: ablation)
+    cfg = train_script.build_config(parse("--pmm", "on", "--global_align", "shift", "--image_score", "head"), 3)
+    assert cfg.use_pmm and cfg.global_align == "shift" and cfg.image_score == "head"
+    bare = train_script.build_config(parse("--no_bank"), 3)
+    assert bare.normality == "none" and bare.image_score == "head"
+    with pytest.raises(ERRORS, match="image_score='head\\+bank' needs normality='bank'"):
+        train_script.build_config(parse("--no_bank", "--image_score", "head+bank"), 3)
