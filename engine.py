@@ -45,7 +45,13 @@ class RunError(Exception):
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """Keeps the scripts' docstring layout and shows every flag's default."""
+    """Keeps the scripts' docstring layout and shows every flag's default (a flag whose default is None and
+    whose help already says what that means, "(default: ...)", is not given a second "(default: None)")."""
+
+    def _get_help_string(self, action):
+        if action.default is None and "default:" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
 
 
 def _number(kind, test, what):

@@ -192,3 +192,4 @@ def test_a_real_command_line_prints_no_traceback(tmp_path):
     helptext = subprocess.run([sys.executable, "train.py", "--help"], cwd=ROOT, capture_output=True, text=True,
                               timeout=120).stdout
     assert "(default: 0.001)" in helptext     # help shows every default
+    assert "(default: the preset's; off in tiny" in helptext and "(default: None)\n  --no_cmi" not in helptext
