@@ -164,7 +164,7 @@ class MambaAlign(nn.Module):
         self.backbone = RGBXBackbone(cfg.backbone, cfg.aux_ch, pretrained, backbone_weights, cfg.freeze_backbone,
                                      stages=(2, 3, 4, 5))
         chans = [self.backbone.out_channels[s] for s in (3, 4, 5)]
-        modalities = self.modalities
+        modalities = self.modalities          # short name for the comprehensions below
         self.reduce = nn.ModuleDict({m: nn.ModuleList(conv_norm_act(c, d) for c, d in zip(chans, cfg.dims))
                                      for m in modalities})
         if cfg.use_pmm:

@@ -330,19 +330,25 @@ def validate(model, loader, device, args, rank, world) -> Dict[str, float]:
     return m
 
 
+def _normals_loader(base, idx, args) -> DataLoader:
+    """The train normals ``idx`` as they are (no anomaly, no misalignment), each with its base ``index``: what a
+    memory bank is built and standardised from."""
+    clean = AnomalySynthesizer(base.aux_kind if base.aux_ch else None, synth_prob=0.0)
+    return DataLoader(SynthesisDataset(base, clean, indices=idx), batch_size=args.batch_size,
+                      num_workers=args.num_workers)
+
+
+def _progress(args):
+    from tqdm import tqdm
+    return None if args.quiet else (lambda it, **k: tqdm(it, leave=False, **k))
+
+
 def fit_bank(model, base, bank_idx, hold_idx, device, args) -> Dict[str, object]:
     """Build MambaAlign's memory bank from the clean train normals ``bank_idx`` (each row remembers its image for
     leave-one-out distances) and standardise it on the held-out train normals ``hold_idx``."""
-    from tqdm import tqdm
     t0 = time.time()
-    clean = AnomalySynthesizer(base.aux_kind if model.has_aux else None, synth_prob=0.0)
-
-    def loader(idx):
-        return DataLoader(SynthesisDataset(base, clean, indices=idx), batch_size=args.batch_size,
-                          num_workers=args.num_workers)
-
-    progress = None if args.quiet else (lambda it, **k: tqdm(it, leave=False, **k))
-    stats = model.fit_bank(loader(bank_idx), loader(hold_idx), device, seed=args.seed, progress=progress)
+    stats = model.fit_bank(_normals_loader(base, bank_idx, args), _normals_loader(base, hold_idx, args), device,
+                           seed=args.seed, progress=_progress(args))
     sizes = {m: int(getattr(model.bank, f"bank_{m}").shape[0]) for m in model.modalities}
     return {"bank_sizes": sizes, "stats": stats, "time_s": round(time.time() - t0, 2)}
 
@@ -350,8 +356,6 @@ def fit_bank(model, base, bank_idx, hold_idx, device, args) -> Dict[str, object]
 def fit_knn(args, base, aux_ch: int, device, bank_idx, hold_idx) -> Dict[str, object]:
     """--model knn: fit the memory banks on the train normals ``bank_idx``, standardise on the held-out train
     normals ``hold_idx``, and write best_checkpoint.pth (the same file name and eval.py path as a trained model)."""
-    from torch.utils.data import Subset
-    from tqdm import tqdm
     t0 = time.time()
     cfg = KNNConfig(backbone=args.backbone or KNNConfig.backbone, aux_ch=aux_ch, coreset_size=args.coreset_size,
                     sigma=args.knn_sigma)
@@ -360,12 +364,8 @@ def fit_knn(args, base, aux_ch: int, device, bank_idx, hold_idx) -> Dict[str, ob
     _print_header(print, "knn baseline", device, args)
     print(f"backbone {cfg.backbone} (ImageNet weights, frozen), stages {cfg.stages}; bank from {len(bank_idx)} "
           f"train normals, standardisation on {len(hold_idx)} held-out train normals")
-
-    def loader(idx):
-        return DataLoader(Subset(base, idx), batch_size=args.batch_size, num_workers=args.num_workers)
-
-    progress = None if args.quiet else (lambda it, **k: tqdm(it, leave=False, **k))
-    stats = model.fit(loader(bank_idx), loader(hold_idx), device, seed=args.seed, progress=progress)
+    stats = model.fit(_normals_loader(base, bank_idx, args), _normals_loader(base, hold_idx, args), device,
+                      seed=args.seed, progress=_progress(args))
     ckpt = make_checkpoint(model, cfg.to_dict(), vars(args), {"holdout_stats": stats})
     best_path = os.path.join(args.out_dir, "best_checkpoint.pth")
     save_atomic(ckpt, best_path)
