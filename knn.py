@@ -30,8 +30,8 @@ from rgbx_backbone import RGBXBackbone
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["KNNConfig", "PatchKNN", "MemoryBank", "pooled_patch_features", "greedy_coreset", "nearest_distance",
-           "gaussian_blur"]
+__all__ = ["KNNConfig", "PatchKNN", "MemoryBank", "pooled_patch_features", "greedy_coreset", "greedy_coreset_ref",
+           "nearest_distance", "gaussian_blur"]
 
 MODEL_TYPE = "knn"
 
@@ -66,19 +66,30 @@ class KNNConfig:
         return cls(**d)
 
 
-def greedy_coreset(x: torch.Tensor, k: int, projection_dim: int = 64, seed: int = 0) -> torch.Tensor:
-    """Indices of k rows of x (n, c) chosen by greedy k-center selection: start from a seeded random row, then
-    repeatedly add the row farthest from everything chosen so far. Distances are measured after a seeded
-    Gaussian random projection to ``projection_dim`` dimensions (it keeps distances approximately: Johnson-
-    Lindenstrauss), which makes each step O(n * projection_dim)."""
+def _projected(x: torch.Tensor, projection_dim: int, g: torch.Generator) -> torch.Tensor:
+    """x (n, c) as float32, after a seeded Gaussian random projection to ``projection_dim`` dimensions where that is
+    smaller than c (distances are kept approximately: Johnson-Lindenstrauss)."""
+    z = x.float()
+    if projection_dim and projection_dim < x.shape[1]:
+        proj = torch.randn(x.shape[1], projection_dim, generator=g).to(z.device) / math.sqrt(projection_dim)
+        z = z @ proj
+    return z
+
+
+def _sq_dist(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Squared Euclidean distances (p, r) of the rows of a (p, d) to the rows of b (r, d), by the difference
+    formula: the value greedy_coreset_ref computes for each pair, bit for bit."""
+    return ((a[:, None, :] - b[None]) ** 2).sum(-1)
+
+
+def greedy_coreset_ref(x: torch.Tensor, k: int, projection_dim: int = 64, seed: int = 0) -> torch.Tensor:
+    """The reference greedy k-center selection (the test oracle of :func:`greedy_coreset`, same signature and
+    result): one pass over every row per chosen row."""
     n = x.shape[0]
     if k >= n:
         return torch.arange(n)
     g = torch.Generator().manual_seed(seed)
-    z = x.float()
-    if projection_dim and projection_dim < x.shape[1]:
-        proj = torch.randn(x.shape[1], projection_dim, generator=g) / math.sqrt(projection_dim)
-        z = z @ proj
+    z = _projected(x, projection_dim, g)
     chosen = torch.empty(k, dtype=torch.long)
     chosen[0] = int(torch.randint(n, (1,), generator=g))
     min_d = ((z - z[chosen[0]]) ** 2).sum(1)
@@ -89,10 +100,111 @@ def greedy_coreset(x: torch.Tensor, k: int, projection_dim: int = 64, seed: int 
     return chosen
 
 
-def nearest_distance(query: torch.Tensor, bank: torch.Tensor, block: int = 4096) -> torch.Tensor:
-    """Euclidean distance of each query row (q, c) to its nearest bank row (m, c), in blocks of queries."""
-    out = [torch.cdist(q, bank).amin(dim=1) for q in query.split(block)]
-    return torch.cat(out) if out else query.new_zeros(0)
+# greedy_coreset's work sizes: candidates examined per step, chosen rows between exact refreshes of every row,
+# the rows kept as possible next picks, and the rows per block of a refresh (a block's products stay in cache).
+CORESET_CANDIDATES = 32
+CORESET_REFRESH = 64
+CORESET_POOL = 2048
+CORESET_ROW_BLOCK = 16384
+
+
+def greedy_coreset(x: torch.Tensor, k: int, projection_dim: int = 64, seed: int = 0) -> torch.Tensor:
+    """Indices of k rows of x (n, c) chosen by greedy k-center selection: start from a seeded random row, then
+    repeatedly add the row farthest from everything chosen so far, distances measured after a seeded random
+    projection to ``projection_dim`` dimensions. Exact: the same rows, in the same order, as
+    :func:`greedy_coreset_ref` (ties go to the lowest index), without its pass over every row per step.
+
+    Each row keeps ``u``, its squared distance to the chosen rows, exact up to the last refresh and an upper
+    bound after it (distances only fall as rows are chosen). A step examines only the rows with the largest
+    bounds: brings them up to date with the difference formula, and stops once the best exact value beats every
+    bound left (a wider search otherwise). Every ``CORESET_REFRESH`` steps all rows take in the new chosen rows:
+    one matrix product finds the (row, chosen) pairs that can lower a row's value (with a margin wider than the
+    product's float32 rounding error), and only those pairs are recomputed with the difference formula, so every
+    value is the reference's, bit for bit. Runs on the device of x (CPU or CUDA)."""
+    n = x.shape[0]
+    if k >= n:
+        return torch.arange(n)
+    g = torch.Generator().manual_seed(seed)
+    z = _projected(x, projection_dim, g)
+    dev = z.device
+    zn = (z * z).sum(1)
+    chosen = torch.empty(k, dtype=torch.long)
+    chosen[0] = int(torch.randint(n, (1,), generator=g))
+    centers = z.new_empty(k, z.shape[1])
+    centers[0] = z[chosen[0]]
+    u = ((z - centers[0]) ** 2).sum(1)
+    upto = torch.ones(n, dtype=torch.long, device=dev)   # chosen rows [0, upto) are in each row's u
+    done = 1                                             # chosen rows [0, done) are in every row's u
+    pool, tau = None, None
+    for i in range(1, k):
+        t, pool_size = CORESET_CANDIDATES, CORESET_POOL
+        while True:
+            if pool is None:   # the rows that can still be the farthest: every other row's u is <= tau
+                vals, pool = torch.topk(u, min(pool_size + 1, n))
+                tau = vals[-1] if n > pool_size else vals.new_tensor(-1.0)
+                pool = pool[:pool_size]
+            t = min(t, pool.numel())
+            top_u, top = torch.topk(u[pool], min(t + 1, pool.numel()))
+            cand = pool[top[:t]]
+            lo = int(upto[cand].min())
+            if lo < i:
+                u[cand] = torch.minimum(u[cand], _sq_dist(z[cand], centers[lo:i]).amin(1))
+                upto[cand] = i
+            vals = u[cand]
+            best = vals.max()
+            rest = top_u[t] if t < pool.numel() else tau
+            if best > rest and best > tau:
+                break
+            if t < pool.numel():
+                t *= 2
+            else:              # the pool is used up: a wider one (ties can outnumber any fixed width)
+                pool, pool_size = None, 2 * pool_size
+        j = int(cand[vals == best].min())
+        chosen[i] = j
+        centers[i] = z[j]
+        if i + 1 - done == CORESET_REFRESH or i == k - 1:
+            _refresh(z, zn, u, centers[done:i + 1])
+            done = i + 1
+            upto.fill_(done)
+    return chosen
+
+
+def _refresh(z, zn, u, new):
+    """Lower every row's u (in place) to its exact distance to the chosen rows ``new`` where that is smaller."""
+    nn_ = (new * new).sum(1)
+    # The product form's float32 rounding error is at most about 2 * d * eps * (|z|^2 + |c|^2) (eps = 2^-24, d
+    # terms per dot product, in any summation order): the margin is twice that.
+    slack = (4 * z.shape[1] + 16) * 2.0 ** -24
+    for s in range(0, z.shape[0], CORESET_ROW_BLOCK):
+        zb, ub, znb = z[s:s + CORESET_ROW_BLOCK], u[s:s + CORESET_ROW_BLOCK], zn[s:s + CORESET_ROW_BLOCK, None]
+        approx = torch.addmm(znb + nn_[None], zb, new.T, alpha=-2)
+        margin = slack * (znb + nn_[None]) + 1e-6 * ub[:, None]
+        rows, cols = (approx < ub[:, None] + margin).nonzero(as_tuple=True)
+        if rows.numel():
+            ub.scatter_reduce_(0, rows, ((zb[rows] - new[cols]) ** 2).sum(-1), reduce="amin")
+
+
+# Query rows per block of the nearest-neighbour search: a block's distance matrix (block x bank rows) is ~4 MiB.
+SEARCH_BLOCK_BYTES = 4 << 20
+
+
+def nearest_distance(query: torch.Tensor, bank: torch.Tensor, query_owner: Optional[torch.Tensor] = None,
+                     bank_owner: Optional[torch.Tensor] = None, block: Optional[int] = None) -> torch.Tensor:
+    """Euclidean distance of each query row (q, c) to its nearest bank row (m, c), in blocks of queries (one
+    matrix product each). With ``query_owner`` (q,) and ``bank_owner`` (m,), a bank row whose owner equals the
+    query's is skipped (leave-one-out: an image's own patches do not count as its neighbours)."""
+    if bank.shape[0] == 0:
+        raise ValueError("nearest_distance: the bank is empty")
+    block = block or max(64, SEARCH_BLOCK_BYTES // (4 * bank.shape[0]))
+    bn = (bank * bank).sum(1)[None]
+    out = []
+    for s in range(0, query.shape[0], block):
+        q = query[s:s + block]
+        d = torch.addmm(bn, q, bank.T, alpha=-2).add_((q * q).sum(1, keepdim=True))     # squared distances
+        if query_owner is not None:
+            d.masked_fill_(query_owner[s:s + block, None] == bank_owner[None], float("inf"))
+        out.append(d.amin(1))
+    return torch.cat(out).clamp_min_(0).sqrt_() if out else query.new_zeros(0)
 
 
 def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -186,8 +298,8 @@ class MemoryBank(nn.Module):
             if exclude is None:
                 d = nearest_distance(q.reshape(-1, C), bank)
             else:
-                owner = getattr(self, f"owner_{m}")
-                d = torch.cat([nearest_distance(q[b], bank[owner != exclude[b]]) for b in range(B)])
+                d = nearest_distance(q.reshape(-1, C), bank, exclude.to(bank.device).repeat_interleave(h * w),
+                                     getattr(self, f"owner_{m}"))
             d = F.interpolate(d.view(B, 1, h, w), size=size, mode="bilinear", align_corners=False)
             maps[m] = gaussian_blur(d, self.sigma)
         return maps

@@ -23,6 +23,45 @@ def test_greedy_coreset_is_k_center_greedy():
     assert greedy_coreset(x, 500).tolist() == list(range(300))   # k >= n keeps everything
 
 
+def _coreset_inputs():
+    g = torch.Generator().manual_seed(5)
+    gauss = torch.randn(3000, 40, generator=g)
+    clustered = torch.cat([c + 0.1 * torch.randn(500, 24, generator=g) for c in torch.randn(6, 24, generator=g) * 5])
+    # exact duplicates, and more picks than distinct rows: ties everywhere, then distances of zero
+    dupes = torch.randn(40, 12, generator=g).repeat(30, 1)[torch.randperm(1200, generator=g)]
+    return {"gauss": (gauss, 300, 16), "clustered": (clustered, 200, 0), "dupes": (dupes, 64, 0)}
+
+
+@pytest.mark.parametrize("case", ["gauss", "clustered", "dupes"])
+@pytest.mark.parametrize("small_work", [False, True])
+def test_greedy_coreset_picks_exactly_what_the_reference_picks(case, small_work, monkeypatch):
+    """The fast selection returns the reference's rows in the reference's order, also when its candidate lists,
+    pools and refresh intervals are tiny (every widening and rebuild path runs)."""
+    import knn
+    if small_work:
+        for name, value in (("CORESET_CANDIDATES", 1), ("CORESET_POOL", 4), ("CORESET_REFRESH", 3),
+                            ("CORESET_ROW_BLOCK", 100)):
+            monkeypatch.setattr(knn, name, value)
+    x, k, proj = _coreset_inputs()[case]
+    want = knn.greedy_coreset_ref(x, k, projection_dim=proj, seed=2)
+    assert torch.equal(knn.greedy_coreset(x, k, projection_dim=proj, seed=2), want)
+
+
+@pytest.mark.slow
+def test_greedy_coreset_matches_the_reference_on_real_features(shared_data):
+    """Real patch features (EfficientNet-Lite0 stages 3+4 of MulSen-AD capsule train images): same rows."""
+    from torch.utils.data import DataLoader
+    from datasets import build_dataset
+    import knn
+    model = PatchKNN(KNNConfig(aux_ch=1))
+    ds = build_dataset("mulsenad", str(shared_data / "MulSen_AD_mini"), "capsule", "train", 128, 1)
+    batch = next(iter(DataLoader(ds, batch_size=24)))
+    with torch.no_grad():
+        f = model.patch_features(batch["rgb"], batch["aux"])["aux"]
+    rows = f.permute(0, 2, 3, 1).reshape(-1, f.shape[1])
+    assert torch.equal(knn.greedy_coreset(rows, 700), knn.greedy_coreset_ref(rows, 700))
+
+
 def test_coreset_covers_every_cluster():
     g = torch.Generator().manual_seed(1)
     centers = torch.randn(5, 32, generator=g) * 50
@@ -36,6 +75,15 @@ def test_nearest_distance_matches_brute_force():
     q, bank = torch.randn(1000, 12, generator=g), torch.randn(77, 12, generator=g)
     want = torch.stack([((bank - v) ** 2).sum(1).sqrt().min() for v in q])
     assert torch.allclose(nearest_distance(q, bank, block=128), want, atol=1e-5)
+    assert torch.allclose(nearest_distance(q, bank), want, atol=1e-5)
+
+
+def test_nearest_distance_skips_the_query_owners_rows():
+    g = torch.Generator().manual_seed(3)
+    q, bank = torch.randn(300, 6, generator=g), torch.randn(50, 6, generator=g)
+    q_owner, b_owner = torch.randint(4, (300,), generator=g), torch.randint(4, (50,), generator=g)
+    want = torch.stack([((bank[b_owner != o] - v) ** 2).sum(1).sqrt().min() for v, o in zip(q, q_owner)])
+    assert torch.allclose(nearest_distance(q, bank, q_owner, b_owner, block=64), want, atol=1e-5)
 
 
 def test_gaussian_blur_keeps_mass_and_constants():
