@@ -207,12 +207,27 @@ class MambaAlign(nn.Module):
         return self
 
     # ------------------------------------------------------------------------------------------------
-    def forward(self, rgb: torch.Tensor, aux: Optional[torch.Tensor] = None, exclude: Optional[torch.Tensor] = None,
-                aux_present: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+    def forward(self, rgb: Optional[torch.Tensor] = None, aux: Optional[torch.Tensor] = None,
+                exclude: Optional[torch.Tensor] = None, aux_present: Optional[torch.Tensor] = None,
+                enc: Optional[Dict[str, object]] = None) -> Dict[str, torch.Tensor]:
         """rgb (B, 3, H, W); aux (B, aux_ch, H, W), or None for a model built with aux: then the model runs from
         RGB alone (a zero aux, its bank signal off: what modality dropout trains for). aux_present (B,) bool marks
         the samples whose aux is real (training with modality dropout). exclude (B,): the train-image indices
-        whose own bank rows are skipped (leave-one-out; train.py passes them for images in the bank)."""
+        whose own bank rows are skipped (leave-one-out; train.py passes them for images in the bank).
+        enc: what ``encode`` returned for these inputs, cached (then rgb, aux, exclude, aux_present are unused)."""
+        if enc is None:
+            if rgb is None:
+                raise ValueError("forward needs rgb (or enc, the output of encode)")
+            enc = self.encode(rgb, aux, exclude, aux_present)
+        return self.decode(enc)
+
+    def encode(self, rgb: torch.Tensor, aux: Optional[torch.Tensor] = None, exclude: Optional[torch.Tensor] = None,
+               aux_present: Optional[torch.Tensor] = None) -> Dict[str, object]:
+        """The part of ``forward`` that a frozen backbone makes fixed for a given input: global alignment,
+        backbone features and the memory bank's signal. Returns a dict ``decode`` takes: ``feats`` (a list over
+        stages 2..5 of (rgb, aux or None) features), ``bank_maps`` (B, n_mod, H/8, W/8) standardised distance maps
+        at the decoder's stride 8 (or None without a bank), ``bank_scores`` (B, n_mod), ``shift`` (B, 2) and
+        ``size`` (H, W). train.py caches it for the fixed synthetic views it trains on (``--synth_pool``)."""
         H, W = rgb.shape[-2:]
         if H % INPUT_MULTIPLE or W % INPUT_MULTIPLE:
             raise ValueError(f"input height and width must be multiples of {INPUT_MULTIPLE}, got {H}x{W}")
@@ -221,12 +236,19 @@ class MambaAlign(nn.Module):
             aux = rgb.new_zeros(B, self.config.aux_ch, H, W)
             aux_present = torch.zeros(B, dtype=torch.bool, device=rgb.device)
         aux, shift = self._align(rgb, aux, aux_present)
-        all_feats = self.backbone(rgb, aux)
-        f2, feats = all_feats[0], all_feats[1:]
-        bank_maps, bank_scores, bank_score = None, None, torch.zeros(B, device=rgb.device)
+        feats = self.backbone(rgb, aux)
+        bank_maps = bank_scores = None
         if self.bank is not None:
-            bank_maps, bank_scores = self._normality(all_feats, (H, W), exclude, aux_present)
-            bank_score = bank_scores.sum(1)
+            bank_maps, bank_scores = self._normality(feats, (H, W), exclude, aux_present)
+            bank_maps = F.adaptive_avg_pool2d(bank_maps, (H // 8, W // 8))
+        return {"feats": feats, "bank_maps": bank_maps, "bank_scores": bank_scores, "shift": shift, "size": (H, W)}
+
+    def decode(self, enc: Dict[str, object]) -> Dict[str, torch.Tensor]:
+        """The trained part of ``forward``, from what ``encode`` returned -> the output dict (see the class)."""
+        H, W = enc["size"]
+        f2, feats = enc["feats"][0], enc["feats"][1:]
+        bank_maps, bank_scores = enc["bank_maps"], enc["bank_scores"]
+        bank_score = bank_scores.sum(1) if bank_scores is not None else f2[0].new_zeros(f2[0].shape[0])
         rgb_s = [red(f[0]) for red, f in zip(self.reduce["rgb"], feats)]
         aux_s = [red(f[1]) for red, f in zip(self.reduce["aux"], feats)] if self.has_aux else None
         if self.config.use_pmm:
@@ -238,7 +260,7 @@ class MambaAlign(nn.Module):
         fused, offsets = self.aaf(rgb_s, aux_s)
         x = fused[0]                                                           # stride 8
         if bank_maps is not None:
-            x = torch.cat([x, torch.asinh(F.adaptive_avg_pool2d(bank_maps, x.shape[-2:]))], dim=1)
+            x = torch.cat([x, torch.asinh(bank_maps.to(x.dtype))], dim=1)
         x = self.dec3(x)
         x = F.interpolate(x, size=(H // 4, W // 4), mode="bilinear", align_corners=False)
         x = x + self.skip2(torch.cat(self._aligned_skip(f2, offsets[0]), dim=1))
@@ -246,12 +268,12 @@ class MambaAlign(nn.Module):
         seg_logits = F.interpolate(seg, size=(H, W), mode="bilinear", align_corners=False)
         head_in = [self._pool(fused[0]), self._pool(fused[2]), self._map_stats(seg)]
         if bank_scores is not None:
-            head_in.append(torch.asinh(bank_scores))
+            head_in.append(torch.asinh(bank_scores.to(seg.dtype)))
         head_logit = self.image_head(torch.cat(head_in, dim=1)).squeeze(1)
         score_logit = self.combine(head_logit, bank_score)
         return {"seg_logits": seg_logits, "anomaly_map": torch.sigmoid(seg_logits), "score_logit": score_logit,
                 "score": torch.sigmoid(score_logit), "head_logit": head_logit, "bank_score": bank_score,
-                "offsets": offsets, "global_shift": shift}
+                "offsets": offsets, "global_shift": enc["shift"]}
 
     def _align(self, rgb, aux, aux_present=None):
         """(aux for the backbone, (B, 2) the global shift applied to it in pixels). No aux: (None, zeros)."""

@@ -339,7 +339,8 @@ def bench_metrics(args) -> None:
 ABLATIONS = {"full": [], "RGB-only": ["--aux_ch", "0"], "no bank": ["--no_bank"], "PMM on": ["--pmm", "on"],
              "no PMM": ["--pmm", "off"],
              "no CMI": ["--no_cmi"], "no AAF": ["--no_aaf"], "global align": ["--global_align", "shift"],
-             "head score": ["--image_score", "head"]}
+             "head score": ["--image_score", "head"], "pool 0": ["--synth_pool", "0"], "pool 2": ["--synth_pool", "2"],
+             "pool 8": ["--synth_pool", "8"]}
 ABLATION_KEYS = ("image_auroc", "aupro", "aupro_0.05", "aupro_0.01")
 
 

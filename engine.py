@@ -8,7 +8,8 @@
   ``git_revision``.
 * Command lines: argument types that range-check numbers, ``HelpFormatter`` (defaults shown), ``run_cli`` (data,
   checkpoint, argument and file errors become one line and exit status 2).
-* ``run_inference``: the loop train.py (validation) and eval.py (test) share, so both compute metrics the same way.
+* ``run_inference``: the loop train.py (validation) and eval.py (test) share, so both compute metrics the same way;
+  ``FeatureCache``: encoded inputs of fixed samples, so a frozen backbone runs once per sample, not per epoch.
 """
 from __future__ import annotations
 
@@ -30,10 +31,12 @@ from torch.utils.data import DataLoader
 from MambaAlign import INPUT_MULTIPLE     # the stride the model needs H and W to be multiples of
 from rgbx_backbone import BackboneWeightsError
 
-__all__ = ["resolve_device", "autocast_context", "run_inference", "git_revision", "dist_info", "load_model",
+__all__ = ["resolve_device", "autocast_context", "run_inference", "FeatureCache", "available_memory",
+           "git_revision", "dist_info", "load_model",
            "save_atomic", "make_checkpoint", "plain", "load_checkpoint", "prepare_out_dir", "MODEL_TYPES",
            "RunError", "HelpFormatter", "positive_int", "nonneg_int", "positive_float", "nonneg_float",
-           "probability", "fraction", "fpr_limit", "image_size", "run_cli"]
+           "probability", "fraction", "fpr_limit", "image_size", "workers", "resolve_workers", "loader_options",
+           "WORKERS_HELP", "run_cli"]
 
 # The model families a checkpoint can hold; its "model_type" entry names one (absent: a MambaAlign checkpoint
 # or a raw MambaAlign state dict).
@@ -76,6 +79,30 @@ fraction = _number(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
 fpr_limit = _number(float, lambda v: 0 < v <= 1, "a number in (0, 1]")
 image_size = _number(int, lambda v: v >= INPUT_MULTIPLE and v % INPUT_MULTIPLE == 0,
                      f"a positive multiple of {INPUT_MULTIPLE}")
+
+
+def workers(text):
+    """--workers: 'auto' or an integer >= 0 (see ``resolve_workers``)."""
+    return text if text == "auto" else nonneg_int(text)
+
+
+workers.__name__ = "'auto' or an integer >= 0"
+
+WORKERS_HELP = ("DataLoader worker processes that read, decode, resize and synthesise samples. auto: none on CPU "
+                "(they compete with the compute threads for the same cores: measured slower on 2 cores), half the "
+                "cores (at most 8) on CUDA, where the CPU is otherwise idle")
+
+
+def resolve_workers(value, device: torch.device) -> int:
+    """The worker count --workers asks for on ``device`` ('auto': see WORKERS_HELP)."""
+    if value != "auto":
+        return int(value)
+    return min(8, (os.cpu_count() or 2) // 2) if device.type == "cuda" else 0
+
+
+def loader_options(args, device: torch.device) -> dict:
+    """DataLoader keywords every script uses: its worker count, pinned memory where a GPU reads the batches."""
+    return {"num_workers": resolve_workers(args.num_workers, device), "pin_memory": device.type == "cuda"}
 
 
 def run_cli(main: Callable, parser: argparse.ArgumentParser, argv=None):
@@ -223,6 +250,103 @@ def dist_info():
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
 
 
+def available_memory(device: torch.device) -> Optional[int]:
+    """Bytes that can still be allocated: free GPU memory on CUDA, MemAvailable on Linux; None where unknown."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+class FeatureCache:
+    """What ``MambaAlign.encode`` returns for a fixed set of samples (backbone features, the memory bank's maps and
+    scores), with their labels and masks, kept so that a frozen backbone and the bank search run once per sample
+    instead of once per epoch. train.py keeps its fixed synthetic training views (``--synth_pool``) and the
+    validation views here; ``batch(rows)`` gives back what ``MambaAlign.forward(enc=...)`` takes.
+
+    Features are stored in float16: it halves the cache, and its rounding (2^-11 relative) is far below the
+    features' own variation; everything else in float32. Rows are allocated once, from the first batch's shapes
+    (``rows`` in all), on ``device`` (pinned CPU memory where a GPU will read it)."""
+
+    FEATURE_DTYPE = torch.float16
+
+    def __init__(self, rows: int, device: torch.device = torch.device("cpu"), pin: bool = False):
+        self.n, self.device, self.pin = rows, device, pin
+        self.data: Optional[Dict[str, object]] = None
+        self.filled = 0
+        self.strings: Dict[str, List[str]] = {k: [] for k in ("path", "defect", "object")}
+
+    @staticmethod
+    def bytes_per_row(feature_shapes, n_modalities: int, size, has_bank: bool) -> int:
+        """Bytes one sample takes: ``feature_shapes`` (C, h, w) per stored feature map, ``n_modalities`` bank maps
+        at stride 8 (and scores), the mask at ``size`` (H, W)."""
+        H, W = size
+        feats = sum(c * h * w for c, h, w in feature_shapes) * torch.finfo(FeatureCache.FEATURE_DTYPE).bits // 8
+        bank = 4 * n_modalities * ((H // 8) * (W // 8) + 1) if has_bank else 0
+        return feats + bank + H * W + 64
+
+    def _alloc(self, shape, dtype):
+        t = torch.empty((self.n,) + tuple(shape), dtype=dtype, device=self.device)
+        return t.pin_memory() if self.pin else t
+
+    def add(self, enc: Dict[str, object], batch: Dict[str, object]) -> None:
+        """Store one batch: ``enc`` from ``MambaAlign.encode``, ``batch`` the sample dicts' batch (mask, label,
+        and where present index, aux_present, path, defect, object)."""
+        feats = [t for pair in enc["feats"] for t in pair]
+        B = feats[0].shape[0]
+        if self.filled + B > self.n:
+            raise ValueError(f"FeatureCache holds {self.n} rows, got {self.filled + B}")
+        if self.data is None:
+            d: Dict[str, object] = {"feats": [None if t is None else self._alloc(t.shape[1:], self.FEATURE_DTYPE)
+                                              for t in feats],
+                                    "size": enc["size"], "n_pairs": len(enc["feats"])}
+            for k in ("bank_maps", "bank_scores", "shift"):
+                d[k] = None if enc[k] is None else self._alloc(enc[k].shape[1:], torch.float32)
+            d["mask"] = self._alloc(batch["mask"].shape[1:], torch.bool)
+            d["label"] = self._alloc((), torch.long)
+            d["index"] = self._alloc((), torch.long)
+            self.data = d
+        sl = slice(self.filled, self.filled + B)
+        d = self.data
+        for dst, t in zip(d["feats"], feats):
+            if dst is not None:
+                dst[sl] = t.to(dst.device, self.FEATURE_DTYPE)
+        for k in ("bank_maps", "bank_scores", "shift"):
+            if d[k] is not None:
+                d[k][sl] = enc[k].to(d[k].device, torch.float32)
+        d["mask"][sl] = batch["mask"].to(d["mask"].device) > 0.5
+        d["label"][sl] = torch.as_tensor(batch["label"]).to(d["label"].device)
+        d["index"][sl] = torch.as_tensor(batch.get("index", torch.full((B,), -1))).to(d["index"].device)
+        for k in self.strings:
+            if k in batch:
+                self.strings[k].extend(list(batch[k]))
+        self.filled += B
+
+    def batch(self, rows: torch.Tensor, device: torch.device) -> Dict[str, object]:
+        """The stored rows ``rows`` (1-D indices) as a batch on ``device``: ``enc`` for ``MambaAlign.forward``,
+        and mask (float), label, index, plus path / defect / object where stored."""
+        d = self.data
+        idx = rows.to(d["label"].device)
+        take = lambda t, dtype=torch.float32: None if t is None else \
+            t.index_select(0, idx).to(device, non_blocking=True).to(dtype)
+        flat = [take(t) for t in d["feats"]]
+        enc = {"feats": [(flat[2 * i], flat[2 * i + 1]) for i in range(d["n_pairs"])],
+               "bank_maps": take(d["bank_maps"]), "bank_scores": take(d["bank_scores"]), "shift": take(d["shift"]),
+               "size": d["size"]}
+        out = {"enc": enc, "mask": take(d["mask"]), "label": take(d["label"], torch.long),
+               "index": take(d["index"], torch.long)}
+        for k, v in self.strings.items():
+            if v:
+                out[k] = [v[i] for i in rows.tolist()]
+        return out
+
+
 @torch.no_grad()
 def run_inference(model, loader: DataLoader, device: torch.device, amp: bool = False,
                   progress: bool = True, desc: str = "inference", keep_inputs: bool = False) -> Dict[str, object]:
@@ -237,20 +361,21 @@ def run_inference(model, loader: DataLoader, device: torch.device, amp: bool = F
                                             "masks", "path", "defect", "object", "rgb", "aux")}
     try:
         for batch in tqdm(loader, desc=desc, disable=not progress, leave=False):
-            rgb = batch["rgb"].to(device, non_blocking=True)
-            aux = batch.get("aux")
-            if aux is not None:
-                aux = aux.to(device, non_blocking=True)
             with autocast_context(device, amp):
-                pred = model(rgb, aux)
+                if "enc" in batch:            # a FeatureCache batch: encoded already
+                    pred = model(enc=batch["enc"])
+                else:
+                    aux = batch.get("aux")
+                    pred = model(batch["rgb"].to(device, non_blocking=True),
+                                 aux.to(device, non_blocking=True) if aux is not None else None)
             out["score"].append(pred["score"].float().cpu().numpy())
             out["score_logit"].append(pred["score_logit"].float().cpu().numpy())
             for k in ("head_logit", "bank_score"):
                 if k in pred:
                     out[k].append(pred[k].float().cpu().numpy())
             out["maps"].append(pred["anomaly_map"][:, 0].float().cpu().numpy())
-            out["masks"].append(batch["mask"][:, 0].numpy() > 0.5)
-            out["label"].append(np.asarray(batch["label"]))
+            out["masks"].append(batch["mask"][:, 0].cpu().numpy() > 0.5)
+            out["label"].append(np.asarray(torch.as_tensor(batch["label"]).cpu()))
             for k in ("path", "defect", "object"):
                 out[k].extend(list(batch[k]))
             if keep_inputs:

@@ -33,7 +33,8 @@ import metrics
 from datasets import DATASETS, ShiftedAux, build_dataset, list_objects
 from datasets.transforms import aux_to_image, denormalize_rgb
 from engine import (HelpFormatter, RunError, fpr_limit, git_revision, image_size, load_checkpoint, load_model,
-                    nonneg_int, positive_int, prepare_out_dir, resolve_device, run_cli, run_inference)
+                    nonneg_int, positive_int, prepare_out_dir, resolve_device, run_cli, run_inference, workers,
+                    WORKERS_HELP, loader_options)
 
 CSV_COLUMNS = ("path", "object", "defect", "label", "score", "score_logit", "decision", "pixel_auroc")
 # viridis, sampled at 9 evenly spaced points (perceptually uniform, colour-blind friendly)
@@ -54,7 +55,8 @@ def get_args_parser():
     g.add_argument("--img_size", type=image_size, default=None,
                    help="input size, a multiple of 32 (default: each checkpoint's training size)")
     g.add_argument("--batch_size", type=positive_int, default=8, help="images per forward pass")
-    g.add_argument("--num_workers", type=nonneg_int, default=0, help="DataLoader worker processes")
+    g.add_argument("--workers", "--num_workers", dest="num_workers", type=workers, default="auto",
+                   help=WORKERS_HELP)
     g = p.add_argument_group("model")
     g.add_argument("--checkpoint", required=True,
                    help="checkpoint from train.py (or a raw state dict with --config); may contain {object}")
@@ -226,7 +228,8 @@ def main(args) -> Dict[str, object]:
     results: List[Dict] = []
     for p in plan:
         model = p["model"].to(device)          # one model on the device at a time
-        loader = DataLoader(p["dataset"], batch_size=args.batch_size, shuffle=False, num_workers=args.num_workers)
+        loader = DataLoader(p["dataset"], batch_size=args.batch_size, shuffle=False,
+                            **loader_options(args, device))
         res = run_inference(model, loader, device, amp=args.use_amp, progress=not args.quiet,
                             desc=f"test {p['object']}", keep_inputs=args.save_vis)
         model.cpu()

@@ -188,11 +188,9 @@ def _refresh(z, zn, u, new):
 SEARCH_BLOCK_BYTES = 4 << 20
 
 
-def nearest_distance(query: torch.Tensor, bank: torch.Tensor, query_owner: Optional[torch.Tensor] = None,
-                     bank_owner: Optional[torch.Tensor] = None, block: Optional[int] = None) -> torch.Tensor:
+def nearest_distance(query: torch.Tensor, bank: torch.Tensor, block: Optional[int] = None) -> torch.Tensor:
     """Euclidean distance of each query row (q, c) to its nearest bank row (m, c), in blocks of queries (one
-    matrix product each). With ``query_owner`` (q,) and ``bank_owner`` (m,), a bank row whose owner equals the
-    query's is skipped (leave-one-out: an image's own patches do not count as its neighbours)."""
+    matrix product each)."""
     if bank.shape[0] == 0:
         raise ValueError("nearest_distance: the bank is empty")
     block = block or max(64, SEARCH_BLOCK_BYTES // (4 * bank.shape[0]))
@@ -201,8 +199,6 @@ def nearest_distance(query: torch.Tensor, bank: torch.Tensor, query_owner: Optio
     for s in range(0, query.shape[0], block):
         q = query[s:s + block]
         d = torch.addmm(bn, q, bank.T, alpha=-2).add_((q * q).sum(1, keepdim=True))     # squared distances
-        if query_owner is not None:
-            d.masked_fill_(query_owner[s:s + block, None] == bank_owner[None], float("inf"))
         out.append(d.amin(1))
     return torch.cat(out).clamp_min_(0).sqrt_() if out else query.new_zeros(0)
 
@@ -297,9 +293,9 @@ class MemoryBank(nn.Module):
             q = f.permute(0, 2, 3, 1).reshape(B, h * w, C).to(bank.dtype)
             if exclude is None:
                 d = nearest_distance(q.reshape(-1, C), bank)
-            else:
-                d = nearest_distance(q.reshape(-1, C), bank, exclude.to(bank.device).repeat_interleave(h * w),
-                                     getattr(self, f"owner_{m}"))
+            else:   # copying the kept rows per image measured faster than masking the skipped ones per query
+                owner = getattr(self, f"owner_{m}")
+                d = torch.cat([nearest_distance(q[b], bank[owner != exclude[b]]) for b in range(B)])
             d = F.interpolate(d.view(B, 1, h, w), size=size, mode="bilinear", align_corners=False)
             maps[m] = gaussian_blur(d, self.sigma)
         return maps

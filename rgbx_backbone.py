@@ -139,8 +139,16 @@ def _adapted_stem(conv: nn.Conv2d, aux_ch: int) -> nn.Conv2d:
     return aux
 
 
+def _channels_last(x: torch.Tensor) -> torch.Tensor:
+    return x.contiguous(memory_format=torch.channels_last)
+
+
 class DualNorm(nn.Module):
-    """Two norms for a batch stacked as [rgb; aux]: the first half uses ``rgb``, the second ``aux``."""
+    """Two norms for a batch stacked as [rgb; aux]: the first half uses ``rgb``, the second ``aux``.
+
+    In eval mode a BatchNorm is a per-channel affine map, so both halves go through ONE multiply-add with
+    per-sample scales (no split and concatenation of the batch: about a tenth of a frozen backbone's time on a
+    CPU); the activation that timm's BatchNormAct2d carries follows."""
 
     def __init__(self, rgb: nn.Module, aux: nn.Module):
         super().__init__()
@@ -148,7 +156,19 @@ class DualNorm(nn.Module):
 
     def forward(self, x):
         half = x.shape[0] // 2
-        return torch.cat([self.rgb(x[:half]), self.aux(x[half:])], dim=0)
+        if self.training or not isinstance(self.rgb, nn.BatchNorm2d) or self.rgb.running_var is None:
+            return torch.cat([self.rgb(x[:half]), self.aux(x[half:])], dim=0)
+        scale, shift = [], []
+        for bn in (self.rgb, self.aux):
+            w = torch.rsqrt(bn.running_var + bn.eps)
+            w = w * bn.weight if bn.weight is not None else w
+            scale.append(w)
+            shift.append((bn.bias if bn.bias is not None else 0) - bn.running_mean * w)
+        per_sample = lambda v: torch.stack(v).to(x.dtype).repeat_interleave(half, 0)[:, :, None, None]
+        y = torch.addcmul(per_sample(shift), x, per_sample(scale))
+        if hasattr(self.rgb, "act"):          # timm's BatchNormAct2d: dropout (identity in eval) + activation
+            y = self.rgb.act(self.rgb.drop(y))
+        return y
 
 
 def _replace_norms(module: nn.Module, dual: bool) -> None:
@@ -213,6 +233,9 @@ class RGBXBackbone(nn.Module):
         if freeze:
             for p in self.parameters():
                 p.requires_grad_(False)
+        # channels-last convolutions inside: about 1.6x faster for these networks on CPU (oneDNN), and what cuDNN's
+        # tensor-core kernels want on GPU; the features come out as ordinary (contiguous NCHW) tensors.
+        self.to(memory_format=torch.channels_last)
         self.train(self.training)
 
     @staticmethod
@@ -275,11 +298,12 @@ class RGBXBackbone(nn.Module):
                 got = None if aux is None else tuple(aux.shape)
                 raise ValueError(f"aux must be (B, {self.aux_ch}, H, W) matching rgb {tuple(rgb.shape)}, got {got}")
             # (2B, C, H/2, W/2): the two modalities ride the batch axis together
-            x = torch.cat([self.conv1(self._rgb_in(rgb)), self.aux_conv1(aux * self.aux_scale)], dim=0)
+            x = torch.cat([self.conv1(_channels_last(self._rgb_in(rgb))),
+                           self.aux_conv1(_channels_last(aux * self.aux_scale))], dim=0)
         else:
             if aux is not None:
                 raise ValueError("this backbone was built RGB-only (aux_ch=0) but an aux tensor was passed")
-            x = self.conv1(self._rgb_in(rgb))
+            x = self.conv1(_channels_last(self._rgb_in(rgb)))
         x = self.maxpool(self.relu(self.bn1(x)))
         feats = {}
         for stage, layer in ((2, self.layer1), (3, self.layer2), (4, self.layer3), (5, self.layer4)):
@@ -289,6 +313,6 @@ class RGBXBackbone(nn.Module):
                 break
         out = []
         for s in self.stages:
-            f = feats[s]
+            f = feats[s].contiguous()      # back to NCHW: GroupNorm and the heads downstream run faster in it
             out.append(f.chunk(2, dim=0) if dual else (f, None))
         return [tuple(p) for p in out]

@@ -57,6 +57,11 @@ BACKENDS = ("auto", "cuda", "triton", "torch", "ref")
 CHUNK = 16
 # "0" runs the chunk functions eagerly (no compiler needed; tests use this to avoid compile time).
 COMPILE_ENV = "MAMBAALIGN_COMPILE"
+# Scans shorter than this many chunks run eagerly even where compilation is on: compiling costs 12-30 s per
+# process even with PyTorch's cache warm (minutes cold), and saves about 18 ms per forward+backward of a 64-step
+# scan (the tiny preset's CMI at 256 px, batch 8; 2 CPU cores): less than it costs for any run under ~1000 steps.
+# A 1024-step scan (PMM at stride 8) saves 130 ms per call, so long scans are compiled.
+COMPILE_MIN_CHUNKS = 16
 
 _MAMBA_INSTALL_HINT = (
     "pip install mamba-ssm --no-build-isolation  (needs a CUDA toolkit matching your PyTorch build; "
@@ -335,10 +340,11 @@ def _compile_enabled() -> bool:
     return os.environ.get(COMPILE_ENV, "1") != "0" and _compile_failed is None
 
 
-def _run_chunk(name, fn, *args):
-    """Run a chunk function compiled with torch.compile; on a compiler failure, warn once and run eagerly."""
+def _run_chunk(name, fn, nchunk, *args):
+    """Run a chunk function compiled with torch.compile (for scans of at least COMPILE_MIN_CHUNKS chunks); on a
+    compiler failure, warn once and run eagerly."""
     global _compile_failed
-    if _compile_enabled():
+    if _compile_enabled() and nchunk >= COMPILE_MIN_CHUNKS:
         if name not in _compiled:
             # dynamic=True: one kernel with symbolic sizes serves every stage and batch size. Static kernels
             # run about 2x faster, but each new shape costs a 20-40 s recompile (and the model has several).
@@ -377,7 +383,7 @@ class _ChunkedScan(torch.autograd.Function):
         for c in range(nchunk):
             s = slice(c * CHUNK, (c + 1) * CHUNK)
             starts[c] = h
-            y_t[s], h = _run_chunk("fwd", _scan_chunk_fwd, h, dt_t[s], u_t[s], A_g,
+            y_t[s], h = _run_chunk("fwd", _scan_chunk_fwd, nchunk, h, dt_t[s], u_t[s], A_g,
                                    _bc_slice(Bt, s), _bc_slice(Ct, s))
         ctx.save_for_backward(dt_t, u_t, A_g, Bt, Ct, starts)
         ctx.meta = (batch, dim, L, N, G, B.dim() == 2, C.dim() == 2)
@@ -397,7 +403,7 @@ class _ChunkedScan(torch.autograd.Function):
         for c in range(starts.shape[0] - 1, -1, -1):
             s = slice(c * CHUNK, (c + 1) * CHUNK)
             ddt_c, du_c, dB_c, dC_c, dA_c, dh = _run_chunk(
-                "bwd", _scan_chunk_bwd, starts[c], dh, dt_t[s], u_t[s], A_g,
+                "bwd", _scan_chunk_bwd, starts.shape[0], starts[c], dh, dt_t[s], u_t[s], A_g,
                 _bc_slice(Bt, s), _bc_slice(Ct, s), dy_t[s])
             ddt_t[s], du_t[s] = ddt_c, du_c
             _bc_accumulate(dBt, s, dB_c)

@@ -39,13 +39,18 @@ from torch.utils.data import DataLoader, Sampler
 import metrics
 from datasets import DATASETS, DatasetError, build_dataset, default_aux_ch
 from datasets.synthesis import MODES, AnomalySynthesizer, SynthesisDataset
-from engine import (HelpFormatter, RunError, autocast_context, dist_info, fraction, git_revision, image_size,
-                    load_checkpoint, make_checkpoint, nonneg_float, nonneg_int, positive_float, positive_int,
-                    prepare_out_dir, probability, resolve_device, run_cli, run_inference, save_atomic)
+from engine import (FeatureCache, HelpFormatter, RunError, autocast_context, available_memory, dist_info, fraction,
+                    git_revision, image_size, load_checkpoint, make_checkpoint, nonneg_float, nonneg_int,
+                    positive_float, positive_int, prepare_out_dir, probability, resolve_device, run_cli,
+                    run_inference, save_atomic, workers, WORKERS_HELP, loader_options)
 from knn import KNNConfig, PatchKNN
 from MambaAlign import PRESETS, MambaAlign, MambaAlignConfig
 from rgbx_backbone import BACKBONES
 from selective_scan import BACKENDS
+
+
+# Synthetic views per train image that training cycles through (--synth_pool; chosen on the dev split, README).
+SYNTH_POOL = 4
 
 
 def get_args_parser():
@@ -58,7 +63,8 @@ def get_args_parser():
     g.add_argument("--img_size", type=image_size, default=256, help="square input size; a multiple of 32")
     g.add_argument("--aux_ch", type=int, default=None,
                    help="aux channels: 3 normals, 1 depth/infrared, 0 RGB only (default: the dataset's)")
-    g.add_argument("--num_workers", type=nonneg_int, default=0, help="DataLoader worker processes per rank")
+    g.add_argument("--workers", "--num_workers", dest="num_workers", type=workers, default="auto",
+                   help=WORKERS_HELP + " (per rank)")
     g.add_argument("--val_fraction", type=fraction, default=0.1,
                    help="share of the TRAIN normals held out for model selection (at least 2 images)")
     g.add_argument("--data_seed", type=int, default=0, help="seed of the synthetic dataset (dataset=synthetic)")
@@ -71,6 +77,11 @@ def get_args_parser():
     g.add_argument("--misalign_px", type=nonneg_float, default=0.0,
                    help="random aux-vs-RGB shift up to this many pixels on every training image (0 = off)")
     g.add_argument("--misalign_deg", type=nonneg_float, default=0.0, help="random aux-vs-RGB rotation up to this angle")
+    g.add_argument("--synth_pool", type=nonneg_int, default=SYNTH_POOL,
+                   help="K: each train image gets K fixed synthetic views (those of epochs 0..K-1), encoded ONCE "
+                        "by the frozen backbone and the memory bank; epoch e trains on view e mod K (so K >= "
+                        "--epochs gives every epoch its own anomalies, as 0 does). 0: a fresh view every epoch, "
+                        "encoded every step (for a pool that does not fit in memory)")
     g = p.add_argument_group("model")
     g.add_argument("--model", default="mambaalign", choices=("mambaalign", "knn"),
                    help="mambaalign: train the model; knn: fit the training-free memory-bank baseline (PatchCore-"
@@ -330,12 +341,12 @@ def validate(model, loader, device, args, rank, world) -> Dict[str, float]:
     return m
 
 
-def _normals_loader(base, idx, args) -> DataLoader:
+def _normals_loader(base, idx, args, device) -> DataLoader:
     """The train normals ``idx`` as they are (no anomaly, no misalignment), each with its base ``index``: what a
     memory bank is built and standardised from."""
     clean = AnomalySynthesizer(base.aux_kind if base.aux_ch else None, synth_prob=0.0)
     return DataLoader(SynthesisDataset(base, clean, indices=idx), batch_size=args.batch_size,
-                      num_workers=args.num_workers)
+                      **loader_options(args, device))
 
 
 def _progress(args):
@@ -347,8 +358,9 @@ def fit_bank(model, base, bank_idx, hold_idx, device, args) -> Dict[str, object]
     """Build MambaAlign's memory bank from the clean train normals ``bank_idx`` (each row remembers its image for
     leave-one-out distances) and standardise it on the held-out train normals ``hold_idx``."""
     t0 = time.time()
-    stats = model.fit_bank(_normals_loader(base, bank_idx, args), _normals_loader(base, hold_idx, args), device,
-                           seed=args.seed, progress=_progress(args))
+    stats = model.fit_bank(_normals_loader(base, bank_idx, args, device),
+                           _normals_loader(base, hold_idx, args, device), device, seed=args.seed,
+                           progress=_progress(args))
     sizes = {m: int(getattr(model.bank, f"bank_{m}").shape[0]) for m in model.modalities}
     return {"bank_sizes": sizes, "stats": stats, "time_s": round(time.time() - t0, 2)}
 
@@ -364,8 +376,8 @@ def fit_knn(args, base, aux_ch: int, device, bank_idx, hold_idx) -> Dict[str, ob
     _print_header(print, "knn baseline", device, args)
     print(f"backbone {cfg.backbone} (ImageNet weights, frozen), stages {cfg.stages}; bank from {len(bank_idx)} "
           f"train normals, standardisation on {len(hold_idx)} held-out train normals")
-    stats = model.fit(_normals_loader(base, bank_idx, args), _normals_loader(base, hold_idx, args), device,
-                      seed=args.seed, progress=_progress(args))
+    stats = model.fit(_normals_loader(base, bank_idx, args, device), _normals_loader(base, hold_idx, args, device),
+                      device, seed=args.seed, progress=_progress(args))
     ckpt = make_checkpoint(model, cfg.to_dict(), vars(args), {"holdout_stats": stats})
     best_path = os.path.join(args.out_dir, "best_checkpoint.pth")
     save_atomic(ckpt, best_path)
@@ -417,7 +429,7 @@ def resume_checkpoint(args, cfg: MambaAlignConfig, log):
     return ckpt, path
 
 
-def make_loaders(args, base, aux_ch: int, train_idx, val_idx, rank: int, world: int):
+def make_loaders(args, base, aux_ch: int, train_idx, val_idx, rank: int, world: int, device):
     """(train dataset, its sampler, train loader, validation loader or None): synthetic anomalies on the train
     normals; the validation normals each once with a fixed anomaly and once clean."""
     kind = base.aux_kind if aux_ch else None
@@ -426,7 +438,7 @@ def make_loaders(args, base, aux_ch: int, train_idx, val_idx, rank: int, world: 
     train_ds = SynthesisDataset(base, synth, seed=args.seed, indices=train_idx)
     sampler = EpochSampler(len(train_ds), args.seed, rank, world)
     loader_gen = torch.Generator().manual_seed(args.seed)  # keeps DataLoader from drawing on the global RNG
-    train_loader = DataLoader(train_ds, batch_size=args.batch_size, sampler=sampler, num_workers=args.num_workers,
+    train_loader = DataLoader(train_ds, batch_size=args.batch_size, sampler=sampler, **loader_options(args, device),
                               drop_last=len(train_ds) // world >= args.batch_size, generator=loader_gen,
                               persistent_workers=False)
     if not val_idx:
@@ -434,7 +446,7 @@ def make_loaders(args, base, aux_ch: int, train_idx, val_idx, rank: int, world: 
     val_synth = AnomalySynthesizer(kind, args.synth_mode, 1.0, args.anomaly_source_path, args.misalign_px,
                                    args.misalign_deg)
     val_ds = SynthesisDataset(base, val_synth, seed=args.seed + 1, fixed=True, indices=val_idx)
-    val_loader = DataLoader(val_ds, batch_size=args.batch_size, num_workers=args.num_workers,
+    val_loader = DataLoader(val_ds, batch_size=args.batch_size, **loader_options(args, device),
                             sampler=list(range(rank, len(val_ds), world)) if world > 1 else None)
     return train_ds, sampler, train_loader, val_loader
 
@@ -447,17 +459,19 @@ def train_one_epoch(net, model, optimizer, scheduler, scaler, args, device, stat
     losses = []
     optimizer.zero_grad(set_to_none=True)
     for batch in bar:
-        rgb = batch["rgb"].to(device, non_blocking=True)
-        aux = batch["aux"].to(device, non_blocking=True) if "aux" in batch else None
-        extra = {}
-        if model.bank is not None:
-            extra["exclude"] = batch["index"].to(device)   # leave-one-out: these images are in the bank
-        if "aux_present" in batch:
-            extra["aux_present"] = torch.as_tensor(batch["aux_present"], device=device)
+        if "enc" in batch:         # a view of the synthetic pool: encoded already (leave-one-out included)
+            inputs = {"enc": batch["enc"]}
+        else:
+            inputs = {"rgb": batch["rgb"].to(device, non_blocking=True),
+                      "aux": batch["aux"].to(device, non_blocking=True) if "aux" in batch else None}
+            if model.bank is not None:
+                inputs["exclude"] = batch["index"].to(device)   # leave-one-out: these images are in the bank
+            if "aux_present" in batch:
+                inputs["aux_present"] = torch.as_tensor(batch["aux_present"], device=device)
         mask = batch["mask"].to(device, non_blocking=True)
         label = torch.as_tensor(batch["label"], device=device)
         with autocast_context(device, args.use_amp):
-            out = net(rgb, aux, **extra)
+            out = net(**inputs)
         loss, parts = compute_loss(out, mask, label, args)
         if not torch.isfinite(loss):
             raise RunError(f"non-finite loss ({loss.item()}) at step {state['step'] + 1} (parts {parts}); lower "
@@ -475,10 +489,114 @@ def train_one_epoch(net, model, optimizer, scheduler, scaler, args, device, stat
         scheduler.step()
         state["step"] += 1
         losses.append(loss.item())
-        on_step(loss.item(), rgb.shape[0])
+        on_step(loss.item(), label.shape[0])
         if args.max_steps and state["step"] >= args.max_steps:
             return losses, True
     return losses, False
+
+
+class CachedBatches:
+    """Batches of a FeatureCache in a DataLoader's shape: ``sampler`` yields positions of the dataset the cache
+    stands for, ``rows(positions)`` maps them to cache rows; batches of ``batch_size`` positions, the last dropped
+    if ``drop_last``, as the DataLoader of that dataset would make them."""
+
+    def __init__(self, cache: FeatureCache, sampler, batch_size: int, device, rows, drop_last: bool = False):
+        self.cache, self.sampler, self.batch_size, self.device = cache, sampler, batch_size, device
+        self.rows, self.drop_last = rows, drop_last
+
+    def __len__(self) -> int:
+        k = len(self.sampler)
+        return k // self.batch_size if self.drop_last else -(-k // self.batch_size)
+
+    def __iter__(self):
+        positions = list(self.sampler)
+        for s in range(0, len(positions), self.batch_size):
+            chunk = positions[s:s + self.batch_size]
+            if self.drop_last and len(chunk) < self.batch_size:
+                return
+            yield self.cache.batch(self.rows(torch.as_tensor(chunk)), self.device)
+
+
+def pool_bytes(model, n_views: int, img_size: int) -> int:
+    """Bytes the encoded views of ``n_views`` samples take in a FeatureCache (train.py's check before building)."""
+    b = model.backbone
+    shapes = [(b.out_channels[s], img_size // b.strides[s], img_size // b.strides[s]) for s in b.stages]
+    return n_views * FeatureCache.bytes_per_row(shapes * len(model.modalities), len(model.modalities),
+                                                (img_size, img_size), model.bank is not None)
+
+
+def check_pool_fits(args, model, device, n_train: int, n_val: int) -> None:
+    """Refuse, before anything is written, a synthetic pool that does not fit in memory (with the numbers)."""
+    if not args.synth_pool:
+        return
+    if not model.config.freeze_backbone:
+        raise RunError("--synth_pool caches frozen backbone features, but this model trains its backbone "
+                       "(freeze_backbone=False): use --synth_pool 0")
+    need = pool_bytes(model, args.synth_pool * n_train + 2 * n_val, args.img_size)
+    free = available_memory(device if device.type == "cuda" else torch.device("cpu"))
+    if device.type == "cuda" and need > 0.5 * free:      # it can live in (pinned) host memory instead
+        free = available_memory(torch.device("cpu"))
+    if free is not None and need > 0.6 * free:
+        raise RunError(f"--synth_pool {args.synth_pool}: the encoded views of {n_train} train images (and the "
+                       f"validation views) need {need / 2 ** 30:.2f} GiB at {args.img_size} px, more than 60% of "
+                       f"the {free / 2 ** 30:.2f} GiB of memory available: lower --synth_pool or --img_size, or "
+                       f"use --synth_pool 0 (no cache: the backbone runs at every step)")
+
+
+@torch.no_grad()
+def encode_views(model, loaders, n: int, device, args, exclude: bool) -> FeatureCache:
+    """A FeatureCache of ``model.encode`` over every batch of the ``(loader, description)`` pairs of ``loaders``
+    (``n`` samples in all): the frozen backbone's features and the bank's maps, leave-one-out when ``exclude``
+    (images that are in the bank). It lives on the GPU where it fits in half the free memory, else on the host."""
+    from tqdm import tqdm
+    fits = device.type == "cuda" and pool_bytes(model, n, args.img_size) < 0.5 * available_memory(device)
+    store = device if device.type == "cpu" or fits else torch.device("cpu")
+    cache = FeatureCache(n, store, pin=device.type == "cuda" and store.type == "cpu")
+    was_training = model.training
+    model.eval()
+    try:
+        for loader, desc in loaders:
+            for batch in tqdm(loader, desc=desc, leave=False, disable=args.quiet):
+                kw = {}
+                if exclude and model.bank is not None:
+                    kw["exclude"] = batch["index"].to(device)
+                if "aux_present" in batch:
+                    kw["aux_present"] = torch.as_tensor(batch["aux_present"], device=device)
+                aux = batch.get("aux")
+                with autocast_context(device, args.use_amp):
+                    enc = model.encode(batch["rgb"].to(device, non_blocking=True),
+                                       aux.to(device, non_blocking=True) if aux is not None else None, **kw)
+                cache.add(enc, batch)
+    finally:
+        model.train(was_training)
+    return cache
+
+
+def build_pool(model, train_ds, val_loader, device, args):
+    """(the train views: a FeatureCache of --synth_pool views per train image, row = view * n + position; the
+    validation views cached, as a loader; seconds). View k is what epoch k draws without a pool: the anomalies
+    of seeds (seed, k, image), so a run is the same whichever K it resumes with."""
+    t0 = time.time()
+    n, K = len(train_ds), args.synth_pool
+
+    def views():
+        for k in range(K):
+            train_ds.set_epoch(k)
+            yield (DataLoader(train_ds, batch_size=args.batch_size, **loader_options(args, device)),
+                   f"synthetic pool: view {k + 1}/{K}")
+    train_views = encode_views(model, views(), n * K, device, args, exclude=True)
+    val = None
+    if val_loader is not None:
+        order = list(val_loader.sampler) if val_loader.sampler is not None else list(range(len(val_loader.dataset)))
+        cache = encode_views(model, [(val_loader, "validation views")], len(order), device, args, exclude=False)
+        val = CachedBatches(cache, order, args.batch_size, device, rows=_position_rows(order))
+    return train_views, val, time.time() - t0
+
+
+def _position_rows(order):
+    """rows(positions) for a cache filled in ``order``: the row of each position's first occurrence."""
+    where = {p: r for r, p in reversed(list(enumerate(order)))}
+    return lambda positions: torch.as_tensor([where[int(p)] for p in positions])
 
 
 def make_optimisation(args, model, device, steps_per_epoch: int, total_steps: int):
@@ -534,9 +652,11 @@ def main(args):
     model = MambaAlign(cfg, pretrained=args.backbone_init == "imagenet" and ckpt is None,
                        backbone_weights=args.backbone_weights if ckpt is None else None,
                        scan_backend=args.scan_backend).to(device)
+    check_pool_fits(args, model, device, len(train_idx), len(val_idx))
     if is_main:
         _prepare_out_dir(args.out_dir, log)
-    train_ds, sampler, train_loader, val_loader = make_loaders(args, base, aux_ch, train_idx, val_idx, rank, world)
+    train_ds, sampler, train_loader, val_loader = make_loaders(args, base, aux_ch, train_idx, val_idx, rank, world,
+                                                               device)
     batches_per_epoch = len(train_loader)
     steps_per_epoch = max(1, batches_per_epoch // args.accum_steps)
     # The schedule spans --epochs; --max_steps only stops early, so a run stopped and resumed follows the
@@ -574,6 +694,15 @@ def main(args):
         if is_main:
             with open(log_path, "a") as fh:
                 fh.write(json.dumps({"memory_bank": info}) + "\n")
+
+    if args.synth_pool:
+        pool, val_loader, secs = build_pool(model, train_ds, val_loader, device, args)
+        n, K = len(train_ds), args.synth_pool
+        train_loader = CachedBatches(pool, sampler, args.batch_size, device,
+                                     rows=lambda p: p + (train_ds.epoch % K) * n,
+                                     drop_last=len(train_ds) // world >= args.batch_size)
+        log(f"synthetic pool: {K} views of each of the {n} train images and the {len(val_idx)} validation images' "
+            f"views encoded once ({secs:.1f} s)")
 
     def checkpoint(epoch, batches_done, val=None):
         return make_checkpoint(model, cfg.to_dict(), vars(args), val, optimizer=optimizer.state_dict(),

@@ -78,14 +78,6 @@ def test_nearest_distance_matches_brute_force():
     assert torch.allclose(nearest_distance(q, bank), want, atol=1e-5)
 
 
-def test_nearest_distance_skips_the_query_owners_rows():
-    g = torch.Generator().manual_seed(3)
-    q, bank = torch.randn(300, 6, generator=g), torch.randn(50, 6, generator=g)
-    q_owner, b_owner = torch.randint(4, (300,), generator=g), torch.randint(4, (50,), generator=g)
-    want = torch.stack([((bank[b_owner != o] - v) ** 2).sum(1).sqrt().min() for v, o in zip(q, q_owner)])
-    assert torch.allclose(nearest_distance(q, bank, q_owner, b_owner, block=64), want, atol=1e-5)
-
-
 def test_gaussian_blur_keeps_mass_and_constants():
     x = torch.zeros(1, 1, 33, 33)
     x[..., 16, 16] = 1.0

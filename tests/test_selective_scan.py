@@ -151,6 +151,7 @@ def test_ref_backward_is_linear_in_length():
 def test_compiled_matches_ref(monkeypatch):
     """The torch.compile'd chunk kernels (the default outside tests) agree with the oracle."""
     monkeypatch.setenv(selective_scan.COMPILE_ENV, "1")
+    monkeypatch.setattr(selective_scan, "COMPILE_MIN_CHUNKS", 1)     # this short scan too
     inputs = make_inputs(2, 16, 70, 16, 4, "var4")
     out_r, last_r, g_r = run(inputs, "ref")
     out_t, last_t, g_t = run(inputs, "torch")
@@ -160,6 +161,19 @@ def test_compiled_matches_ref(monkeypatch):
     assert_same(last_t, last_r, "last_state")
     for name in inputs:
         assert_same(g_t[name], g_r[name], f"grad {name}")
+
+
+def test_short_scans_run_eagerly_where_compiling_is_on(monkeypatch):
+    """A scan shorter than COMPILE_MIN_CHUNKS chunks never pays for torch.compile (it costs more than it saves)."""
+    monkeypatch.setenv(selective_scan.COMPILE_ENV, "1")
+    monkeypatch.setattr(selective_scan, "_compiled", {})
+    calls = []
+    monkeypatch.setattr(torch, "compile", lambda *a, **k: calls.append(a) or a[0])
+    L = selective_scan.CHUNK * (selective_scan.COMPILE_MIN_CHUNKS - 1)
+    run(make_inputs(1, 8, L, 4, 1, "var4"), "torch")
+    assert calls == [] and selective_scan._compiled == {}
+    run(make_inputs(1, 8, L + selective_scan.CHUNK, 4, 1, "var4"), "torch")
+    assert len(calls) == 2       # the forward and backward chunk functions, for the long scan
 
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
