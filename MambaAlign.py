@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from alignment_aware_fusion import AlignmentAwareFusion, conv_norm_act, global_align, warp
 from cross_mamba_cmi import CrossMambaInteraction
 from knn import MemoryBank, pooled_patch_features
+from metrics import threshold_at_fpr
 from pmm_qsvss import PerModalMamba
 from rgbx_backbone import RGBXBackbone
 from selective_scan import BACKENDS
@@ -240,7 +241,7 @@ class MambaAlign(nn.Module):
         bank_maps = bank_scores = None
         if self.bank is not None:
             bank_maps, bank_scores = self._normality(feats, (H, W), exclude, aux_present)
-            bank_maps = F.adaptive_avg_pool2d(bank_maps, (H // 8, W // 8))
+            bank_maps = F.avg_pool2d(bank_maps, 8)         # (B, n_mod, H/8, W/8): the decoder's stride
         return {"feats": feats, "bank_maps": bank_maps, "bank_scores": bank_scores, "shift": shift, "size": (H, W)}
 
     def decode(self, enc: Dict[str, object]) -> Dict[str, torch.Tensor]:
@@ -340,7 +341,8 @@ class MambaAlign(nn.Module):
         was_training = self.training
         self.eval()
         try:
-            return self.bank.fit(self.bank_patches, bank_batches, holdout_batches, device, seed, progress)
+            return self.bank.fit(self.bank_patches, bank_batches, holdout_batches, device, seed, progress,
+                                 loo_scores=False)["stats"]
         finally:
             self.train(was_training)
 
@@ -353,7 +355,7 @@ class MambaAlign(nn.Module):
             raise ValueError("calibration needs at least 2 held-out normal images")
         self.head_stats.copy_(torch.stack([head_logit.mean(), head_logit.std().clamp_min(1e-6)]))
         scores = self.combine(head_logit.to(self.head_stats.device), bank_score.to(self.head_stats.device))
-        self.threshold.fill_(float(torch.quantile(scores.float(), 1.0 - target_fpr)))
+        self.threshold.fill_(threshold_at_fpr(scores.cpu().numpy(), target_fpr))
         return {"head_mean": float(self.head_stats[0]), "head_std": float(self.head_stats[1]),
                 "threshold": float(self.threshold), "target_fpr": target_fpr, "normals": int(scores.numel())}
 

@@ -36,7 +36,8 @@ __all__ = ["resolve_device", "autocast_context", "run_inference", "FeatureCache"
            "save_atomic", "make_checkpoint", "plain", "load_checkpoint", "prepare_out_dir", "MODEL_TYPES",
            "RunError", "HelpFormatter", "positive_int", "nonneg_int", "positive_float", "nonneg_float",
            "probability", "fraction", "fpr_limit", "image_size", "workers", "resolve_workers", "loader_options",
-           "WORKERS_HELP", "run_cli"]
+           "WORKERS_HELP", "run_cli", "colormap", "vis_names", "write_visualisation",
+           "OnnxModel", "ONNX_FORMAT", "ONNX_META_KEYS"]
 
 # The model families a checkpoint can hold; its "model_type" entry names one (absent: a MambaAlign checkpoint
 # or a raw MambaAlign state dict).
@@ -248,6 +249,115 @@ def git_revision() -> str:
 def dist_info():
     """(rank, world_size, local_rank) from torchrun's environment; (0, 1, 0) for a single process."""
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
+
+
+# viridis, sampled at 9 evenly spaced points (perceptually uniform, colour-blind friendly)
+_VIRIDIS = np.array([(68, 1, 84), (71, 44, 122), (59, 81, 139), (44, 113, 142), (33, 144, 141), (39, 173, 129),
+                     (92, 200, 99), (170, 220, 50), (253, 231, 37)], dtype=np.float64)
+
+
+def colormap(x: np.ndarray) -> np.ndarray:
+    """(H, W) values in [0, 1] -> (H, W, 3) uint8 viridis."""
+    t = np.clip(x, 0, 1) * (len(_VIRIDIS) - 1)
+    i = np.minimum(t.astype(int), len(_VIRIDIS) - 2)
+    f = (t - i)[..., None]
+    return (_VIRIDIS[i] * (1 - f) + _VIRIDIS[i + 1] * f).astype(np.uint8)
+
+
+def vis_names(paths: List[str]) -> List[str]:
+    """One PNG name per input path, unique within the list: the path relative to the paths' common folder, its
+    separators as '__' (``hole/0.png`` -> ``hole__0.png``). Where two paths still give one name (only when names
+    hold '__' themselves: ``a__b/0.png`` and ``a/b__0.png``), each such name gets a short hash of its full path."""
+    import hashlib
+    keys = [p.split("://", 1)[-1] for p in paths]
+    try:
+        root = os.path.commonpath([os.path.dirname(k) for k in keys]) if len(keys) > 1 else os.path.dirname(keys[0])
+    except ValueError:          # absolute and relative paths mixed
+        root = ""
+    stems = [os.path.splitext(os.path.relpath(k, root) if root else k)[0].replace(os.sep, "__").replace("/", "__")
+             for k in keys]
+    counts: Dict[str, int] = {}
+    for s in stems:
+        counts[s] = counts.get(s, 0) + 1
+    return [(s if counts[s] == 1 else f"{s}_{hashlib.sha1(p.encode()).hexdigest()[:8]}") + ".png"
+            for s, p in zip(stems, paths)]
+
+
+def write_visualisation(out_dir: str, name: str, anomaly_map: np.ndarray, rgb: torch.Tensor,
+                        aux: Optional[torch.Tensor] = None, mask: Optional[np.ndarray] = None) -> None:
+    """vis/heatmaps/<name>: the anomaly map (fixed [0, 1] range, viridis). vis/overlays/<name>: the RGB image
+    (``rgb``: (3, H, W) ImageNet-normalised) with the map blended in and the ground-truth contour in red where
+    ``mask`` is given, the aux modality beside it."""
+    from PIL import Image
+    from scipy import ndimage
+    from datasets.transforms import aux_to_image, denormalize_rgb
+    hdir, odir = os.path.join(out_dir, "vis", "heatmaps"), os.path.join(out_dir, "vis", "overlays")
+    os.makedirs(hdir, exist_ok=True)
+    os.makedirs(odir, exist_ok=True)
+    heat = colormap(np.asarray(anomaly_map))
+    Image.fromarray(heat).save(os.path.join(hdir, name))
+    img = (denormalize_rgb(rgb.float().cpu()).permute(1, 2, 0).numpy() * 255).astype(np.uint8)
+    over = (0.55 * img + 0.45 * heat).astype(np.uint8)
+    if mask is not None and mask.any():
+        over[mask & ~ndimage.binary_erosion(mask)] = (255, 0, 0)
+    panels = [over] + ([aux_to_image(aux.float().cpu())] if aux is not None else [])
+    Image.fromarray(np.concatenate(panels, axis=1)).save(os.path.join(odir, name))
+
+
+# What export.py writes into an ONNX file's metadata and predict.py reads back (one owner of the format).
+ONNX_FORMAT = "mambaalign-onnx-1"
+ONNX_META_KEYS = ("format", "model_type", "img_size", "aux_ch", "dataset", "score_description", "source_checkpoint")
+
+
+class OnnxModel:
+    """An exported model (export.py) run by onnxruntime on the CPU, called like the PyTorch models:
+    ``model(rgb, aux=None)`` -> {"anomaly_map" (B, 1, H, W), "seg_logits", "score_logit" (B,), "score" (B,)}
+    as torch tensors. ``spec`` holds what the file's metadata says about its inputs; ``threshold`` the stored
+    decision threshold (NaN: none)."""
+
+    def __init__(self, path: str):
+        try:
+            import onnxruntime as ort
+        except ImportError as exc:
+            raise RunError(f"running {path} needs onnxruntime, which does not import ({exc}): pip install "
+                           f"onnxruntime") from None
+        if not os.path.isfile(path):
+            raise RunError(f"ONNX file not found: {path}")
+        try:
+            self.session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # onnxruntime raises its own exception types for unreadable files
+            raise RunError(f"{path} is not a readable ONNX model ({_first_line(exc)})") from None
+        meta = self.session.get_modelmeta().custom_metadata_map
+        if meta.get("format") != ONNX_FORMAT:
+            raise RunError(f"{path} was not written by this version's export.py (metadata format "
+                           f"{meta.get('format')!r}, expected {ONNX_FORMAT!r})")
+        self.spec = {"img_size": int(meta["img_size"]), "aux_ch": int(meta["aux_ch"]),
+                     "dataset": meta.get("dataset") or None, "model_type": meta["model_type"], "onnx": True}
+        self.model_type, self.score_description = meta["model_type"], meta.get("score_description", "")
+        self.inputs = [i.name for i in self.session.get_inputs()]
+        self.threshold = float(self.session.run(["threshold"], self._feeds(
+            torch.zeros(1, 3, self.spec["img_size"], self.spec["img_size"]),
+            torch.zeros(1, self.spec["aux_ch"], self.spec["img_size"], self.spec["img_size"])))[0].reshape(-1)[0])
+
+    def _feeds(self, rgb, aux):
+        feeds = {"rgb": rgb.detach().float().cpu().numpy()}
+        if "aux" in self.inputs:
+            if aux is None:
+                raise ValueError("this ONNX model takes an aux input")
+            feeds["aux"] = aux.detach().float().cpu().numpy()
+        return feeds
+
+    def to(self, device):
+        return self
+
+    def eval(self):
+        return self
+
+    def __call__(self, rgb: torch.Tensor, aux: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+        seg, logit = self.session.run(["seg_logits", "score_logit"], self._feeds(rgb, aux))
+        seg, logit = torch.from_numpy(seg), torch.from_numpy(logit)
+        return {"seg_logits": seg, "anomaly_map": torch.sigmoid(seg), "score_logit": logit,
+                "score": torch.sigmoid(logit)}
 
 
 def available_memory(device: torch.device) -> Optional[int]:

@@ -22,6 +22,7 @@ import csv
 import json
 import math
 import os
+import shutil
 import time
 import warnings
 from typing import Dict, List, Tuple
@@ -31,15 +32,11 @@ from torch.utils.data import DataLoader
 
 import metrics
 from datasets import DATASETS, ShiftedAux, build_dataset, list_objects
-from datasets.transforms import aux_to_image, denormalize_rgb
 from engine import (HelpFormatter, RunError, fpr_limit, git_revision, image_size, load_checkpoint, load_model,
-                    nonneg_int, positive_int, prepare_out_dir, resolve_device, run_cli, run_inference, workers,
-                    WORKERS_HELP, loader_options)
+                    nonneg_int, positive_int, prepare_out_dir, resolve_device, run_cli, run_inference, vis_names,
+                    workers, write_visualisation, WORKERS_HELP, loader_options)
 
 CSV_COLUMNS = ("path", "object", "defect", "label", "score", "score_logit", "decision", "pixel_auroc")
-# viridis, sampled at 9 evenly spaced points (perceptually uniform, colour-blind friendly)
-_VIRIDIS = np.array([(68, 1, 84), (71, 44, 122), (59, 81, 139), (44, 113, 142), (33, 144, 141), (39, 173, 129),
-                     (92, 200, 99), (170, 220, 50), (253, 231, 37)], dtype=np.float64)
 
 
 def get_args_parser():
@@ -77,37 +74,13 @@ def get_args_parser():
     return p
 
 
-def _colormap(x: np.ndarray) -> np.ndarray:
-    """(H, W) values in [0, 1] -> (H, W, 3) uint8 viridis."""
-    t = np.clip(x, 0, 1) * (len(_VIRIDIS) - 1)
-    i = np.minimum(t.astype(int), len(_VIRIDIS) - 2)
-    f = (t - i)[..., None]
-    return (_VIRIDIS[i] * (1 - f) + _VIRIDIS[i + 1] * f).astype(np.uint8)
-
-
-def save_visualisations(res: Dict, out_dir: str) -> int:
-    """vis/heatmaps/<name>.png: the anomaly map (fixed [0, 1] range, viridis). vis/overlays/<name>.png: RGB with
-    the map blended in and the ground-truth contour in red, the aux modality beside it."""
-    from PIL import Image
-    from scipy import ndimage
-    hdir, odir = os.path.join(out_dir, "vis", "heatmaps"), os.path.join(out_dir, "vis", "overlays")
-    os.makedirs(hdir, exist_ok=True)
-    os.makedirs(odir, exist_ok=True)
-    n = len(res["path"])
-    for i in range(n):
-        name = f"{res['object'][i]}_{res['defect'][i]}_{os.path.splitext(os.path.basename(res['path'][i]))[0]}.png"
-        heat = _colormap(res["maps"][i])
-        Image.fromarray(heat).save(os.path.join(hdir, name))
-        rgb = (denormalize_rgb(res["rgb"][i]).permute(1, 2, 0).numpy() * 255).astype(np.uint8)
-        over = (0.55 * rgb + 0.45 * heat).astype(np.uint8)
-        m = res["masks"][i]
-        contour = m & ~ndimage.binary_erosion(m)
-        over[contour] = (255, 0, 0)
-        panels = [over]
-        if res.get("aux") is not None:
-            panels.append(aux_to_image(res["aux"][i]))
-        Image.fromarray(np.concatenate(panels, axis=1)).save(os.path.join(odir, name))
-    return n
+def save_visualisations(res: Dict, out_dir: str, names: Dict[str, str]) -> int:
+    """vis/heatmaps/<name>.png and vis/overlays/<name>.png per test image (``engine.write_visualisation``); names:
+    {path: file name}, unique over every evaluated object (``engine.vis_names``)."""
+    for i, path in enumerate(res["path"]):
+        write_visualisation(out_dir, names[path], res["maps"][i], res["rgb"][i],
+                            res["aux"][i] if res.get("aux") is not None else None, res["masks"][i])
+    return len(res["path"])
 
 
 def _per_image_pixel_auroc(maps, masks) -> List[float]:
@@ -225,7 +198,13 @@ def main(args) -> Dict[str, object]:
     sizes = sorted({p["img_size"] for p in plan})
     img_size = sizes[0] if len(sizes) == 1 else {p["object"]: p["img_size"] for p in plan}
     prepare_out_dir(args.out_dir)
+    old_vis = os.path.join(args.out_dir, "vis")
+    if os.path.isdir(old_vis):       # never leave an earlier evaluation's pictures beside this one's summary
+        shutil.rmtree(old_vis)
+        print(f"removed {old_vis}: the pictures of an earlier evaluation into this folder")
     results: List[Dict] = []
+    paths = [r.rgb for p in plan for r in getattr(p["dataset"], "base", p["dataset"]).records]
+    names = dict(zip(paths, vis_names(paths)))
     for p in plan:
         model = p["model"].to(device)          # one model on the device at a time
         loader = DataLoader(p["dataset"], batch_size=args.batch_size, shuffle=False,
@@ -238,7 +217,7 @@ def main(args) -> Dict[str, object]:
             else np.full(len(res["score_logit"]), np.nan)
         res["threshold"] = threshold
         if args.save_vis:
-            save_visualisations(res, args.out_dir)
+            save_visualisations(res, args.out_dir, names)
         results.append(res)
     merged = {k: np.concatenate([r[k] for r in results])
               for k in ("score", "score_logit", "decision", "label", "maps", "masks")}

@@ -25,7 +25,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-__all__ = ["image_auroc", "average_precision", "f1_max", "pixel_auroc", "pixel_ap", "pixel_f1_max", "aupro",
+__all__ = ["threshold_at_fpr", "image_auroc", "average_precision", "f1_max", "pixel_auroc", "pixel_ap", "pixel_f1_max", "aupro",
            "aupro_key", "pro_curve", "pixel_images_kept", "compute_metrics", "METRIC_KEYS", "STRICT_LIMITS"]
 
 # AUPRO at FPR 0.3 saturates on small defects (a map that only outlines the object scores about 0.96 there);
@@ -299,6 +299,19 @@ def compute_metrics(image_scores: ArrayLike, image_labels: ArrayLike, maps: Opti
     limits = (fpr_limit,) + STRICT_LIMITS
     out.update(zip(("aupro",) + tuple(aupro_key(l) for l in STRICT_LIMITS), _aupro_from(ranking, limits)))
     return out
+
+
+def threshold_at_fpr(normal_scores: ArrayLike, target_fpr: float) -> float:
+    """The decision threshold that a ``target_fpr`` share of ``normal_scores`` (image scores of good parts) lie
+    above: their (1 - target_fpr) quantile, linearly interpolated between order statistics (numpy's default,
+    torch.quantile's too). Where it came from matters: train.py takes it from train normals, predict.py
+    --calibrate_on from a line's good parts; never from a test split."""
+    s = _np(normal_scores).astype(np.float64).ravel()
+    if s.size < 2 or not np.isfinite(s).all():
+        raise ValueError(f"a threshold needs at least 2 finite scores of good parts, got {s[:5].tolist()}")
+    if not 0.0 <= target_fpr <= 1.0:
+        raise ValueError(f"target_fpr must be in [0, 1], got {target_fpr}")
+    return float(np.quantile(s, 1.0 - target_fpr))
 
 
 def nanmean(values) -> float:

@@ -66,23 +66,24 @@ def quadsnake_routes(H: int, W: int, device=None) -> torch.Tensor:
 
 def cross_scan(x: torch.Tensor) -> torch.Tensor:
     """(B, C, H, W) -> (B, 4, C, H*W): the map read along the four QuadSnake routes."""
-    Bsz, C, H, W = x.shape
+    H, W = x.shape[-2:]
     routes = quadsnake_routes(H, W, x.device)
-    seq = x.reshape(Bsz, C, H * W).index_select(2, routes.flatten())     # (B, C, 4*L)
-    return seq.view(Bsz, C, NUM_ROUTES, H * W).transpose(1, 2)           # (B, 4, C, L)
+    # Shapes are written without the batch size (flatten/unflatten): an exported graph keeps a dynamic batch.
+    seq = x.flatten(2).index_select(2, routes.flatten())                 # (B, C, 4*L)
+    return seq.unflatten(2, (NUM_ROUTES, H * W)).transpose(1, 2)         # (B, 4, C, L)
 
 
 def cross_merge(y: torch.Tensor, H: int, W: int) -> torch.Tensor:
     """(B, 4, C, H*W) -> (B, C, H, W): each route's sequence put back on its pixels, the four summed."""
-    Bsz, K, C, L = y.shape
+    _, K, _, L = y.shape
     if K != NUM_ROUTES or L != H * W:
         raise ValueError(f"cross_merge expects (B, 4, C, {H * W}) for H={H}, W={W}; got {tuple(y.shape)}")
     _, inverse = _routes_and_inverse(H, W, y.device)
-    flat = y.transpose(1, 2).reshape(Bsz, C, NUM_ROUTES * L)             # (B, C, 4*L)
-    per_route = flat.index_select(2, inverse).view(Bsz, C, NUM_ROUTES, L)
+    flat = y.transpose(1, 2).flatten(2)                                  # (B, C, 4*L)
+    per_route = flat.index_select(2, inverse).unflatten(2, (NUM_ROUTES, L))
     # Pairwise sum: (a + b) + (c + d) is exact for four equal terms (2x + 2x), a running sum is not.
     merged = (per_route[:, :, 0] + per_route[:, :, 1]) + (per_route[:, :, 2] + per_route[:, :, 3])
-    return merged.view(Bsz, C, H, W)
+    return merged.unflatten(2, (H, W))
 
 
 class DropPath(nn.Module):
@@ -152,14 +153,14 @@ class SelectiveParams(nn.Module):
 
     def scan(self, xs, dts, Bs, Cs, routes=slice(None), backend="auto"):
         """Run the K routes as the K groups of one selective scan. xs, dts: (B, K, d, L) -> (B, K, d, L)."""
-        Bsz, K, d, L = xs.shape
+        K, d = xs.shape[1:3]
         A = -torch.exp(self.A_log.float()).view(self.routes, d, -1)[routes].reshape(K * d, -1)
-        y = selective_scan_fn(xs.reshape(Bsz, K * d, L), dts.reshape(Bsz, K * d, L), A,
+        y = selective_scan_fn(xs.flatten(1, 2), dts.flatten(1, 2), A,
                               Bs.contiguous(), Cs.contiguous(),
                               D=self.D.view(self.routes, d)[routes].reshape(-1),
                               delta_bias=self.dt_proj_bias[routes].reshape(-1),
                               delta_softplus=True, backend=backend)
-        return y.view(Bsz, K, d, L)
+        return y.unflatten(1, (K, d))
 
 
 class QuadSnakeMixer(nn.Module):
@@ -191,13 +192,13 @@ class QuadSnakeMixer(nn.Module):
 
     def _scan(self, x: torch.Tensor, steer: torch.Tensor) -> torch.Tensor:
         """x, steer: (B, d_inner, H, W) -> (B, d_inner, H, W), the four routes merged."""
-        Bsz, d, H, W = x.shape
+        H, W = x.shape[-2:]
         if self.route_mode == "parallel":
             xs = cross_scan(x)                                           # (B, 4, d, L)
             dts, Bs, Cs = self.ssm.project(xs if steer is x else cross_scan(steer))
             return cross_merge(self.ssm.scan(xs, dts, Bs, Cs, backend=self.scan_backend), H, W)
         routes = quadsnake_routes(H, W, x.device)
-        flat, flat_steer = x.reshape(Bsz, d, H * W), steer.reshape(Bsz, d, H * W)
+        flat, flat_steer = x.flatten(2), steer.flatten(2)
         merged = torch.zeros_like(flat)
         for k in range(NUM_ROUTES):
             xs = flat.index_select(2, routes[k]).unsqueeze(1)            # (B, 1, d, L)
@@ -205,7 +206,7 @@ class QuadSnakeMixer(nn.Module):
             dts, Bs, Cs = self.ssm.project(ss, routes=slice(k, k + 1))
             y = self.ssm.scan(xs, dts, Bs, Cs, routes=slice(k, k + 1), backend=self.scan_backend)
             merged = merged.index_add(2, routes[k], y[:, 0])
-        return merged.view(Bsz, d, H, W)
+        return merged.unflatten(2, (H, W))
 
     def forward(self, x: torch.Tensor, z: torch.Tensor, steer: Optional[torch.Tensor] = None) -> torch.Tensor:
         """x, steer: (B, d_inner, H, W); z: (B, H, W, d_inner) -> (B, H, W, dim)."""

@@ -155,8 +155,8 @@ class DualNorm(nn.Module):
         self.rgb, self.aux = rgb, aux
 
     def forward(self, x):
-        half = x.shape[0] // 2
         if self.training or not isinstance(self.rgb, nn.BatchNorm2d) or self.rgb.running_var is None:
+            half = x.shape[0] // 2
             return torch.cat([self.rgb(x[:half]), self.aux(x[half:])], dim=0)
         scale, shift = [], []
         for bn in (self.rgb, self.aux):
@@ -164,8 +164,8 @@ class DualNorm(nn.Module):
             w = w * bn.weight if bn.weight is not None else w
             scale.append(w)
             shift.append((bn.bias if bn.bias is not None else 0) - bn.running_mean * w)
-        per_sample = lambda v: torch.stack(v).to(x.dtype).repeat_interleave(half, 0)[:, :, None, None]
-        y = torch.addcmul(per_sample(shift), x, per_sample(scale))
+        per_modality = lambda v: torch.stack(v).to(x.dtype)[:, None, :, None, None]     # (2, 1, C, 1, 1)
+        y = torch.addcmul(per_modality(shift), x.unflatten(0, (2, -1)), per_modality(scale)).flatten(0, 1)
         if hasattr(self.rgb, "act"):          # timm's BatchNormAct2d: dropout (identity in eval) + activation
             y = self.rgb.act(self.rgb.drop(y))
         return y
@@ -314,5 +314,7 @@ class RGBXBackbone(nn.Module):
         out = []
         for s in self.stages:
             f = feats[s].contiguous()      # back to NCHW: GroupNorm and the heads downstream run faster in it
-            out.append(f.chunk(2, dim=0) if dual else (f, None))
+            if dual:                       # (2, B, ...) halves: a dynamic batch in an exported graph, not chunk's
+                f = f.unflatten(0, (2, -1))
+            out.append((f[0], f[1]) if dual else (f, None))
         return [tuple(p) for p in out]

@@ -248,10 +248,10 @@ def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
     else:
         deltaB_u = (delta * u).unsqueeze(-1) * B.transpose(2, 3)     # (batch, dim, L, dstate)
     C_steps = [C] * L if C.dim() == 2 else C.unbind(-1)              # L x (batch, dim, dstate) or (dim, dstate)
-    x = u.new_zeros(batch, dim, dstate)
+    x = 0.0                     # h_{-1} = 0, a scalar: no batch size is written into an exported graph
     ys = []
     for a_t, bu_t, c_t in zip(deltaA.unbind(2), deltaB_u.unbind(2), C_steps):
-        x = a_t * x + bu_t
+        x = a_t * x + bu_t                                           # (batch, dim, dstate)
         ys.append((x * c_t).sum(-1))                                 # (batch, dim)
     y = torch.stack(ys, dim=-1)                                      # (batch, dim, L)
     out = _finish(y, u, D, z, dtype_in)

@@ -376,9 +376,11 @@ def fit_knn(args, base, aux_ch: int, device, bank_idx, hold_idx) -> Dict[str, ob
     _print_header(print, "knn baseline", device, args)
     print(f"backbone {cfg.backbone} (ImageNet weights, frozen), stages {cfg.stages}; bank from {len(bank_idx)} "
           f"train normals, standardisation on {len(hold_idx)} held-out train normals")
-    stats = model.fit(_normals_loader(base, bank_idx, args, device), _normals_loader(base, hold_idx, args, device),
-                      device, seed=args.seed, progress=_progress(args))
-    ckpt = make_checkpoint(model, cfg.to_dict(), vars(args), {"holdout_stats": stats})
+    fit = model.fit(_normals_loader(base, bank_idx, args, device), _normals_loader(base, hold_idx, args, device),
+                    device, seed=args.seed, progress=_progress(args), target_fpr=args.target_fpr)
+    stats = fit["stats"]
+    ckpt = make_checkpoint(model, cfg.to_dict(), vars(args), {"holdout_stats": stats,
+                                                              "calibration": fit["calibration"]})
     best_path = os.path.join(args.out_dir, "best_checkpoint.pth")
     save_atomic(ckpt, best_path)
     _write_splits(args.out_dir, base, bank=bank_idx, holdout=hold_idx)
@@ -386,6 +388,9 @@ def fit_knn(args, base, aux_ch: int, device, bank_idx, hold_idx) -> Dict[str, ob
         fh.write(json.dumps({"model": "knn", "bank_sizes": {m: int(getattr(model, f"bank_{m}").shape[0])
                                                             for m in model.modalities},
                              "holdout_stats": stats, "time_s": round(time.time() - t0, 2)}) + "\n")
+    cal = fit["calibration"]
+    print(f"decision threshold {cal['threshold']:.4f}: the score_logit that {cal['target_fpr']:g} of the "
+          f"{cal['normals']} train normals exceed ({len(hold_idx)} held out, the rest leave-one-out from the bank)")
     print(f"\nknn checkpoint: {best_path} (fitted in {time.time() - t0:.1f} s)")
     print(f"evaluate it with:\n  python eval.py --checkpoint {best_path} --out_dir "
           f"{os.path.join(args.out_dir, 'eval')}")
@@ -447,6 +452,7 @@ def make_loaders(args, base, aux_ch: int, train_idx, val_idx, rank: int, world: 
                                    args.misalign_deg)
     val_ds = SynthesisDataset(base, val_synth, seed=args.seed + 1, fixed=True, indices=val_idx)
     val_loader = DataLoader(val_ds, batch_size=args.batch_size, **loader_options(args, device),
+                            generator=torch.Generator(),
                             sampler=list(range(rank, len(val_ds), world)) if world > 1 else None)
     return train_ds, sampler, train_loader, val_loader
 
@@ -572,25 +578,47 @@ def encode_views(model, loaders, n: int, device, args, exclude: bool) -> Feature
     return cache
 
 
-def build_pool(model, train_ds, val_loader, device, args):
-    """(the train views: a FeatureCache of --synth_pool views per train image, row = view * n + position; the
-    validation views cached, as a loader; seconds). View k is what epoch k draws without a pool: the anomalies
-    of seeds (seed, k, image), so a run is the same whichever K it resumes with."""
-    t0 = time.time()
-    n, K = len(train_ds), args.synth_pool
+class SyntheticPool:
+    """--synth_pool K as a train loader: epoch e trains on view e mod K of every train image, each view encoded
+    (frozen backbone, leave-one-out bank maps) the first time an epoch needs it and kept in a FeatureCache, so a
+    run stopped early never encodes views it does not train on. View k is what epoch k draws without a pool (the
+    anomalies of seeds (seed, k, image)): with K >= --epochs the run trains on the same anomalies as
+    --synth_pool 0, and a resumed run rebuilds the same views."""
 
-    def views():
-        for k in range(K):
-            train_ds.set_epoch(k)
-            yield (DataLoader(train_ds, batch_size=args.batch_size, **loader_options(args, device)),
-                   f"synthetic pool: view {k + 1}/{K}")
-    train_views = encode_views(model, views(), n * K, device, args, exclude=True)
-    val = None
-    if val_loader is not None:
-        order = list(val_loader.sampler) if val_loader.sampler is not None else list(range(len(val_loader.dataset)))
-        cache = encode_views(model, [(val_loader, "validation views")], len(order), device, args, exclude=False)
-        val = CachedBatches(cache, order, args.batch_size, device, rows=_position_rows(order))
-    return train_views, val, time.time() - t0
+    def __init__(self, model, train_ds, sampler, device, args, drop_last: bool):
+        self.model, self.ds, self.sampler, self.device, self.args = model, train_ds, sampler, device, args
+        self.drop_last, self.views, self.seconds = drop_last, {}, 0.0
+
+    def __len__(self) -> int:
+        k = len(self.sampler)
+        return k // self.args.batch_size if self.drop_last else -(-k // self.args.batch_size)
+
+    def view(self, k: int) -> FeatureCache:
+        if k not in self.views:
+            t0, epoch = time.time(), self.ds.epoch
+            self.ds.set_epoch(k)
+            try:
+                loader = DataLoader(self.ds, batch_size=self.args.batch_size, generator=torch.Generator(),
+                                    **loader_options(self.args, self.device))
+                desc = f"synthetic view {k + 1}/{self.args.synth_pool}"
+                self.views[k] = encode_views(self.model, [(loader, desc)], len(self.ds), self.device, self.args,
+                                             exclude=True)
+            finally:
+                self.ds.set_epoch(epoch)
+            self.seconds += time.time() - t0
+        return self.views[k]
+
+    def __iter__(self):
+        cache = self.view(self.ds.epoch % self.args.synth_pool)
+        return iter(CachedBatches(cache, self.sampler, self.args.batch_size, self.device, rows=lambda p: p,
+                                  drop_last=self.drop_last))
+
+
+def cached_validation(model, val_loader, device, args) -> CachedBatches:
+    """The validation loader over its views encoded once (they are fixed: seeds (seed + 1, 0, image))."""
+    order = list(val_loader.sampler)
+    cache = encode_views(model, [(val_loader, "validation views")], len(order), device, args, exclude=False)
+    return CachedBatches(cache, order, args.batch_size, device, rows=_position_rows(order))
 
 
 def _position_rows(order):
@@ -696,13 +724,13 @@ def main(args):
                 fh.write(json.dumps({"memory_bank": info}) + "\n")
 
     if args.synth_pool:
-        pool, val_loader, secs = build_pool(model, train_ds, val_loader, device, args)
-        n, K = len(train_ds), args.synth_pool
-        train_loader = CachedBatches(pool, sampler, args.batch_size, device,
-                                     rows=lambda p: p + (train_ds.epoch % K) * n,
+        train_loader = SyntheticPool(model, train_ds, sampler, device, args,
                                      drop_last=len(train_ds) // world >= args.batch_size)
-        log(f"synthetic pool: {K} views of each of the {n} train images and the {len(val_idx)} validation images' "
-            f"views encoded once ({secs:.1f} s)")
+        if val_loader is not None:
+            t0 = time.time()
+            val_loader = cached_validation(model, val_loader, device, args)
+            log(f"validation views encoded once ({time.time() - t0:.1f} s); training cycles through "
+                f"{args.synth_pool} synthetic views per train image, each encoded when an epoch first needs it")
 
     def checkpoint(epoch, batches_done, val=None):
         return make_checkpoint(model, cfg.to_dict(), vars(args), val, optimizer=optimizer.state_dict(),
@@ -753,7 +781,8 @@ def main(args):
                           {"epoch": epoch + 1, "complete": epoch_complete, "step": state["step"],
                            "lr": scheduler.get_last_lr()[0],
                            "train_loss": float(np.mean(losses)) if losses else None,
-                           "time_s": round(time.time() - t0, 2), "val": val, "best": best})
+                           "time_s": round(time.time() - t0, 2), "val": val, "best": best,
+                           **({"pool_encode_s_total": round(train_loader.seconds, 2)} if args.synth_pool else {})})
         epoch = next_epoch
     if distributed:
         dist.barrier()

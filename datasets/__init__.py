@@ -16,7 +16,7 @@ from typing import Dict, List, Optional, Tuple
 from .base import AnomalyDataset, Record, ShiftedAux
 from .transforms import DatasetError
 
-__all__ = ["build_dataset", "list_objects", "default_aux_ch", "DATASETS", "AnomalyDataset", "DatasetError",
+__all__ = ["build_dataset", "list_objects", "default_aux_ch", "dataset_class", "DATASETS", "AnomalyDataset", "DatasetError",
            "Record", "ShiftedAux"]
 
 # name -> (module, class). Each class says which aux channel counts it provides (AUX_CHOICES, default first).
@@ -37,6 +37,11 @@ def _class(name: str):
     import importlib
     module, cls = DATASETS[name]
     return getattr(importlib.import_module(f".{module}", __name__), cls)
+
+
+def dataset_class(name: str):
+    """The dataset class of family ``name`` (its class methods read single files: ``read_aux``, ``aux_kind_for``)."""
+    return _class(name)
 
 
 def default_aux_ch(name: str) -> int:

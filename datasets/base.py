@@ -66,9 +66,10 @@ def find_mask(gt_dir: str, stem: str) -> Optional[str]:
 class AnomalyDataset(Dataset):
     """Records + aligned transform -> the sample dict of DESIGN.md.
 
-    Subclasses set ``aux_kind`` ("normals", "depth", "intensity" or None), ``has_valid`` (whether aux has a
-    per-pixel validity map) and ``aux_matches_rgb`` (whether aux must have the RGB image's size), and
-    implement ``_load_aux(path) -> (aux (H, W, C) float32, valid (H, W) bool or None)``.
+    Subclasses set ``aux_kind`` ("normals", "depth", "intensity" or None; or ``aux_kind_for``), ``has_valid``
+    (whether aux has a per-pixel validity map) and ``aux_matches_rgb`` (whether aux must have the RGB image's
+    size), and implement the class method ``read_aux(path, aux_ch) -> (aux (H, W, C) float32, valid (H, W) bool
+    or None)``.
     """
     aux_kind: Optional[str] = None
     has_valid = False
@@ -102,8 +103,19 @@ class AnomalyDataset(Dataset):
         """Random flips depend on (seed, epoch, index): reproducible with any number of workers."""
         self.epoch = epoch
 
+    @classmethod
+    def aux_kind_for(cls, aux_ch: int) -> Optional[str]:
+        """The aux modality ("normals", "depth", "intensity") this family gives with ``aux_ch`` channels."""
+        return cls.aux_kind if aux_ch else None
+
+    @classmethod
+    def read_aux(cls, path: str, aux_ch: int) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+        """One aux FILE of this family -> (aux (H, W, aux_ch) float32, valid (H, W) bool or None). A class method,
+        so that predict.py reads new parts' files exactly as training read the dataset's."""
+        raise TypeError(f"{cls.__name__} has no aux modality to read")
+
     def _load_aux(self, path: str) -> Tuple[np.ndarray, Optional[np.ndarray]]:
-        raise TypeError(f"{type(self).__name__} has an aux modality but defines no _load_aux")
+        return self.read_aux(path, self.aux_ch)
 
     @staticmethod
     def load_raw_mask(r: Record, rgb: np.ndarray) -> Optional[np.ndarray]:

@@ -93,7 +93,8 @@ class MulSenAD(AnomalyDataset):
             raise DatasetError(f"infrared image missing for {rgb_path}: expected {p}")
         return p
 
-    def _load_aux(self, path):
+    @classmethod
+    def read_aux(cls, path, aux_ch=1):
         ir = read_image(path)
         if ir.ndim == 3:
             ir = ir[..., :3].mean(axis=2)

@@ -38,7 +38,7 @@ class MVTec3D(AnomalyDataset):
         self.check_aux_ch(aux_ch, family)
         if split not in ("train", "validation", "test"):
             raise DatasetError(f"{family} has the splits train, validation and test, got {split!r}")
-        self.aux_kind = GEOMETRY_AUX_KIND[aux_ch]
+        self.aux_kind = self.aux_kind_for(aux_ch)
         split_dir = require_dir(os.path.join(root, object_name, split), f"{family} {object_name}/{split} folder")
         records: List[Record] = []
         for defect in subfolders(split_dir):
@@ -55,9 +55,14 @@ class MVTec3D(AnomalyDataset):
                                       int(defect != "good"), defect, object_name))
         super().__init__(records, img_size, aux_ch, split, f"{family} {object_name}", **kw)
 
-    def _load_aux(self, path):
+    @classmethod
+    def aux_kind_for(cls, aux_ch):
+        return GEOMETRY_AUX_KIND[aux_ch]
+
+    @classmethod
+    def read_aux(cls, path, aux_ch):
         xyz = read_xyz(path)
-        if self.aux_ch == 3:
+        if aux_ch == 3:
             return normals_from_xyz(xyz, path)
         z = xyz[..., 2]
         return z[..., None], z > 0

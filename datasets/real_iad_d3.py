@@ -76,5 +76,9 @@ class RealIADD3(AnomalyDataset):
             return rgb, np.zeros(rgb.shape[:2] + (3,), np.float32), mask, np.zeros(rgb.shape[:2], bool)
         return super().load_raw(i)
 
+    @classmethod
+    def read_aux(cls, path, aux_ch=3, axis_order: str = "xyz", flip: str = ""):
+        return decode_normals_png(read_image(path), axis_order, flip, path)
+
     def _load_aux(self, path):
-        return decode_normals_png(read_image(path), self.axis_order, self.flip, path)
+        return self.read_aux(path, self.aux_ch, self.axis_order, self.flip)

@@ -26,7 +26,7 @@ class RGBDFolder(AnomalyDataset):
         self.check_aux_ch(aux_ch, "the rgbd folder")
         if split not in ("train", "test"):
             raise DatasetError(f"the rgbd folder has the splits train and test, got {split!r}")
-        self.aux_kind = GEOMETRY_AUX_KIND[aux_ch]
+        self.aux_kind = self.aux_kind_for(aux_ch)
         base = require_dir(os.path.join(root, object_name), f"object {object_name!r}")
         split_dir = require_dir(os.path.join(base, split), f"{object_name}/{split} folder")
         records: List[Record] = []
@@ -50,9 +50,14 @@ class RGBDFolder(AnomalyDataset):
         self.aux_file_channels = 3 if aux_ch == 3 else 1
         super().__init__(records, img_size, aux_ch, split, f"rgbd {object_name}", **kw)
 
-    def _load_aux(self, path):
+    @classmethod
+    def aux_kind_for(cls, aux_ch):
+        return GEOMETRY_AUX_KIND[aux_ch]
+
+    @classmethod
+    def read_aux(cls, path, aux_ch):
         arr = read_tiff(path) if path.lower().endswith((".tif", ".tiff")) else read_image(path)
-        if self.aux_ch == 3:
+        if aux_ch == 3:
             if arr.dtype in (np.uint8, np.uint16):
                 return decode_normals_png(arr, path=path)
             n = arr.astype(np.float32)[..., :3]

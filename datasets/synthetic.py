@@ -200,7 +200,7 @@ class SyntheticDataset(AnomalyDataset):
         if split not in _SPLIT_IDS:
             raise DatasetError(f"synthetic splits are {tuple(_SPLIT_IDS)}, got {split!r}")
         self.check_aux_ch(aux_ch, "synthetic data")
-        self.aux_kind = GEOMETRY_AUX_KIND[aux_ch]
+        self.aux_kind = self.aux_kind_for(aux_ch)
         self.counts = {**DEFAULT_COUNTS, **(counts or {})}
         self.render_size = to_hw(render_size or img_size)
         self.data_seed = seed
@@ -210,6 +210,16 @@ class SyntheticDataset(AnomalyDataset):
 
     def check_files(self, progress: bool = True) -> None:
         """Nothing to check: samples are rendered, not read."""
+
+    @classmethod
+    def aux_kind_for(cls, aux_ch):
+        return GEOMETRY_AUX_KIND[aux_ch]
+
+    @classmethod
+    def read_aux(cls, path, aux_ch):
+        """Files of synthetic objects are the MVTec 3D-AD trees ``write_mvtec3d_tree`` writes (xyz TIFFs)."""
+        from .mvtec3d import MVTec3D
+        return MVTec3D.read_aux(path, aux_ch)
 
     def render(self, i: int) -> Dict[str, np.ndarray]:
         r = self.records[i]
