@@ -26,6 +26,7 @@ import dataclasses
 from dataclasses import asdict, dataclass
 from typing import Dict, Optional, Tuple
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -229,6 +230,9 @@ class MambaAlign(nn.Module):
         stages 2..5 of (rgb, aux or None) features), ``bank_maps`` (B, n_mod, H/8, W/8) standardised distance maps
         at the decoder's stride 8 (or None without a bank), ``bank_scores`` (B, n_mod), ``shift`` (B, 2) and
         ``size`` (H, W). train.py caches it for the fixed synthetic views it trains on (``--synth_pool``)."""
+        if rgb.dim() != 4 or rgb.shape[1] != 3:
+            hint = " (channels last? the model takes channels first)" if rgb.shape[-1] == 3 else ""
+            raise ValueError(f"rgb must be (B, 3, H, W), got {tuple(rgb.shape)}{hint}")
         H, W = rgb.shape[-2:]
         if H % INPUT_MULTIPLE or W % INPUT_MULTIPLE:
             raise ValueError(f"input height and width must be multiples of {INPUT_MULTIPLE}, got {H}x{W}")
@@ -376,12 +380,13 @@ class MambaAlign(nn.Module):
         with aux also runs without it, from RGB alone); returns detached float32 CPU tensors: anomaly_map (B, H, W),
         seg_logits (B, H, W), score (B,), score_logit (B,), and for a calibrated model (train.py calibrates on
         held-out train normals) decision (B,) bool = score_logit above the stored threshold."""
+        rgb = _as_input(rgb, "rgb", 3)
+        aux = _as_input(aux, "aux", self.config.aux_ch) if aux is not None else None
+        if aux is not None and aux.shape[0] != rgb.shape[0]:
+            raise ValueError(f"rgb and aux hold {rgb.shape[0]} and {aux.shape[0]} images; they must pair up")
         was_training = self.training
         self.eval()
         try:
-            if rgb.dim() == 3:
-                rgb = rgb.unsqueeze(0)
-                aux = aux.unsqueeze(0) if aux is not None else None
             device = next(self.parameters()).device
             out = self(rgb.to(device), aux.to(device) if aux is not None else None)
         finally:
@@ -398,9 +403,17 @@ class MambaAlign(nn.Module):
                         scan_backend: str = "auto") -> "MambaAlign":
         """Rebuild a model from a checkpoint alone: a training checkpoint ({"model", "config", ...}), or a raw
         state dict together with ``config`` (a dict or MambaAlignConfig). Loads strictly, ``weights_only``, and
-        returns the model in eval mode (call ``.train()`` to fine-tune it)."""
-        model = cls.from_loaded(torch.load(path, map_location=map_location, weights_only=True), config, source=path,
-                                scan_backend=scan_backend)
+        returns the model in eval mode (call ``.train()`` to fine-tune it). A file that is no checkpoint, or holds
+        something else (a knn baseline), raises ValueError saying what it is."""
+        from engine import RunError, load_checkpoint    # the run layer owns the checkpoint format
+        try:
+            ckpt = load_checkpoint(str(path), map_location=map_location)
+        except RunError as exc:
+            raise ValueError(str(exc)) from None
+        if isinstance(ckpt, dict) and ckpt.get("model_type", cls.model_type) != cls.model_type:
+            raise ValueError(f"{path} holds a {ckpt['model_type']!r} model, not MambaAlign: load it with "
+                             f"engine.load_model(engine.load_checkpoint(path))")
+        model = cls.from_loaded(ckpt, config, source=str(path), scan_backend=scan_backend)
         model = model.to(map_location) if isinstance(map_location, (str, torch.device)) else model
         return model.eval()
 
@@ -422,8 +435,41 @@ class MambaAlign(nn.Module):
         # Weights come from the checkpoint: never fetch ImageNet weights or read a backbone file again.
         model = cls(cfg, scan_backend=scan_backend)
         state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
+        missing = sorted(set(model.state_dict()) - set(state))
+        unexpected = sorted(set(state) - set(model.state_dict()))
+        if missing or unexpected:
+            name = lambda keys: ", ".join(keys[:5]) + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")
+            raise ValueError(f"{source} does not match its config: "
+                             + "; ".join(p for p in (f"missing {len(missing)} key(s): {name(missing)}" if missing
+                                                     else "", f"unexpected {len(unexpected)} key(s): "
+                                                     f"{name(unexpected)}" if unexpected else "") if p))
         model.load_state_dict(state, strict=True)
         return model
+
+
+def _as_input(x, name: str, channels: int) -> torch.Tensor:
+    """The notebook API's inputs as the model takes them: (B, C, H, W) or (C, H, W) float (numpy arrays and
+    float64 are converted), normalised as datasets.transforms.AlignedTransform makes them. Anything else is a
+    ValueError that says exactly what is wanted."""
+    want = (f"{name} must be a float tensor or array (C, H, W) or (B, C, H, W) with C = {channels}, normalised as "
+            f"training saw it: datasets.transforms.AlignedTransform(size, aux_kind)(rgb_uint8_HxWx3, aux_HxWxC) "
+            f"makes it from images as read")
+    if not torch.is_tensor(x):
+        try:
+            x = torch.as_tensor(np.asarray(x))
+        except (TypeError, ValueError, RuntimeError):
+            raise ValueError(f"{want}; got {type(x).__name__}") from None
+    if not (x.is_floating_point()):
+        raise ValueError(f"{want}; got {x.dtype} {tuple(x.shape)} (raw pixel values?)")
+    if x.dim() == 3:
+        x = x.unsqueeze(0)
+    if x.dim() != 4 or x.shape[1] != channels:
+        hint = " (channels last? permute to channels first)" if x.dim() == 4 and x.shape[-1] == channels else ""
+        raise ValueError(f"{want}; got shape {tuple(x.shape[1:] if x.shape[0] == 1 else x.shape)}{hint}")
+    if not torch.isfinite(x).all():
+        raise ValueError(f"{name} holds {int((~torch.isfinite(x)).sum())} non-finite value(s) (NaN or inf): no "
+                         f"score can be given for it")
+    return x.float()
 
 
 def mambaalign_tiny(pretrained: bool = False, scan_backend: str = "auto", **overrides) -> MambaAlign:

@@ -7,6 +7,8 @@
     python bench.py ablation   train + evaluate the ablation variants with one budget, one table
     python bench.py compare    MambaAlign beside the baselines (border-median floor, knn RGB / aux / fused) on the
                                synthetic objects and the real classes, one table from one run
+    python bench.py fit        one class: knn fit and eval, MambaAlign bank fit, epochs and eval, each beside the
+                               bare backbone pass over the same images
     python bench.py all        scan, block, model, metrics
 
 ``--device cuda`` runs scan, block and model on a GPU (times between device synchronisations, memory as the
@@ -544,8 +546,101 @@ def bench_compare(args) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------
+# fit: what a class costs, beside the bare backbone pass over the same images
+# ----------------------------------------------------------------------------------------------------
+
+def _backbone_floor(args, datasets, device) -> float:
+    """Seconds of the bare two-branch backbone (stages 2-5, frozen, eval) over every image of ``datasets``, the
+    images already in memory: the floor no method on these features can beat."""
+    from torch.utils.data import DataLoader
+    from rgbx_backbone import RGBXBackbone
+    aux_ch = datasets[0].aux_ch
+    backbone = RGBXBackbone("efficientnet_lite0", aux_ch, pretrained=True, freeze=True,
+                            stages=(2, 3, 4, 5)).eval().to(device)
+    batches = [b for ds in datasets for b in DataLoader(ds, batch_size=8)]
+    run = lambda: [backbone(b["rgb"].to(device), b["aux"].to(device) if aux_ch else None) for b in batches]
+    with torch.no_grad():
+        return time_it(run, repeats=1, warmup=1, device=device)
+
+
+def bench_fit(args) -> None:
+    """One class, one run: the knn fit and eval, MambaAlign's bank fit, epochs and eval, each beside the bare
+    backbone pass over the same images; then the ratios the speed goals are stated in."""
+    import json
+    import eval as eval_script
+    import train as train_script
+    from datasets import build_dataset, default_aux_ch
+    dev = args.device
+    aux_ch = default_aux_ch(args.dataset) if args.aux_ch is None else args.aux_ch
+    kw = {"seed": args.data_seed} if args.dataset == "synthetic" else {}
+    if args.dataset == "synthetic" and args.train_images:
+        kw["counts"] = {"train": args.train_images}
+    train_ds = build_dataset(args.dataset, args.data_root, args.object, "train", args.img_size, aux_ch, **kw)
+    test_ds = build_dataset(args.dataset, args.data_root, args.object, "test", args.img_size, aux_ch, **kw)
+    floor_train = _backbone_floor(args, [train_ds], dev)
+    floor_test = _backbone_floor(args, [test_ds], dev)
+    floor = floor_train + floor_test
+    common = ["--dataset", args.dataset, "--object", args.object, "--img_size", str(args.img_size), "--aux_ch",
+              str(aux_ch), "--quiet", "--device", str(dev), "--overwrite"]
+    common += ["--data_root", args.data_root] if args.data_root else []
+    common += ["--data_seed", str(args.data_seed)] if args.dataset == "synthetic" else []
+    if args.dataset == "synthetic" and args.train_images:
+        common += ["--synthetic_train", str(args.train_images)]
+    out = os.path.join(args.out_dir, f"{args.dataset}_{args.object}")
+    timed = {}
+
+    def run(name, fn):
+        t0 = time.perf_counter()
+        res = fn()
+        timed[name] = time.perf_counter() - t0
+        return res
+
+    knn_dir, ma_dir = os.path.join(out, "knn"), os.path.join(out, "mambaalign")
+    run("knn fit", lambda: train_script.main(train_script.get_args_parser().parse_args(
+        common + ["--model", "knn", "--out_dir", knn_dir])))
+    run("knn eval", lambda: eval_script.main(eval_script.get_args_parser().parse_args(
+        ["--checkpoint", os.path.join(knn_dir, "best_checkpoint.pth"), "--out_dir", os.path.join(knn_dir, "eval"),
+         "--quiet", "--device", str(dev)])))
+    run("MambaAlign train", lambda: train_script.main(train_script.get_args_parser().parse_args(
+        common + ["--epochs", str(args.epochs), "--out_dir", ma_dir])))
+    summary = run("MambaAlign eval", lambda: eval_script.main(eval_script.get_args_parser().parse_args(
+        ["--checkpoint", os.path.join(ma_dir, "best_checkpoint.pth"), "--out_dir", os.path.join(ma_dir, "eval"),
+         "--quiet", "--device", str(dev)])))
+    rows = [json.loads(l) for l in open(os.path.join(ma_dir, "log.jsonl"))]
+    bank_s = next(r["memory_bank"]["time_s"] for r in rows if "memory_bank" in r)
+    epochs = [r for r in rows if "epoch" in r]
+    epoch_s = statistics.mean(r["time_s"] for r in epochs)
+    pool_s = max((r.get("pool_encode_s_total", 0.0) for r in epochs), default=0.0)
+    n_train, n_test = len(train_ds), len(test_ds)
+    knn_total = timed["knn fit"] + timed["knn eval"]
+    ma_total = timed["MambaAlign train"] + timed["MambaAlign eval"]
+    table = [
+        ["bare backbone pass (train + test images)", f"{floor:.1f}", f"{(n_train + n_test) / floor:.1f}", "1.00x"],
+        ["knn fit (train.py --model knn)", f"{timed['knn fit']:.1f}", f"{n_train / timed['knn fit']:.1f}",
+         f"{timed['knn fit'] / floor_train:.2f}x train pass"],
+        ["knn eval (eval.py)", f"{timed['knn eval']:.1f}", f"{n_test / timed['knn eval']:.1f}",
+         f"{timed['knn eval'] / floor_test:.2f}x test pass"],
+        ["MambaAlign bank fit", f"{bank_s:.1f}", "", f"{bank_s / floor_train:.2f}x train pass"],
+        ["MambaAlign synthetic views encoded (all)", f"{pool_s:.1f}", "", ""],
+        [f"MambaAlign epoch (mean of {len(epochs)})", f"{epoch_s:.2f}",
+         f"{n_train / epoch_s:.1f}", f"{epoch_s / floor_train:.2f}x train pass"],
+        ["MambaAlign train.py (all)", f"{timed['MambaAlign train']:.1f}", "", ""],
+        ["MambaAlign eval (eval.py)", f"{timed['MambaAlign eval']:.1f}", f"{n_test / timed['MambaAlign eval']:.1f}",
+         f"{timed['MambaAlign eval'] / floor_test:.2f}x test pass"],
+    ]
+    print_table(f"fit on {args.dataset}/{args.object} at {args.img_size}px on {_where(dev)}: {n_train} train and "
+                f"{n_test} test images, MambaAlign {args.epochs} epochs (train.py defaults otherwise); one run",
+                ["phase", "seconds", "images/s", "vs bare backbone"], table)
+    print(f"knn fit + eval = {knn_total:.1f} s = {knn_total / floor:.2f}x the bare backbone pass over the same "
+          f"train and test images ({floor:.1f} s)")
+    print(f"MambaAlign train + eval = {ma_total:.1f} s = {ma_total / knn_total:.2f}x the knn fit + eval "
+          f"(image AUROC {summary['overall']['image_auroc']:.4f}, AUPRO 0.05 {summary['overall']['aupro_0.05']:.4f})")
+
+
+# ----------------------------------------------------------------------------------------------------
 
 COMMANDS = {"scan": bench_scan, "block": bench_block, "model": bench_model, "metrics": bench_metrics,
+            "fit": bench_fit,
             "ablation": bench_ablation, "compare": bench_compare}
 
 
@@ -575,6 +670,8 @@ def get_args_parser():
     g.add_argument("--variants", default=None, help=f"comma-separated subset of: {', '.join(ABLATIONS)}")
     g.add_argument("--out_dir", default=None,
                    help="where each run and eval go (default: runs/ablation or runs/compare)")
+    g.add_argument("--train_images", type=int, default=0,
+                   help="fit, synthetic data: this many train images (0: the dataset's default)")
     g = p.add_argument_group("compare (bench.py compare; also uses --img_size, --epochs, --seeds, --out_dir)")
     g.add_argument("--mulsen_root", default="../shared/data/MulSen_AD_mini",
                    help="a MulSen-AD tree: every class in it is compared (empty string: none)")
@@ -591,7 +688,7 @@ _MMAP_ENV = "MALLOC_MMAP_THRESHOLD_"
 
 def main(args) -> None:
     args.out_dir = args.out_dir or f"runs/{args.what}"
-    measures_memory = args.what not in ("ablation", "compare")
+    measures_memory = args.what not in ("ablation", "compare", "fit")
     if measures_memory and os.environ.get(_MMAP_ENV) is None and sys.platform.startswith("linux"):
         os.environ[_MMAP_ENV] = "65536"
         os.execv(sys.executable, [sys.executable] + sys.argv)

@@ -37,7 +37,7 @@ __all__ = ["resolve_device", "autocast_context", "run_inference", "FeatureCache"
            "RunError", "HelpFormatter", "positive_int", "nonneg_int", "positive_float", "nonneg_float",
            "probability", "fraction", "fpr_limit", "image_size", "workers", "resolve_workers", "loader_options",
            "WORKERS_HELP", "run_cli", "colormap", "vis_names", "write_visualisation",
-           "OnnxModel", "ONNX_FORMAT", "ONNX_META_KEYS"]
+           "OnnxModel", "ONNX_FORMAT", "ONNX_META_KEYS", "Terminated", "resume_command", "write_text_atomic"]
 
 # The model families a checkpoint can hold; its "model_type" entry names one (absent: a MambaAlign checkpoint
 # or a raw MambaAlign state dict).
@@ -106,11 +106,28 @@ def loader_options(args, device: torch.device) -> dict:
     return {"num_workers": resolve_workers(args.num_workers, device), "pin_memory": device.type == "cuda"}
 
 
-def run_cli(main: Callable, parser: argparse.ArgumentParser, argv=None):
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the process was (so ``finally`` blocks run: a save in progress removes its
+    temporary file) and reported like Ctrl-C."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
+def run_cli(main: Callable, parser: argparse.ArgumentParser, argv=None, on_interrupt: Optional[Callable] = None):
     """Parse the arguments and run ``main``; a data, checkpoint, argument or file-system error becomes one line
-    on stderr and exit status 2 (``--debug`` shows the traceback instead)."""
+    on stderr and exit status 2 (``--debug`` shows the traceback instead). Ctrl-C (SIGINT) and SIGTERM stop the
+    run where it is (files being written are left whole or not at all) with one line, plus what
+    ``on_interrupt(args)`` says (how to resume), and exit status 130 / 143."""
+    import signal
     from datasets import DatasetError
     args = parser.parse_args(argv)
+    previous = None
+    try:
+        previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    except ValueError:         # not the main thread (a notebook's worker thread): leave SIGTERM alone
+        pass
     try:
         return main(args)
     except (RunError, DatasetError, BackboneWeightsError, OSError) as exc:
@@ -119,11 +136,41 @@ def run_cli(main: Callable, parser: argparse.ArgumentParser, argv=None):
         text = " ".join(str(exc).split()) or type(exc).__name__
         print(f"{parser.prog}: error: {text}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt as exc:
+        if getattr(args, "debug", False):
+            raise
+        what = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted (Ctrl-C)"
+        hint = on_interrupt(args) if on_interrupt else ""
+        print(f"{parser.prog}: {what}" + (f"; {hint}" if hint else ""), file=sys.stderr)
+        sys.exit(143 if isinstance(exc, Terminated) else 130)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def resume_command(script: str, args, extra: str = "") -> str:
+    """The command line that continues an interrupted run: the script, the flags the user gave (from sys.argv
+    when it ran this script) and ``extra``."""
+    argv = sys.argv[1:] if os.path.basename(sys.argv[0]) == script else []
+    import shlex
+    kept, skip = [], False
+    for a in argv:                          # drop an earlier --resume VALUE: the hint adds its own
+        if skip:
+            skip = False
+            continue
+        if a == "--resume":
+            skip = True
+            continue
+        if not a.startswith("--resume="):
+            kept.append(a)
+    return " ".join(["python", script] + [shlex.quote(a) for a in kept] + ([extra] if extra else []))
 
 
 def load_checkpoint(path: str, map_location="cpu"):
     """Read a checkpoint with ``weights_only=True`` (plain values and tensors only). Every failure is a RunError
     that names the file: missing, not a checkpoint, truncated, or holding code objects (refused)."""
+    if os.path.isdir(path):
+        raise RunError(f"checkpoint {path} is a directory, not a file")
     if not os.path.isfile(path):
         raise RunError(f"checkpoint not found: {path}")
     try:
@@ -131,13 +178,37 @@ def load_checkpoint(path: str, map_location="cpu"):
             warnings.simplefilter("ignore", UserWarning)
             return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
-        if "weights_only" in str(exc) or "Unsupported global" in str(exc):
+        # torch wraps every weights-only failure in one message; "Unsupported global" is the one that means the
+        # file names Python objects (classes, functions) to build; anything else is bytes that are no pickle.
+        if "Unsupported global" in str(exc) or _pickle_builds_objects(path):
             raise RunError(f"refused to load {path}: it holds Python objects other than tensors and plain values "
                            f"(loading it would run code); MambaAlign checkpoints never do") from None
-        raise RunError(f"{path} is not a PyTorch checkpoint ({_first_line(exc)})") from None
+        raise RunError(f"{path} is not a PyTorch checkpoint (not a pickle torch can read: "
+                       f"{_weights_only_reason(exc)})") from None
     except Exception as exc:  # on corrupt bytes torch.load can raise almost anything (IndexError, KeyError, ...)
         raise RunError(f"{path} is not a readable PyTorch checkpoint (truncated or another format: "
                        f"{_first_line(exc)})") from None
+
+
+def _pickle_builds_objects(path: str) -> bool:
+    """Whether a plain pickle file (not torch's zip format) names Python callables to build objects with: read
+    with pickletools, which only lists the opcodes and runs nothing. False for bytes that are no pickle."""
+    import pickletools
+    try:
+        with open(path, "rb") as fh:
+            return any(op.name in ("GLOBAL", "STACK_GLOBAL", "INST", "OBJ", "REDUCE", "NEWOBJ", "NEWOBJ_EX")
+                       for op, _, _ in pickletools.genops(fh))
+    except Exception:  # pickletools raises ValueError and others on bytes that are no pickle
+        return False
+
+
+def _weights_only_reason(exc: BaseException) -> str:
+    """The unpickler's own reason inside torch's long weights-only message (e.g. "Unsupported operand 80")."""
+    text = str(exc)
+    if "WeightsUnpickler error:" in text:
+        text = text.split("WeightsUnpickler error:", 1)[1]
+        text = text.split("Check the documentation", 1)[0]
+    return " ".join(text.split())[:200] or type(exc).__name__
 
 
 def _first_line(exc: BaseException) -> str:
@@ -180,14 +251,29 @@ def make_checkpoint(model, config: dict, args: dict, metrics: Optional[dict] = N
 
 
 def save_atomic(obj, path: str) -> None:
-    """torch.save to a temporary file beside ``path``, then rename: a reader never sees a half-written file."""
+    """torch.save to a temporary file beside ``path``, then rename: a reader never sees a half-written file, and
+    the file it replaces stays whole until then. A failed write (a full disk: torch's serializer raises
+    RuntimeError or OSError) is a RunError naming the file and the free space; an interrupted or failed save
+    leaves no temporary behind."""
     tmp = f"{path}.tmp.{os.getpid()}"
     try:
         torch.save(obj, tmp)
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as exc:
+        raise RunError(f"could not write {path}: {_first_line(exc)} ({_free_space(path)}); the previous "
+                       f"{os.path.basename(path)} is unchanged" if os.path.exists(path) else
+                       f"could not write {path}: {_first_line(exc)} ({_free_space(path)})") from None
     finally:                      # an interrupted save (Ctrl-C, a full disk) leaves no temporary behind
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def _free_space(path: str) -> str:
+    try:
+        st = os.statvfs(os.path.dirname(os.path.abspath(path)))
+        return f"{st.f_bavail * st.f_frsize / 2 ** 20:.1f} MiB free there"
+    except OSError:
+        return "free space unknown"
 
 
 def load_model(ckpt, config=None, source: str = "checkpoint"):
@@ -295,13 +381,40 @@ def write_visualisation(out_dir: str, name: str, anomaly_map: np.ndarray, rgb: t
     os.makedirs(hdir, exist_ok=True)
     os.makedirs(odir, exist_ok=True)
     heat = colormap(np.asarray(anomaly_map))
-    Image.fromarray(heat).save(os.path.join(hdir, name))
+    _save_png(Image.fromarray(heat), os.path.join(hdir, name))
     img = (denormalize_rgb(rgb.float().cpu()).permute(1, 2, 0).numpy() * 255).astype(np.uint8)
     over = (0.55 * img + 0.45 * heat).astype(np.uint8)
     if mask is not None and mask.any():
         over[mask & ~ndimage.binary_erosion(mask)] = (255, 0, 0)
     panels = [over] + ([aux_to_image(aux.float().cpu())] if aux is not None else [])
-    Image.fromarray(np.concatenate(panels, axis=1)).save(os.path.join(odir, name))
+    _save_png(Image.fromarray(np.concatenate(panels, axis=1)), os.path.join(odir, name))
+
+
+def _save_png(image, path: str) -> None:
+    """PNG to a temporary name, then renamed: an interrupted run leaves no half-written picture."""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    try:
+        image.save(tmp, format="PNG")
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise RunError(f"could not write {path}: {exc.strerror or exc} ({_free_space(path)})") from None
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_text_atomic(path: str, text: str) -> None:
+    """A text file (CSV, JSON, summary) written whole or not at all; a failed write names the file."""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    try:
+        with open(tmp, "w", newline="") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise RunError(f"could not write {path}: {exc.strerror or exc} ({_free_space(path)})") from None
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 # What export.py writes into an ONNX file's metadata and predict.py reads back (one owner of the format).

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import math
 import os
@@ -34,7 +35,7 @@ import metrics
 from datasets import DATASETS, ShiftedAux, build_dataset, list_objects
 from engine import (HelpFormatter, RunError, fpr_limit, git_revision, image_size, load_checkpoint, load_model,
                     nonneg_int, positive_int, prepare_out_dir, resolve_device, run_cli, run_inference, vis_names,
-                    workers, write_visualisation, WORKERS_HELP, loader_options)
+                    workers, write_text_atomic, write_visualisation, WORKERS_HELP, loader_options)
 
 CSV_COLUMNS = ("path", "object", "defect", "label", "score", "score_logit", "decision", "pixel_auroc")
 
@@ -125,6 +126,20 @@ def _decision_rates(res: Dict) -> Dict[str, object]:
     good, bad = res["label"] == 0, res["label"] == 1
     rate = lambda m: float(res["decision"][m].mean()) if m.any() else float("nan")
     return {"threshold": res["threshold"], "test_fpr": rate(good), "test_tpr": rate(bad)}
+
+
+def class_notes(res: Dict) -> List[str]:
+    """What a test split without good (or without anomalous) images cannot measure, and why (the table shows
+    those metrics as nan)."""
+    labels = np.asarray(res["label"])
+    notes = []
+    if not (labels == 0).any():
+        notes.append("the test split has no good images: image AUROC, AP, F1-max and pixel AUROC/AUPRO need both "
+                     "classes (nan), and the threshold's false-positive rate cannot be measured")
+    if not (labels == 1).any():
+        notes.append("the test split has no anomalous images: image AUROC, AP, F1-max and every pixel metric need "
+                     "both classes (nan); only the threshold's false-positive rate on good parts is measured")
+    return notes
 
 
 def format_table(summary: Dict[str, object]) -> str:
@@ -224,14 +239,15 @@ def main(args) -> Dict[str, object]:
     for k in ("path", "defect", "object"):
         merged[k] = [x for r in results for x in r[k]]
     per_image = _per_image_pixel_auroc(merged["maps"], merged["masks"])
-    with open(os.path.join(args.out_dir, "eval_results.csv"), "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(CSV_COLUMNS)
-        for i in range(len(merged["path"])):
-            w.writerow([merged["path"][i], merged["object"][i], merged["defect"][i], int(merged["label"][i]),
-                        f"{merged['score'][i]:.6f}", f"{merged['score_logit'][i]:.6f}",
-                        "" if math.isnan(merged["decision"][i]) else int(merged["decision"][i]),
-                        "" if math.isnan(per_image[i]) else f"{per_image[i]:.6f}"])
+    rows = io.StringIO()
+    w = csv.writer(rows)
+    w.writerow(CSV_COLUMNS)
+    for i in range(len(merged["path"])):
+        w.writerow([merged["path"][i], merged["object"][i], merged["defect"][i], int(merged["label"][i]),
+                    f"{merged['score'][i]:.6f}", f"{merged['score_logit'][i]:.6f}",
+                    "" if math.isnan(merged["decision"][i]) else int(merged["decision"][i]),
+                    "" if math.isnan(per_image[i]) else f"{per_image[i]:.6f}"])
+    write_text_atomic(os.path.join(args.out_dir, "eval_results.csv"), rows.getvalue())
     summary = summarise(merged, args.fpr_limit)
     summary["decision"] = {p["object"]: _decision_rates(r) for p, r in zip(plan, results)}
     summary["settings"] = {"checkpoint": args.checkpoint, "dataset": dataset, "objects": objects,
@@ -239,21 +255,27 @@ def main(args) -> Dict[str, object]:
                            "git": git_revision(), "model": getattr(model, "model_type", "mambaalign"),
                            "score": f"{model.score_description}; metrics rank by score_logit; F1-max uses an "
                                     f"oracle threshold"}
-    with open(os.path.join(args.out_dir, "summary.json"), "w") as fh:
-        json.dump(summary, fh, indent=2, allow_nan=True)
+    notes = class_notes(merged)
+    summary["notes"] = notes
+    write_text_atomic(os.path.join(args.out_dir, "summary.json"), json.dumps(summary, indent=2, allow_nan=True))
     table = format_table(summary)
-    with open(os.path.join(args.out_dir, "summary.txt"), "w") as fh:
-        fh.write(f"MambaAlign evaluation of {args.checkpoint} on {dataset} ({', '.join(objects)}), "
-                 f"{summary['counts']['images']} test images, img_size {img_size}, AUPRO FPR limit {args.fpr_limit}"
-                 f"{f', aux shifted {args.aux_shift} px' if args.aux_shift else ''}\n"
-                 f"F1-max uses the best threshold on the test set (oracle). "
-                 f"{summary['counts']['left_out_of_pixel_metrics']} anomalous image(s) without a mask in this "
-                 f"modality are left out of the pixel metrics (kept in the image metrics).\n\n{table}\n")
+    write_text_atomic(os.path.join(args.out_dir, "summary.txt"),
+                      f"MambaAlign evaluation of {args.checkpoint} on {dataset} ({', '.join(objects)}), "
+                      f"{summary['counts']['images']} test images, img_size {img_size}, AUPRO FPR limit "
+                      f"{args.fpr_limit}{f', aux shifted {args.aux_shift} px' if args.aux_shift else ''}\n"
+                      f"F1-max uses the best threshold on the test set (oracle). "
+                      f"{summary['counts']['left_out_of_pixel_metrics']} anomalous image(s) without a mask in this "
+                      f"modality are left out of the pixel metrics (kept in the image metrics).\n"
+                      + "".join(f"{n}\n" for n in notes) + f"\n{table}\n")
     print(table)
     for obj, d in summary["decision"].items():
         if d["threshold"] is not None:
-            print(f"decision at the stored threshold {d['threshold']:.4f} ({obj}): flags {d['test_fpr']:.3f} of the "
-                  f"good test images and {d['test_tpr']:.3f} of the anomalous ones")
+            rate = lambda r, what: f"{r:.3f} of the {what}" if r is not None and math.isfinite(r) else \
+                f"none of the {what} (there are none)"
+            print(f"decision at the stored threshold {d['threshold']:.4f} ({obj}): flags "
+                  f"{rate(d['test_fpr'], 'good test images')} and {rate(d['test_tpr'], 'anomalous ones')}")
+    for note in notes:
+        print(note)
     if summary["counts"]["left_out_of_pixel_metrics"]:
         print(f"{summary['counts']['left_out_of_pixel_metrics']} anomalous image(s) without a mask are left out of "
               f"the pixel metrics (kept in the image metrics)")
@@ -264,4 +286,6 @@ def main(args) -> Dict[str, object]:
 
 
 if __name__ == "__main__":
-    run_cli(main, get_args_parser())
+    run_cli(main, get_args_parser(),
+            on_interrupt=lambda args: "the evaluation writes its reports at the end, so none were written; run it "
+                                      "again")

@@ -53,10 +53,9 @@ def _read_weights(path: str) -> Dict[str, torch.Tensor]:
     except pickle.UnpicklingError:
         raise BackboneWeightsError(f"cannot read backbone weights {path}: not a PyTorch state dict of tensors "
                                    f"(or it holds Python objects, which weights_only loading refuses)") from None
-    except Exception as exc:  # corrupt or foreign files make torch.load raise many types
-        text = str(exc).strip()
-        raise BackboneWeightsError(f"cannot read backbone weights {path}: "
-                                   f"{text.splitlines()[0] if text else type(exc).__name__}") from None
+    except Exception:  # corrupt or foreign files make torch.load raise many types (a text file: KeyError '101')
+        raise BackboneWeightsError(f"cannot read backbone weights {path}: not a PyTorch checkpoint (a text file, "
+                                   f"another format or a truncated download?)") from None
     if not isinstance(state, dict):
         raise BackboneWeightsError(f"{path} does not hold a state dict")
     return state
@@ -201,6 +200,8 @@ class RGBXBackbone(nn.Module):
             raise ValueError(f"aux_ch must be >= 0, got {aux_ch}")
         if not set(stages) <= set(STAGE_STRIDES):
             raise ValueError(f"stages must be a subset of {sorted(STAGE_STRIDES)}, got {stages}")
+        if weights_path and os.path.isdir(weights_path):
+            raise BackboneWeightsError(f"backbone weights {weights_path} is a directory; pass the weights file")
         if weights_path and not os.path.isfile(weights_path):
             raise FileNotFoundError(f"backbone weights file not found: {weights_path}")
         self.name, self.aux_ch, self.stages = name, aux_ch, tuple(sorted(stages))

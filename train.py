@@ -28,7 +28,7 @@ import os
 import random
 import time
 import warnings
-from typing import Dict
+from typing import Dict, List
 
 import numpy as np
 import torch
@@ -42,7 +42,7 @@ from datasets.synthesis import MODES, AnomalySynthesizer, SynthesisDataset
 from engine import (FeatureCache, HelpFormatter, RunError, autocast_context, available_memory, dist_info, fraction,
                     git_revision, image_size, load_checkpoint, make_checkpoint, nonneg_float, nonneg_int,
                     positive_float, positive_int, prepare_out_dir, probability, resolve_device, run_cli,
-                    run_inference, save_atomic, workers, WORKERS_HELP, loader_options)
+                    run_inference, resume_command, save_atomic, workers, WORKERS_HELP, loader_options)
 from knn import KNNConfig, PatchKNN
 from MambaAlign import PRESETS, MambaAlign, MambaAlignConfig
 from rgbx_backbone import BACKBONES
@@ -68,6 +68,8 @@ def get_args_parser():
     g.add_argument("--val_fraction", type=fraction, default=0.1,
                    help="share of the TRAIN normals held out for model selection (at least 2 images)")
     g.add_argument("--data_seed", type=int, default=0, help="seed of the synthetic dataset (dataset=synthetic)")
+    g.add_argument("--synthetic_train", type=nonneg_int, default=0,
+                   help="dataset=synthetic: how many train images to render (0: the dataset's default)")
     g = p.add_argument_group("anomaly synthesis")
     g.add_argument("--synth_prob", type=probability, default=0.7, help="chance that a training image gets an anomaly")
     g.add_argument("--synth_mode", default="mixed", choices=MODES,
@@ -145,7 +147,11 @@ def get_args_parser():
     g.add_argument("--focal_gamma", type=nonneg_float, default=2.0, help="focal loss gamma")
     g = p.add_argument_group("run")
     g.add_argument("--out_dir", required=True, help="folder for checkpoints and log.jsonl")
-    g.add_argument("--resume", default=None, help="checkpoint to continue from, or 'auto' for out_dir/last.pth")
+    g.add_argument("--resume", default=None,
+                   help="checkpoint to continue from, or 'auto' for out_dir/last.pth (it must come from the same "
+                        "data, object, size and split)")
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace the run files (checkpoints, logs, splits.json) an earlier run left in --out_dir")
     g.add_argument("--eval_every", type=positive_int, default=1, help="validate every N epochs (and after the last)")
     g.add_argument("--seed", type=int, default=0, help="random seed (data order, synthesis, initialisation)")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
@@ -205,6 +211,15 @@ class EpochSampler(Sampler):
 
     def __len__(self) -> int:
         return self.per_rank - self.skip
+
+
+def check_bank_split(args, n: int, train_idx, val_idx) -> None:
+    """The memory bank needs at least 2 images (each is scored leave-one-out, without its own patches) and is
+    standardised on at least 2 held-out ones."""
+    if len(val_idx) < 2 or len(train_idx) < 2:
+        raise RunError(f"--val_fraction {args.val_fraction:g} splits the {n} train images into {len(train_idx)} for "
+                       f"the memory bank and {len(val_idx)} held out; each part needs at least 2 (the bank scores "
+                       f"every image without its own patches and is standardised on the held-out ones)")
 
 
 def split_train_val(n: int, val_fraction: float, seed: int):
@@ -365,7 +380,7 @@ def fit_bank(model, base, bank_idx, hold_idx, device, args) -> Dict[str, object]
     return {"bank_sizes": sizes, "stats": stats, "time_s": round(time.time() - t0, 2)}
 
 
-def fit_knn(args, base, aux_ch: int, device, bank_idx, hold_idx) -> Dict[str, object]:
+def fit_knn(args, base, aux_ch: int, device, bank_idx, hold_idx, stale=()) -> Dict[str, object]:
     """--model knn: fit the memory banks on the train normals ``bank_idx``, standardise on the held-out train
     normals ``hold_idx``, and write best_checkpoint.pth (the same file name and eval.py path as a trained model)."""
     t0 = time.time()
@@ -373,6 +388,7 @@ def fit_knn(args, base, aux_ch: int, device, bank_idx, hold_idx) -> Dict[str, ob
                     sigma=args.knn_sigma)
     model = PatchKNN(cfg, pretrained=args.backbone_weights is None, weights_path=args.backbone_weights).to(device)
     _prepare_out_dir(args.out_dir, print)
+    clear_run_files(args, list(stale), print)
     _print_header(print, "knn baseline", device, args)
     print(f"backbone {cfg.backbone} (ImageNet weights, frozen), stages {cfg.stages}; bank from {len(bank_idx)} "
           f"train normals, standardisation on {len(hold_idx)} held-out train normals")
@@ -402,6 +418,8 @@ def load_train_split(args, is_main: bool):
     aux_ch = default_aux_ch(args.dataset) if args.aux_ch is None else args.aux_ch
     try:
         extra = {"seed": args.data_seed} if args.dataset == "synthetic" else {}
+        if args.dataset == "synthetic" and args.synthetic_train:
+            extra["counts"] = {"train": args.synthetic_train}
         base = build_dataset(args.dataset, args.data_root, args.object, "train", args.img_size, aux_ch,
                              progress=is_main and not args.quiet, **extra)
         first = base[0]
@@ -411,6 +429,66 @@ def load_train_split(args, is_main: bool):
         raise RunError(f"--aux_ch {aux_ch} does not match the data: {first['path']} gives "
                        f"{first['aux'].shape[0]} aux channels")
     return base, aux_ch
+
+
+# The files a run writes into --out_dir: a second run never mixes its own with them.
+RUN_FILES = ("last.pth", "best_checkpoint.pth", "log.jsonl", "steps.jsonl", "splits.json")
+# Arguments that decide which images and views a run trains on: a resumed run must keep them.
+RESUME_MUST_MATCH = ("dataset", "data_root", "object", "img_size", "data_seed", "val_fraction", "seed",
+                     "synth_pool")
+
+
+def check_out_dir(args) -> List[str]:
+    """The run files of an earlier run in --out_dir that this run will delete before writing (empty: none there,
+    or it continues them). A run into a folder holding another run's files is refused unless it resumes that
+    run or --overwrite says to replace it: two runs' checkpoints and logs never mix."""
+    existing = [f for f in RUN_FILES if os.path.exists(os.path.join(args.out_dir, f))]
+    if not existing:
+        return []
+    if args.overwrite:
+        return existing
+    last = os.path.join(args.out_dir, "last.pth")
+    if args.resume == "auto" and not os.path.exists(last):
+        return existing          # a run killed before its first checkpoint: its logs go, it starts afresh
+    if args.resume is not None and os.path.abspath(args.resume if args.resume != "auto" else last) == \
+            os.path.abspath(last):
+        return []
+    raise RunError(f"--out_dir {args.out_dir} holds a run ({', '.join(existing)}): pass --resume auto to continue "
+                   f"it, --overwrite to replace it, or choose a new folder")
+
+
+def clear_run_files(args, files: List[str], log) -> None:
+    for f in files:
+        os.remove(os.path.join(args.out_dir, f))
+    if files:
+        log(f"removed the earlier run's {', '.join(files)} from {args.out_dir}"
+            + (" (--overwrite)" if args.overwrite else " (it never saved a checkpoint)"))
+
+
+def check_flags(args, n_train: int, world: int) -> None:
+    """Flag combinations that cannot train, refused before anything is written, with the numbers."""
+    if args.min_lr > args.lr:
+        raise RunError(f"--min_lr {args.min_lr:g} is above --lr {args.lr:g}: the schedule would climb instead of "
+                       f"decaying")
+    per_rank = math.ceil(n_train / world)
+    batches = per_rank // args.batch_size if per_rank >= args.batch_size else 1
+    if args.accum_steps > batches:
+        raise RunError(f"--accum_steps {args.accum_steps} accumulates over more batches than an epoch has ({batches} "
+                       f"batch(es) of {args.batch_size} from {n_train} train images): no optimizer step would be "
+                       f"taken")
+
+
+def check_resume_matches(args, ckpt: dict, path: str) -> None:
+    """A checkpoint resumed with other data, object, size or split would train on the wrong images with its
+    memory bank: refuse, naming the differences."""
+    saved = ckpt.get("args", {})
+    norm = lambda k, v: os.path.realpath(v) if k == "data_root" and v else v
+    diff = {k: (saved.get(k), getattr(args, k, None)) for k in RESUME_MUST_MATCH
+            if k in saved and norm(k, saved.get(k)) != norm(k, getattr(args, k, None))}
+    if diff:
+        shown = ", ".join(f"{k} {a!r} in the checkpoint, {b!r} now" for k, (a, b) in diff.items())
+        raise RunError(f"--resume {path} comes from another run: {shown}; resume with the same data and split, "
+                       f"or start a new run in a new --out_dir")
 
 
 def resume_checkpoint(args, cfg: MambaAlignConfig, log):
@@ -427,6 +505,7 @@ def resume_checkpoint(args, cfg: MambaAlignConfig, log):
     ckpt = load_checkpoint(path)
     if not isinstance(ckpt, dict) or "config" not in ckpt or "optimizer" not in ckpt:
         raise RunError(f"--resume {path} is not a training checkpoint written by train.py")
+    check_resume_matches(args, ckpt, path)
     saved = MambaAlignConfig.from_dict(ckpt["config"]).to_dict()
     if saved != cfg.to_dict():
         diff = {k: (saved.get(k), v) for k, v in cfg.to_dict().items() if saved.get(k) != v}
@@ -662,17 +741,17 @@ def main(args):
     log = print if is_main else (lambda *a, **k: None)
 
     # ---- checks that must fail before any training step (nothing is written before they pass) ---------
+    stale = check_out_dir(args)
     base, aux_ch = load_train_split(args, is_main)
     train_idx, val_idx = split_train_val(len(base), args.val_fraction, args.seed)
+    check_bank_split(args, len(base), train_idx, val_idx)
     if args.model == "knn":
         if distributed:
             raise RunError("--model knn fits in one process; run it without torchrun")
-        return fit_knn(args, base, aux_ch, device, train_idx, val_idx)
+        return fit_knn(args, base, aux_ch, device, train_idx, val_idx, stale)
+    check_flags(args, len(train_idx), world)
     cfg = build_config(args, aux_ch)
     ckpt, resume_path = resume_checkpoint(args, cfg, log)
-    if cfg.normality == "bank" and len(val_idx) < 2:
-        raise RunError("the memory bank is standardised on held-out train normals: --val_fraction must leave at "
-                       f"least 2 of the {len(base)} train images out (it leaves {len(val_idx)})")
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
     random.seed(args.seed)
@@ -681,10 +760,11 @@ def main(args):
                        backbone_weights=args.backbone_weights if ckpt is None else None,
                        scan_backend=args.scan_backend).to(device)
     check_pool_fits(args, model, device, len(train_idx), len(val_idx))
-    if is_main:
-        _prepare_out_dir(args.out_dir, log)
     train_ds, sampler, train_loader, val_loader = make_loaders(args, base, aux_ch, train_idx, val_idx, rank, world,
                                                                device)
+    if is_main:
+        _prepare_out_dir(args.out_dir, log)
+        clear_run_files(args, stale, log)
     batches_per_epoch = len(train_loader)
     steps_per_epoch = max(1, batches_per_epoch // args.accum_steps)
     # The schedule spans --epochs; --max_steps only stops early, so a run stopped and resumed follows the
@@ -815,5 +895,13 @@ def _end_of_epoch(args, state: dict, no_validation: bool, log, log_path: str, re
     log(msg)
 
 
+def _interrupt_hint(args) -> str:
+    if args.model == "knn":
+        return "the knn fit saves nothing until it is done: run it again"
+    if not os.path.exists(os.path.join(args.out_dir, "last.pth")):
+        return f"no checkpoint was saved yet; start again with --overwrite (or --resume auto) in {args.out_dir}"
+    return "continue with: " + resume_command("train.py", args, "--resume auto")
+
+
 if __name__ == "__main__":
-    run_cli(main, get_args_parser())
+    run_cli(main, get_args_parser(), on_interrupt=_interrupt_hint)

@@ -119,7 +119,9 @@ class AnomalyDataset(Dataset):
 
     @staticmethod
     def load_raw_mask(r: Record, rgb: np.ndarray) -> Optional[np.ndarray]:
-        mask = read_mask(r.mask) if r.mask else None
+        # A good image has no defect to outline: a mask file beside it (MVTec 3D-AD's empty test/good/gt, a
+        # GT/good folder) is ignored; check_files refuses one that marks anything.
+        mask = read_mask(r.mask) if r.mask and r.label else None
         if mask is not None and mask.shape != rgb.shape[:2]:
             raise DatasetError(f"mask {r.mask} is {mask.shape[1]}x{mask.shape[0]} but its image {r.rgb} is "
                                f"{rgb.shape[1]}x{rgb.shape[0]}; they must have the same size")
@@ -167,6 +169,9 @@ class AnomalyDataset(Dataset):
                     mh, mw, _ = probe_file(r.mask)
                     if (mh, mw) != (h, w):
                         raise DatasetError(f"mask {r.mask} is {mw}x{mh} but its image {r.rgb} is {w}x{h}")
+                    if not r.label and read_mask(r.mask).any():
+                        raise DatasetError(f"mask {r.mask} marks a defect on a good image ({r.rgb}); good images "
+                                           f"take no mask (remove it, or move the image to its defect's folder)")
                 if self.aux_ch and r.aux:
                     ah, aw, ac = probe_file(r.aux)
                     if self.aux_file_channels is not None and ac != self.aux_file_channels:

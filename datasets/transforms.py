@@ -45,14 +45,45 @@ def to_hw(size: Union[int, Sequence[int]]) -> Tuple[int, int]:
     return int(h), int(w)
 
 
+# Pillow modes of one-channel images deeper than 8 bits: converting them to "RGB" or "L" saturates (a 16-bit
+# image becomes white), so they are scaled to 8 bits first.
+_DEEP_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
+
+
+def _to_8bit(im, path: str):
+    """A one-channel image deeper than 8 bits as an 8-bit ("L") image: 16-bit integers scaled by 255/65535;
+    floats in [0, 1] by 255 and floats in [0, 255] kept; anything else (other ranges, non-finite) is refused."""
+    from PIL import Image
+    a = np.asarray(im)
+    if im.mode == "F":
+        if not np.isfinite(a).all():
+            raise DatasetError(f"image {path} holds non-finite values (NaN or inf)")
+        lo, hi = float(a.min()), float(a.max())
+        if lo < 0 or hi > 255:
+            raise DatasetError(f"cannot read image {path}: a float image with values in [{lo:g}, {hi:g}]; "
+                               f"expected [0, 1] or [0, 255]")
+        a = a * 255.0 if hi <= 1.0 else a
+    else:
+        lo, hi = int(a.min()), int(a.max())
+        if lo < 0 or hi > 65535:
+            raise DatasetError(f"cannot read image {path}: a {im.mode} image with values in [{lo}, {hi}]; "
+                               f"expected 16-bit values")
+        a = a.astype(np.float64) * (255.0 / 65535.0)
+    return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), mode="L")
+
+
 def read_image(path: str, mode: Optional[str] = None) -> np.ndarray:
-    """Read an image fully (truncated files fail here, not later) and convert it to ``mode`` if given."""
+    """Read an image fully (truncated files fail here, not later) and convert it to ``mode`` if given. Any bit
+    depth and mode converts correctly: 16-bit and float one-channel images are scaled to 8 bits first (they
+    would saturate), palette, grey+alpha and RGBA images convert by Pillow's rules (alpha dropped)."""
     from PIL import Image, UnidentifiedImageError
     try:
         with Image.open(path) as im:
             im.load()
             if mode is not None and im.mode != mode:
-                im = im.convert(mode)
+                if im.mode in _DEEP_MODES and mode in ("RGB", "L"):
+                    im = _to_8bit(im, path)
+                im = im.convert(mode) if im.mode != mode else im
             return np.array(im)
     except FileNotFoundError:
         raise DatasetError(f"file not found: {path}") from None
