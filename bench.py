@@ -9,6 +9,8 @@
                                synthetic objects and the real classes, one table from one run
     python bench.py fit        one class: knn fit and eval, MambaAlign bank fit, epochs and eval, each beside the
                                bare backbone pass over the same images
+    python bench.py decision   MulSen-AD classes: the stored threshold's share of good / anomalous test parts
+                               flagged, before and after the calibration change, and after --calibrate_on
     python bench.py all        scan, block, model, metrics
 
 ``--device cuda`` runs scan, block and model on a GPU (times between device synchronisations, memory as the
@@ -297,13 +299,38 @@ def bench_model(args) -> None:
         mem = peak_extra_mib(run_model, dev)
         params = sum(p.numel() for p in model.parameters()) / 1e6
         bparams = sum(p.numel() for p in backbone.parameters()) / 1e6
+        ort = _onnx_latency(model, size, args) if preset == "tiny" and dev.type == "cpu" else None
         rows.append([preset, cfg.backbone, f"{params:.1f}", f"{bparams:.1f}", f"{t_m * 1e3:.0f}", f"{t_b * 1e3:.0f}",
-                     f"{t_m / t_b:.2f}x", f"{mem:.0f}"])
+                     f"{t_m / t_b:.2f}x", f"{mem:.0f}", f"{ort * 1e3:.0f}" if ort else "-",
+                     f"{ort / t_m:.2f}x" if ort else "-"])
     print_table(f"inference per image on {_where(args.device)}, scan backend {_scan_backend(args)}, "
                 f"RGB + normals at {size}x{size}, "
-                f"batch 1, median of {args.repeats}",
+                f"batch 1, median of {args.repeats}; onnxruntime (CPU, {torch.get_num_threads()} threads) on the "
+                f"graph export.py writes",
                 ["preset", "backbone", "params M", "backbone params M", "model ms", "bare backbone ms",
-                 "model / backbone", "peak MiB"], rows)
+                 "model / backbone", "peak MiB", "onnxruntime ms", "onnxruntime / PyTorch"], rows)
+    print("(the base preset's PMM scans 1024-step sequences, which the exported graph unrolls step by step: "
+          "bench.py exports the tiny preset only)")
+
+
+def _onnx_latency(model, size: int, args) -> float:
+    """Seconds per image of the model exported to ONNX (export.py's graph, the sequential scan) under
+    onnxruntime on the CPU, with as many threads as PyTorch uses."""
+    import tempfile
+    import onnxruntime as ort
+    import export as export_script
+    from MambaAlign import MambaAlign
+    ref = MambaAlign(model.config, scan_backend="ref").eval()
+    ref.load_state_dict(model.state_dict())
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "model.onnx")
+        export_script.export(ref, path, size, model.config.aux_ch, {"format": "bench"})
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = torch.get_num_threads()
+        sess = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+    feeds = {"rgb": torch.randn(1, 3, size, size).numpy(), "aux": torch.randn(1, model.config.aux_ch, size,
+                                                                            size).numpy()}
+    return time_it(lambda: sess.run(None, feeds), args.repeats, warmup=2)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -638,9 +665,123 @@ def bench_fit(args) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------
+# decision: does the threshold stored at training hold on the test split's parts?
+# ----------------------------------------------------------------------------------------------------
+
+def _heldout_only_threshold(ckpt_path: str, target_fpr: float) -> float:
+    """The threshold train.py stored before every train normal took part: the quantile of the held-out normals'
+    clean scores alone (for the before/after comparison)."""
+    import json
+    from torch.utils.data import DataLoader
+    from datasets import build_dataset
+    from datasets.synthesis import AnomalySynthesizer, SynthesisDataset
+    from engine import load_checkpoint, load_model
+    from metrics import threshold_at_fpr
+    ckpt = load_checkpoint(ckpt_path)
+    model, a = load_model(ckpt), ckpt["args"]
+    kw = {"seed": a.get("data_seed", 0)} if a["dataset"] == "synthetic" else {}
+    base = build_dataset(a["dataset"], a["data_root"], a["object"], "train", a["img_size"], model.config.aux_ch,
+                         progress=False, **kw)
+    held = json.load(open(os.path.join(os.path.dirname(ckpt_path), "splits.json")))["validation"]
+    idx = [i for i, r in enumerate(base.records) if r.rgb in set(held)]
+    clean = SynthesisDataset(base, AnomalySynthesizer(base.aux_kind if model.config.aux_ch else None, synth_prob=0.0),
+                             indices=idx)
+    scores = []
+    with torch.no_grad():
+        for b in DataLoader(clean, batch_size=8):
+            scores += model(b["rgb"], b.get("aux"))["score_logit"].tolist()
+    return threshold_at_fpr(scores, target_fpr)
+
+
+def _recalibrated_rates(args, ckpt_path: str, root: str, obj: str, out: str, n_cal: int):
+    """--calibrate_on the first ``n_cal`` good test parts (by name) through predict.py, then the share of the
+    OTHER good test parts and of every anomalous one that the new threshold flags."""
+    import csv
+    import shutil
+    import predict as predict_script
+    rgb_good, ir_good = os.path.join(root, obj, "RGB", "test", "good"), os.path.join(root, obj, "Infrared", "test",
+                                                                                     "good")
+    from datasets.base import natural_key
+    names = sorted(os.listdir(rgb_good), key=natural_key)
+    cal_rgb, cal_ir = os.path.join(out, "line_good", "RGB"), os.path.join(out, "line_good", "IR")
+    shutil.rmtree(os.path.join(out, "line_good"), ignore_errors=True)
+    os.makedirs(cal_rgb)
+    os.makedirs(cal_ir)
+    for n in names[:n_cal]:
+        shutil.copy(os.path.join(rgb_good, n), cal_rgb)
+        shutil.copy(os.path.join(ir_good, n), cal_ir)
+    new = os.path.join(out, "line_calibrated.pth")
+    if os.path.exists(new):
+        os.remove(new)
+    predict_script.main(predict_script.get_args_parser().parse_args(
+        ["--checkpoint", ckpt_path, "--calibrate_on", cal_rgb, "--aux_dir", cal_ir, "--save_checkpoint", new,
+         "--min_images", str(n_cal), "--quiet"]))
+    pred = os.path.join(out, "line_predict")
+    shutil.rmtree(pred, ignore_errors=True)
+    predict_script.main(predict_script.get_args_parser().parse_args(
+        ["--checkpoint", new, "--input", os.path.join(root, obj, "RGB", "test"), "--aux_dir",
+         os.path.join(root, obj, "Infrared", "test"), "--out_dir", pred, "--quiet"]))
+    with open(os.path.join(pred, "predictions.csv")) as fh:
+        rows = list(csv.DictReader(fh))
+    held_back = {os.path.join(rgb_good, n) for n in names[n_cal:]}
+    good = [r for r in rows if r["path"] in held_back]
+    bad = [r for r in rows if os.sep + "good" + os.sep not in r["path"]]
+    rate = lambda rs: sum(r["decision"] == "1" for r in rs) / len(rs)
+    return rate(good), rate(bad)
+
+
+def bench_decision(args) -> None:
+    """MulSen-AD classes at the recipe, --seeds seeds: the stored threshold's share of good and anomalous test
+    parts flagged, with the held-out-only threshold of before beside it, and after recalibrating on 5 good test
+    parts (measured on the other good parts and every anomalous one)."""
+    import json
+    import eval as eval_script
+    import train as train_script
+    from datasets import list_objects
+    root = args.mulsen_root
+    if not root or not os.path.isdir(root):
+        raise SystemExit(f"--mulsen_root {root}: folder not found")
+    rows, pooled = [], {k: [] for k in ("before", "after", "line")}
+    t_all = time.time()
+    for obj in list_objects("mulsenad", root):
+        for seed in range(args.seeds):
+            out = os.path.join(args.out_dir, obj, f"seed{seed}")
+            train_script.main(train_script.get_args_parser().parse_args(
+                ["--dataset", "mulsenad", "--data_root", root, "--object", obj, "--aux_ch", "1", "--img_size",
+                 str(args.img_size), "--epochs", str(args.epochs), "--seed", str(seed), "--out_dir", out,
+                 "--quiet", "--overwrite"]))
+            ckpt = os.path.join(out, "best_checkpoint.pth")
+            summary = eval_script.main(eval_script.get_args_parser().parse_args(
+                ["--checkpoint", ckpt, "--out_dir", os.path.join(out, "eval"), "--quiet"]))
+            with open(os.path.join(out, "eval", "eval_results.csv")) as fh:
+                res = [(float(r["score_logit"]), int(r["label"])) for r in __import__("csv").DictReader(fh)]
+            thr_before = _heldout_only_threshold(ckpt, 0.05)
+            rate = lambda thr, lab: sum(s > thr for s, y in res if y == lab) / sum(y == lab for _, y in res)
+            d = summary["decision"][obj]
+            before = (rate(thr_before, 0), rate(thr_before, 1))
+            after = (d["test_fpr"], d["test_tpr"])
+            line = _recalibrated_rates(args, ckpt, root, obj, out, 5)
+            for k, v in (("before", before), ("after", after), ("line", line)):
+                pooled[k].append(v)
+            rows.append([obj, str(seed), f"{summary['overall']['image_auroc']:.4f}",
+                         f"{thr_before:.2f}: {before[0]:.2f} / {before[1]:.2f}",
+                         f"{d['threshold']:.2f}: {after[0]:.2f} / {after[1]:.2f}", f"{line[0]:.2f} / {line[1]:.2f}"])
+            with open(os.path.join(args.out_dir, "decision.json"), "w") as fh:
+                json.dump({"rows": rows, "pooled": pooled}, fh, indent=1)
+    mean = lambda k, i: statistics.mean(v[i] for v in pooled[k])
+    rows.append(["pooled", f"{len(pooled['after'])} runs", "", f"{mean('before', 0):.2f} / {mean('before', 1):.2f}",
+                 f"{mean('after', 0):.2f} / {mean('after', 1):.2f}", f"{mean('line', 0):.2f} / {mean('line', 1):.2f}"])
+    print_table(f"decisions on MulSen-AD test parts at {args.img_size}px, {args.epochs} epochs, seeds "
+                f"0..{args.seeds - 1}; cells: threshold: share of good / of anomalous test parts flagged; "
+                f"{(time.time() - t_all) / 60:.1f} min",
+                ["class", "seed", "image AUROC", "held-out only (before)", "held-out + bank LOO (stored)",
+                 "after --calibrate_on 5 good (other 5 good / anomalous)"], rows)
+
+
+# ----------------------------------------------------------------------------------------------------
 
 COMMANDS = {"scan": bench_scan, "block": bench_block, "model": bench_model, "metrics": bench_metrics,
-            "fit": bench_fit,
+            "fit": bench_fit, "decision": bench_decision,
             "ablation": bench_ablation, "compare": bench_compare}
 
 
@@ -688,7 +829,7 @@ _MMAP_ENV = "MALLOC_MMAP_THRESHOLD_"
 
 def main(args) -> None:
     args.out_dir = args.out_dir or f"runs/{args.what}"
-    measures_memory = args.what not in ("ablation", "compare", "fit")
+    measures_memory = args.what not in ("ablation", "compare", "fit", "decision")
     if measures_memory and os.environ.get(_MMAP_ENV) is None and sys.platform.startswith("linux"):
         os.environ[_MMAP_ENV] = "65536"
         os.execv(sys.executable, [sys.executable] + sys.argv)

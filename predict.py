@@ -74,6 +74,10 @@ def get_args_parser():
     g.add_argument("--aux_dir", default=None,
                    help="the second modality's folder, mirroring --input: each image's aux has the same relative "
                         "path and name (any image extension)")
+    g.add_argument("--aux_sibling", default=None, metavar="FOLDER",
+                   help="the aux files lie beside the images instead: the image path's last folder named 'rgb' "
+                        "becomes FOLDER (MVTec 3D-AD trees: --aux_sibling xyz pairs <defect>/rgb/000.png with "
+                        "<defect>/xyz/000.tiff)")
     g.add_argument("--rgb_only", action="store_true",
                    help="score from RGB alone: a model trained with aux runs with its aux branch and bank signal "
                         "off (what modality dropout trains for)")
@@ -127,14 +131,21 @@ def list_inputs(spec: str) -> Tuple[str, List[str], List[str]]:
     return root, images, others
 
 
-def find_aux(aux_dir: str, root: str, path: str) -> Optional[str]:
-    """The aux file of ``path`` (under ``root``): the same relative path under ``aux_dir``, the same extension
-    first, then any image extension; None where there is none."""
-    stem, ext = os.path.splitext(os.path.relpath(path, root))
+def find_aux(aux_dir: Optional[str], root: str, path: str, sibling: Optional[str] = None) -> Optional[str]:
+    """The aux file of ``path`` (under ``root``): the same relative path under ``aux_dir`` or, with ``sibling``,
+    the path with its last 'rgb' folder renamed; the same extension first, then any image extension; None where
+    there is none."""
+    if sibling:
+        parts = os.path.normpath(path).split(os.sep)
+        if "rgb" not in parts:
+            return None
+        k = len(parts) - 1 - parts[::-1].index("rgb")
+        stem, ext = os.path.splitext(os.sep.join(parts[:k] + [sibling] + parts[k + 1:]))
+    else:
+        stem, ext = os.path.splitext(os.path.join(aux_dir, os.path.relpath(path, root)))
     for e in (ext,) + tuple(x for x in IMAGE_EXTENSIONS if x != ext.lower()):
-        cand = os.path.join(aux_dir, stem + e)
-        if os.path.isfile(cand):
-            return cand
+        if os.path.isfile(stem + e):
+            return stem + e
     return None
 
 
@@ -163,7 +174,8 @@ class PartFiles(Dataset):
         aux = valid = None
         if self.use_aux:
             if aux_path is None:
-                raise DatasetError(f"no aux file for it in --aux_dir (same relative path and name expected)")
+                raise DatasetError("no aux file for it (the same relative path and name under --aux_dir, or the "
+                                   "--aux_sibling folder beside its rgb folder)")
             aux, valid = self.reader.read_aux(aux_path, self.spec["aux_ch"])
             if aux.shape[2] != self.spec["aux_ch"]:
                 raise DatasetError(f"aux {aux_path} gives {aux.shape[2]} channels, the model takes "
@@ -238,15 +250,17 @@ def score_batch(model, batch, device, amp: bool) -> Dict[str, np.ndarray]:
 
 
 def make_items(args, images: List[str], root: str, use_aux: bool) -> List[Tuple[str, Optional[str]]]:
-    return [(p, find_aux(args.aux_dir, root, p) if use_aux else None) for p in images]
+    return [(p, find_aux(args.aux_dir, root, p, args.aux_sibling) if use_aux else None) for p in images]
 
 
 def check_args(args, spec) -> bool:
     """Argument checks that need the model; returns whether aux files are read."""
     use_aux = bool(spec["aux_ch"]) and not args.rgb_only
-    if use_aux and not args.aux_dir:
-        raise RunError(f"the model takes a second modality ({spec['aux_kind']}): pass --aux_dir with its files, "
-                       f"or --rgb_only to score from RGB alone")
+    if use_aux and not (args.aux_dir or args.aux_sibling):
+        raise RunError(f"the model takes a second modality ({spec['aux_kind']}): pass --aux_dir (or --aux_sibling) "
+                       f"with its files, or --rgb_only to score from RGB alone")
+    if args.aux_dir and args.aux_sibling:
+        raise RunError("--aux_dir and --aux_sibling are two ways to find the aux files: pass one")
     if args.aux_dir and not os.path.isdir(args.aux_dir):
         raise RunError(f"--aux_dir {args.aux_dir}: folder not found")
     if args.rgb_only and spec.get("onnx") and spec["aux_ch"]:
@@ -278,9 +292,18 @@ def _done_paths(path: str) -> List[str]:
     return [rows[i][0] for i in complete]
 
 
+def _inputs(args, spec: str):
+    """list_inputs, and with --aux_sibling only the images inside a folder named rgb (an MVTec 3D-AD tree also
+    holds xyz TIFFs and gt masks, which are not parts to score)."""
+    root, images, others = list_inputs(spec)
+    if args.aux_sibling:
+        images = [p for p in images if "rgb" in os.path.normpath(p).split(os.sep)[:-1]]
+    return root, images, others
+
+
 def run_scoring(args, model, spec, device, use_aux) -> Dict[str, object]:
     from tqdm import tqdm
-    root, images, others = list_inputs(args.input)
+    root, images, others = _inputs(args, args.input)
     if not images:
         raise RunError(f"--input {args.input}: no image files ({', '.join(IMAGE_EXTENSIONS)})")
     if not args.out_dir:
@@ -374,7 +397,7 @@ def run_calibration(args, model, spec, ckpt, device, use_aux) -> Dict[str, objec
         raise RunError(f"--save_checkpoint {target} already exists; choose a new file name")
     if not os.path.isdir(args.calibrate_on):
         raise RunError(f"--calibrate_on {args.calibrate_on}: folder not found")
-    root, images, others = list_inputs(args.calibrate_on)
+    root, images, others = _inputs(args, args.calibrate_on)
     if others:
         shown = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
         raise RunError(f"--calibrate_on {args.calibrate_on} holds {len(others)} file(s) that are not images "
@@ -399,7 +422,8 @@ def run_calibration(args, model, spec, ckpt, device, use_aux) -> Dict[str, objec
     state["threshold"] = torch.tensor(new)
     ckpt["model"] = state
     record = {"images": len(finite), "skipped": len(skipped), "folder": os.path.abspath(args.calibrate_on),
-              "aux_dir": os.path.abspath(args.aux_dir) if use_aux else None, "target_fpr": args.target_fpr,
+              "aux_dir": (os.path.abspath(args.aux_dir) if args.aux_dir else f"sibling {args.aux_sibling}")
+              if use_aux else None, "target_fpr": args.target_fpr,
               "quantile": 1.0 - args.target_fpr, "threshold": new,
               "previous_threshold": old if math.isfinite(old) else None,
               "source_checkpoint": os.path.abspath(args.checkpoint), "git": git_revision()}

@@ -327,11 +327,13 @@ def param_groups(model, weight_decay: float):
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def validate(model, loader, device, args, rank, world) -> Dict[str, float]:
+def validate(model, loader, device, args, rank, world, calib_loader=None) -> Dict[str, float]:
     """Run the validation set (held-out train normals, each once with a fixed synthetic anomaly and once clean),
-    calibrate the model on its clean views (head-logit statistics, decision threshold at ``--target_fpr``) and
-    score it: image AUROC, AUPRO and their mean, the selection criterion."""
+    calibrate the model (head-logit statistics on the clean held-out views; the decision threshold at
+    ``--target_fpr`` over those and ``calib_loader``'s: every bank image, clean, leave-one-out) and score it:
+    image AUROC, AUPRO and their mean, the selection criterion."""
     res = run_inference(model, loader, device, amp=args.use_amp, progress=False)
+    more = run_inference(model, calib_loader, device, amp=args.use_amp, progress=False) if calib_loader else None
     if world > 1:
         # Each rank ran its own slice of the validation items (a plain list sampler: no padding, no repeats).
         # Gather and put them back in item order. (Not by path: a validation image appears twice, anomalous
@@ -346,7 +348,9 @@ def validate(model, loader, device, args, rank, world) -> Dict[str, float]:
         res = {k: (v[order] if k != "path" else [v[i] for i in order]) for k, v in res.items()}
     normal = res["label"] == 0
     head, bank = torch.from_numpy(res["head_logit"]), torch.from_numpy(res["bank_score"])
-    calibration = model.calibrate(head[normal], bank[normal], args.target_fpr)
+    calibration = model.calibrate(head[normal], bank[normal], args.target_fpr,
+                                  *((torch.from_numpy(more["head_logit"]), torch.from_numpy(more["bank_score"]))
+                                    if more else ()))
     score_logit = model.combine(head.to(model.head_stats.device), bank.to(model.head_stats.device)).cpu().numpy()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
@@ -611,13 +615,15 @@ def pool_bytes(model, n_views: int, img_size: int) -> int:
 
 
 def check_pool_fits(args, model, device, n_train: int, n_val: int) -> None:
-    """Refuse, before anything is written, a synthetic pool that does not fit in memory (with the numbers)."""
-    if not args.synth_pool:
-        return
-    if not model.config.freeze_backbone:
+    """Refuse, before anything is written, cached views that do not fit in memory (with the numbers): the
+    synthetic pool, the validation views and the bank images' calibration views."""
+    if args.synth_pool and not model.config.freeze_backbone:
         raise RunError("--synth_pool caches frozen backbone features, but this model trains its backbone "
                        "(freeze_backbone=False): use --synth_pool 0")
-    need = pool_bytes(model, args.synth_pool * n_train + 2 * n_val, args.img_size)
+    views = args.synth_pool * n_train + (2 * n_val if args.synth_pool else 0) + (n_train if model.bank else 0)
+    if not views:
+        return
+    need = pool_bytes(model, views, args.img_size)
     free = available_memory(device if device.type == "cuda" else torch.device("cpu"))
     if device.type == "cuda" and need > 0.5 * free:      # it can live in (pinned) host memory instead
         free = available_memory(torch.device("cpu"))
@@ -691,6 +697,14 @@ class SyntheticPool:
         cache = self.view(self.ds.epoch % self.args.synth_pool)
         return iter(CachedBatches(cache, self.sampler, self.args.batch_size, self.device, rows=lambda p: p,
                                   drop_last=self.drop_last))
+
+
+def cached_calibration_views(model, base, bank_idx, device, args) -> CachedBatches:
+    """The bank's own train images, clean, encoded once with leave-one-out distances (each without its own
+    patches): normals for the decision threshold beside the held-out ones (see MambaAlign.calibrate)."""
+    loader = _normals_loader(base, bank_idx, args, device)
+    cache = encode_views(model, [(loader, "calibration views")], len(bank_idx), device, args, exclude=True)
+    return CachedBatches(cache, list(range(len(bank_idx))), args.batch_size, device, rows=lambda p: p)
 
 
 def cached_validation(model, val_loader, device, args) -> CachedBatches:
@@ -811,6 +825,13 @@ def main(args):
             val_loader = cached_validation(model, val_loader, device, args)
             log(f"validation views encoded once ({time.time() - t0:.1f} s); training cycles through "
                 f"{args.synth_pool} synthetic views per train image, each encoded when an epoch first needs it")
+    calib_loader = None
+    if model.bank is not None and val_loader is not None and model.config.freeze_backbone:
+        t0 = time.time()
+        calib_loader = cached_calibration_views(model, base, train_idx, device, args)
+        log(f"calibration: the threshold at --target_fpr {args.target_fpr:g} is taken over the {len(val_idx)} "
+            f"held-out and the {len(train_idx)} bank images (leave-one-out), encoded once "
+            f"({time.time() - t0:.1f} s)")
 
     def checkpoint(epoch, batches_done, val=None):
         return make_checkpoint(model, cfg.to_dict(), vars(args), val, optimizer=optimizer.state_dict(),
@@ -848,7 +869,7 @@ def main(args):
         else:
             want_val = best["epoch"] is None
         if val_loader is not None and want_val:
-            val = validate(model, val_loader, device, args, rank, world)
+            val = validate(model, val_loader, device, args, rank, world, calib_loader)
             if val["criterion"] > best["criterion"]:
                 best = {"criterion": val["criterion"], "epoch": epoch + 1, "step": state["step"]}
                 if is_main:

@@ -221,3 +221,20 @@ def test_onnx_export_agrees_with_pytorch(tmp_path, checkpoints, parts, kind, cap
     assert [r["path"] for r in pt] == [r["path"] for r in ox]
     assert np.allclose([float(r["score_logit"]) for r in pt], [float(r["score_logit"]) for r in ox], atol=1e-4)
     assert [r["decision"] for r in pt] == [r["decision"] for r in ox]
+
+
+def test_an_mvtec3d_tree_is_scored_with_aux_beside_the_images(tmp_path, capsys):
+    """--aux_sibling xyz: <defect>/rgb/000.png pairs with <defect>/xyz/000.tiff; xyz TIFFs and gt masks in the
+    tree are not taken for parts."""
+    from datasets.synthetic import write_mvtec3d_tree
+    root = write_mvtec3d_tree(str(tmp_path / "tree"), "disc", size=SIZE, counts={"train": 2, "test_good": 2,
+                                                                                 "test_defect": 1})
+    model = fit_random_bank(mambaalign_tiny(aux_ch=3), SIZE, SIZE).eval()
+    ckpt = _save(model, tmp_path / "normals.pth", dataset="synthetic")
+    code, out, err = _cli(predict_script, ["--checkpoint", str(ckpt), "--input", os.path.join(root, "test"),
+                                           "--aux_sibling", "xyz", "--out_dir", str(tmp_path / "p"), "--quiet"],
+                          capsys)
+    assert code == 0, err
+    rows = _rows(tmp_path / "p" / "predictions.csv")
+    assert len(rows) == 6 and all(r["aux_path"].endswith(".tiff") and "/xyz/" in r["aux_path"] for r in rows)
+    assert not _rows(tmp_path / "p" / "skipped.csv")
