@@ -11,6 +11,7 @@
                                bare backbone pass over the same images
     python bench.py decision   MulSen-AD classes: the stored threshold's share of good / anomalous test parts
                                flagged, before and after the calibration change, and after --calibrate_on
+    python bench.py pointcloud load time per raw / prepared MVTec 3D-AD sample, FPFH time per cloud
     python bench.py all        scan, block, model, metrics
 
 ``--device cuda`` runs scan, block and model on a GPU (times between device synchronisations, memory as the
@@ -35,6 +36,7 @@ import sys
 import time
 from typing import Callable, List
 
+import numpy as np
 import torch
 
 from selective_scan import BACKENDS
@@ -494,6 +496,30 @@ def _compare_knn(args, dataset, root, obj, aux_ch, out):
     return _score_test_split(dataset, root, obj, args.img_size, aux_ch, scorer)
 
 
+def _compare_knn_fpfh(args, obj, out):
+    """BTF's rows on a synthetic object written as an MVTec 3D-AD tree and prepared (FPFH cached): knn on FPFH
+    alone and RGB + FPFH fused (train.py --model knn --aux_feature fpfh)."""
+    import prepare_data
+    import train as train_script
+    from datasets.synthetic import write_mvtec3d_tree
+    from engine import load_checkpoint, load_model
+    raw, prep = os.path.join(out, "mvtec3d_raw"), os.path.join(out, "mvtec3d_prep")
+    if not os.path.isdir(os.path.join(prep, obj)):
+        write_mvtec3d_tree(raw, obj, args.img_size)
+        prepare_data.prepare_mvtec3d(raw, prep, progress=False, fpfh=True, dist=1.0)
+    argv = ["--model", "knn", "--dataset", "mvtec3d", "--data_root", prep, "--object", obj, "--img_size",
+            str(args.img_size), "--aux_feature", "fpfh", "--out_dir", os.path.join(out, "knn_fpfh"), "--quiet",
+            "--overwrite"]
+    train_script.main(train_script.get_args_parser().parse_args(argv))
+    model = load_model(load_checkpoint(os.path.join(out, "knn_fpfh", "best_checkpoint.pth")))
+
+    def scorer(b):
+        o = model(b["rgb"], b["aux"])
+        return {"knn fpfh": (o["per_modality"]["aux"]["map"], o["per_modality"]["aux"]["score"]),
+                "knn rgb+fpfh": (o["seg_logits"], o["score_logit"])}
+    return _score_test_split("mvtec3d", prep, obj, args.img_size, 33, scorer)
+
+
 def _compare_model(args, dataset, root, obj, aux_ch, seed, out):
     import eval as eval_script
     import train as train_script
@@ -538,6 +564,10 @@ def bench_compare(args) -> None:
         knn = _compare_knn(args, dataset, root, obj, aux_ch, os.path.join(out, "knn"))
         for method, m in knn.items():
             per[method] = {"mean": m, "std": None, "seeds": 1, "time_s": time.time() - t0}
+        if dataset == "synthetic" and args.fpfh:
+            t0 = time.time()
+            for method, m in _compare_knn_fpfh(args, obj, out).items():
+                per[method] = {"mean": m, "std": None, "seeds": 1, "time_s": time.time() - t0}
         for label, ch in (("MambaAlign RGB-only", 0), ("MambaAlign RGB + aux", aux_ch)):
             if label.endswith("aux") and not aux_ch:
                 continue
@@ -779,9 +809,57 @@ def bench_decision(args) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------
+# pointcloud: what geometry costs to read
+# ----------------------------------------------------------------------------------------------------
+
+def bench_pointcloud(args) -> None:
+    """Load time per sample of an MVTec 3D-AD tree (normals, FPFH) raw and after prepare_data.py, and FPFH time per
+    cloud (an organised cloud, a mesh), on synthetic objects written at --cloud_size px."""
+    import tempfile
+    import prepare_data
+    import pointcloud
+    from datasets import build_dataset
+    from datasets.synthetic import height_mesh, render_sample, write_mvtec3d_tree, write_stl
+    size, n = args.cloud_size, 4
+    rows = []
+    with tempfile.TemporaryDirectory() as d:
+        raw, prep = os.path.join(d, "raw"), os.path.join(d, "prep")
+        write_mvtec3d_tree(raw, "disc", size, counts={"train": n, "test_good": 1, "test_defect": 1})
+        t0 = time.perf_counter()
+        prepare_data.prepare_mvtec3d(raw, prep, progress=False, fpfh=True, dist=1.0)
+        n_xyz = n + 1 + 5
+        rows.append([f"prepare_data.py --fpfh (plane, normals, FPFH) per {size}x{size} xyz file",
+                     f"{(time.perf_counter() - t0) / n_xyz:.3f}"])
+        for root, what in ((raw, "raw"), (prep, "prepared")):
+            for aux_ch, kind in ((3, "normals"), (33, "FPFH")):
+                ds = build_dataset("mvtec3d", root, "disc", "train", args.img_size, aux_ch, progress=False)
+                t0 = time.perf_counter()
+                for i in range(len(ds)):
+                    ds[i]
+                rows.append([f"load one sample, {what} tree, {kind} (to {args.img_size} px)",
+                             f"{(time.perf_counter() - t0) / len(ds):.3f}"])
+        s = render_sample(np.random.default_rng(0), size, "disc")
+        from datasets.synthetic import depth_to_xyz
+        xyz = depth_to_xyz(s["depth"])
+        pts = xyz.reshape(-1, 3)
+        rows.append([f"FPFH of an organised {size}x{size} cloud ({len(pts)} points)",
+                     f"{time_it(lambda: pointcloud.fpfh_features(pts), 3, warmup=1):.3f}"])
+        v, f = height_mesh(s["depth"].max() - s["depth"], s["object_mask"])
+        stl = os.path.join(d, "part.stl")
+        write_stl(stl, v, f)
+        rows.append([f"read an STL mesh ({len(f)} triangles) and sample {pointcloud.MESH_POINTS} points",
+                     f"{time_it(lambda: pointcloud.read_points(stl), 3, warmup=1):.3f}"])
+        mesh_pts = pointcloud.read_points(stl)
+        rows.append([f"FPFH of those {len(mesh_pts)} points",
+                     f"{time_it(lambda: pointcloud.fpfh_features(mesh_pts), 3, warmup=1):.3f}"])
+    print_table(f"point clouds on {_where(torch.device('cpu'))}, synthetic disc written at {size}x{size}, median of 3 "
+                f"(loads: mean over {n} samples)", ["what", "seconds"], rows)
+
+
+# ----------------------------------------------------------------------------------------------------
 
 COMMANDS = {"scan": bench_scan, "block": bench_block, "model": bench_model, "metrics": bench_metrics,
-            "fit": bench_fit, "decision": bench_decision,
+            "fit": bench_fit, "decision": bench_decision, "pointcloud": bench_pointcloud,
             "ablation": bench_ablation, "compare": bench_compare}
 
 
@@ -811,6 +889,7 @@ def get_args_parser():
     g.add_argument("--variants", default=None, help=f"comma-separated subset of: {', '.join(ABLATIONS)}")
     g.add_argument("--out_dir", default=None,
                    help="where each run and eval go (default: runs/ablation or runs/compare)")
+    g.add_argument("--cloud_size", type=int, default=400, help="pointcloud: side of the written clouds (MVTec 3D-AD: 400)")
     g.add_argument("--train_images", type=int, default=0,
                    help="fit, synthetic data: this many train images (0: the dataset's default)")
     g = p.add_argument_group("compare (bench.py compare; also uses --img_size, --epochs, --seeds, --out_dir)")
@@ -818,6 +897,9 @@ def get_args_parser():
                    help="a MulSen-AD tree: every class in it is compared (empty string: none)")
     g.add_argument("--mvtec_root", default="../shared/data/hazelnut_toy",
                    help="an MVTec-AD-style tree (RGB only): every class in it is compared (empty string: none)")
+    g.add_argument("--fpfh", type=int, default=1,
+                   help="compare: 1 adds the knn FPFH rows on the synthetic objects (written as MVTec 3D-AD trees, "
+                        "prepared with FPFH); 0 leaves them out")
     g.add_argument("--seeds", type=int, default=3,
                    help="seeds per trained model (compare: on the real classes and the first synthetic object; "
                         "ablation: per variant)")
@@ -829,7 +911,7 @@ _MMAP_ENV = "MALLOC_MMAP_THRESHOLD_"
 
 def main(args) -> None:
     args.out_dir = args.out_dir or f"runs/{args.what}"
-    measures_memory = args.what not in ("ablation", "compare", "fit", "decision")
+    measures_memory = args.what not in ("ablation", "compare", "fit", "decision", "pointcloud")
     if measures_memory and os.environ.get(_MMAP_ENV) is None and sys.platform.startswith("linux"):
         os.environ[_MMAP_ENV] = "65536"
         os.execv(sys.executable, [sys.executable] + sys.argv)

@@ -36,7 +36,7 @@ __all__ = ["resolve_device", "autocast_context", "run_inference", "FeatureCache"
            "save_atomic", "make_checkpoint", "plain", "load_checkpoint", "prepare_out_dir", "MODEL_TYPES",
            "RunError", "HelpFormatter", "positive_int", "nonneg_int", "positive_float", "nonneg_float",
            "probability", "fraction", "fpr_limit", "image_size", "workers", "resolve_workers", "loader_options",
-           "WORKERS_HELP", "run_cli", "colormap", "vis_names", "write_visualisation",
+           "WORKERS_HELP", "run_cli", "vis_names", "write_visualisation",
            "OnnxModel", "ONNX_FORMAT", "ONNX_META_KEYS", "Terminated", "resume_command", "write_text_atomic"]
 
 # The model families a checkpoint can hold; its "model_type" entry names one (absent: a MambaAlign checkpoint
@@ -337,19 +337,6 @@ def dist_info():
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
 
 
-# viridis, sampled at 9 evenly spaced points (perceptually uniform, colour-blind friendly)
-_VIRIDIS = np.array([(68, 1, 84), (71, 44, 122), (59, 81, 139), (44, 113, 142), (33, 144, 141), (39, 173, 129),
-                     (92, 200, 99), (170, 220, 50), (253, 231, 37)], dtype=np.float64)
-
-
-def colormap(x: np.ndarray) -> np.ndarray:
-    """(H, W) values in [0, 1] -> (H, W, 3) uint8 viridis."""
-    t = np.clip(x, 0, 1) * (len(_VIRIDIS) - 1)
-    i = np.minimum(t.astype(int), len(_VIRIDIS) - 2)
-    f = (t - i)[..., None]
-    return (_VIRIDIS[i] * (1 - f) + _VIRIDIS[i + 1] * f).astype(np.uint8)
-
-
 def vis_names(paths: List[str]) -> List[str]:
     """One PNG name per input path, unique within the list: the path relative to the paths' common folder, its
     separators as '__' (``hole/0.png`` -> ``hole__0.png``). Where two paths still give one name (only when names
@@ -380,6 +367,7 @@ def write_visualisation(out_dir: str, name: str, anomaly_map: np.ndarray, rgb: t
     hdir, odir = os.path.join(out_dir, "vis", "heatmaps"), os.path.join(out_dir, "vis", "overlays")
     os.makedirs(hdir, exist_ok=True)
     os.makedirs(odir, exist_ok=True)
+    from datasets.transforms import colormap
     heat = colormap(np.asarray(anomaly_map))
     _save_png(Image.fromarray(heat), os.path.join(hdir, name))
     img = (denormalize_rgb(rgb.float().cpu()).permute(1, 2, 0).numpy() * 255).astype(np.uint8)

@@ -37,7 +37,8 @@ from engine import (HelpFormatter, RunError, fpr_limit, git_revision, image_size
                     nonneg_int, positive_int, prepare_out_dir, resolve_device, run_cli, run_inference, vis_names,
                     workers, write_text_atomic, write_visualisation, WORKERS_HELP, loader_options)
 
-CSV_COLUMNS = ("path", "object", "defect", "label", "score", "score_logit", "decision", "pixel_auroc")
+CSV_COLUMNS = ("path", "object", "defect", "label", "score", "score_logit", "decision", "pixel_auroc",
+               "cloud_score", "fused_score_logit")
 
 
 def get_args_parser():
@@ -128,6 +129,58 @@ def _decision_rates(res: Dict) -> Dict[str, object]:
     return {"threshold": res["threshold"], "test_fpr": rate(good), "test_tpr": rate(bad)}
 
 
+def score_clouds(model, dataset, paths: List[str], vis_dir, names: Dict[str, str], quiet: bool = False
+                 ) -> np.ndarray:
+    """(N,) the standardised object score of each test part's point cloud (NaN where it has none, or the
+    checkpoint no point-cloud bank); with ``vis_dir`` the per-point scores as vis/clouds/<name>.ply. A cloud that
+    cannot be read is said once and left out (the part scores from its images alone)."""
+    out = np.full(len(paths), np.nan)
+    bank = getattr(model, "cloud_bank", None)
+    records = {r.rgb: r for r in getattr(dataset, "base", dataset).records}
+    clouds = [records[p].cloud if p in records else None for p in paths]
+    if bank is None or not any(clouds):
+        return out
+    from tqdm import tqdm
+    from datasets import DatasetError
+    from pointcloud import read_points, write_ply_scores
+    bad = []
+    for i, c in enumerate(tqdm(clouds, desc="point clouds", leave=False, disable=quiet)):
+        if not c:
+            continue
+        try:
+            pts = read_points(c)
+        except DatasetError as exc:
+            bad.append(str(exc))
+            continue
+        per_point = bank.point_scores(pts)
+        out[i] = (float(per_point.max()) - float(bank.stats[0])) / float(bank.stats[1])
+        if vis_dir:
+            folder = os.path.join(vis_dir, "vis", "clouds")
+            os.makedirs(folder, exist_ok=True)
+            write_ply_scores(os.path.join(folder, os.path.splitext(names[paths[i]])[0] + ".ply"), pts, per_point)
+    if bad:
+        print(f"{len(bad)} point cloud(s) could not be read, their parts score from the images alone: {bad[0]}"
+              + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""))
+    missing = sum(not c for c in clouds)
+    if missing:
+        print(f"{missing} test part(s) have no point cloud: they score from the images alone")
+    return out
+
+
+def _cloud_summary(res: Dict) -> Dict[str, object]:
+    """Image metrics of the fused score (images + point clouds) and of the clouds alone on the parts that have
+    one; counts."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        fused = metrics.compute_metrics(res["fused"], res["label"])
+        has = np.isfinite(res["cloud_score"])
+        alone = metrics.image_auroc(res["cloud_score"][has], res["label"][has]) if has.any() else float("nan")
+    return {"image_auroc": fused["image_auroc"], "image_ap": fused["image_ap"],
+            "image_f1_max": fused["image_f1_max"], "clouds_alone_auroc": alone, "parts": int(len(has)),
+            "parts_with_cloud": int(has.sum()),
+            "score": "score_logit + the point cloud's standardised object score (pointcloud.PointCloudBank)"}
+
+
 def class_notes(res: Dict) -> List[str]:
     """What a test split without good (or without anomalous) images cannot measure, and why (the table shows
     those metrics as nan)."""
@@ -168,6 +221,9 @@ def _load_model(path: str, config_path):
     ckpt = load_checkpoint(path)
     model = load_model(ckpt, config=config, source=path)
     train_args = ckpt.get("args", {}) if isinstance(ckpt, dict) and "model" in ckpt else {}
+    if isinstance(ckpt, dict) and ckpt.get("pointcloud") is not None:
+        from pointcloud import PointCloudBank
+        model.cloud_bank = PointCloudBank.from_state(ckpt["pointcloud"])
     return model, train_args
 
 
@@ -231,22 +287,30 @@ def main(args) -> Dict[str, object]:
         res["decision"] = np.where(res["score_logit"] > threshold, 1.0, 0.0) if math.isfinite(threshold) \
             else np.full(len(res["score_logit"]), np.nan)
         res["threshold"] = threshold
+        res["cloud_score"] = score_clouds(model, p["dataset"], res["path"], args.out_dir if args.save_vis else None,
+                                          names, quiet=args.quiet)
         if args.save_vis:
             save_visualisations(res, args.out_dir, names)
         results.append(res)
     merged = {k: np.concatenate([r[k] for r in results])
-              for k in ("score", "score_logit", "decision", "label", "maps", "masks")}
+              for k in ("score", "score_logit", "decision", "label", "maps", "masks", "cloud_score")}
+    # Images + point clouds: the image score plus the cloud's standardised object score (0 where a part has none)
+    merged["fused"] = merged["score_logit"] + np.nan_to_num(merged["cloud_score"], nan=0.0)
     for k in ("path", "defect", "object"):
         merged[k] = [x for r in results for x in r[k]]
     per_image = _per_image_pixel_auroc(merged["maps"], merged["masks"])
+    has_clouds = bool(np.isfinite(merged["cloud_score"]).any())
     rows = io.StringIO()
     w = csv.writer(rows)
     w.writerow(CSV_COLUMNS)
     for i in range(len(merged["path"])):
+        cloud = merged["cloud_score"][i]
         w.writerow([merged["path"][i], merged["object"][i], merged["defect"][i], int(merged["label"][i]),
                     f"{merged['score'][i]:.6f}", f"{merged['score_logit'][i]:.6f}",
                     "" if math.isnan(merged["decision"][i]) else int(merged["decision"][i]),
-                    "" if math.isnan(per_image[i]) else f"{per_image[i]:.6f}"])
+                    "" if math.isnan(per_image[i]) else f"{per_image[i]:.6f}",
+                    "" if math.isnan(cloud) else f"{cloud:.6f}",
+                    "" if not has_clouds else f"{merged['fused'][i]:.6f}"])
     write_text_atomic(os.path.join(args.out_dir, "eval_results.csv"), rows.getvalue())
     summary = summarise(merged, args.fpr_limit)
     summary["decision"] = {p["object"]: _decision_rates(r) for p, r in zip(plan, results)}
@@ -257,6 +321,8 @@ def main(args) -> Dict[str, object]:
                                     f"oracle threshold"}
     notes = class_notes(merged)
     summary["notes"] = notes
+    if has_clouds:
+        summary["with_point_clouds"] = _cloud_summary(merged)
     write_text_atomic(os.path.join(args.out_dir, "summary.json"), json.dumps(summary, indent=2, allow_nan=True))
     table = format_table(summary)
     write_text_atomic(os.path.join(args.out_dir, "summary.txt"),
@@ -276,6 +342,11 @@ def main(args) -> Dict[str, object]:
                   f"{rate(d['test_fpr'], 'good test images')} and {rate(d['test_tpr'], 'anomalous ones')}")
     for note in notes:
         print(note)
+    if has_clouds:
+        c = summary["with_point_clouds"]
+        print(f"images + point clouds ({c['parts_with_cloud']} of {c['parts']} test parts have one): image AUROC "
+              f"{c['image_auroc']:.4f}, AP {c['image_ap']:.4f} (images alone {summary['overall']['image_auroc']:.4f}, "
+              f"{summary['overall']['image_ap']:.4f}; clouds alone on their parts {c['clouds_alone_auroc']:.4f})")
     if summary["counts"]["left_out_of_pixel_metrics"]:
         print(f"{summary['counts']['left_out_of_pixel_metrics']} anomalous image(s) without a mask are left out of "
               f"the pixel metrics (kept in the image metrics)")

@@ -35,6 +35,7 @@ __all__ = ["KNNConfig", "PatchKNN", "MemoryBank", "pooled_patch_features", "gree
            "nearest_distance", "gaussian_blur"]
 
 MODEL_TYPE = "knn"
+FPFH_CHANNELS = 33           # the fpfh aux modality (pointcloud.FPFH_DIM, datasets' aux_ch 33)
 
 
 @dataclass
@@ -47,10 +48,16 @@ class KNNConfig:
     coreset_size: int = 4096             # bank size bound per modality
     projection_dim: int = 64             # random projection used only to pick the coreset
     sigma: float = 4.0                   # Gaussian smoothing of the upsampled map, in input pixels
+    aux_feature: str = "cnn"             # cnn: the aux image through the backbone; fpfh: aux IS FPFH (33 channels)
 
     def __post_init__(self):
         self.stages = tuple(int(s) for s in self.stages)
-        if self.aux_ch not in (0, 1, 3):
+        if self.aux_feature not in ("cnn", "fpfh"):
+            raise ValueError(f"aux_feature must be 'cnn' or 'fpfh', got {self.aux_feature!r}")
+        if self.aux_feature == "fpfh" and self.aux_ch != FPFH_CHANNELS:
+            raise ValueError(f"aux_feature='fpfh' reads {FPFH_CHANNELS}-channel FPFH maps (aux_ch={FPFH_CHANNELS}), "
+                             f"got aux_ch={self.aux_ch}")
+        if self.aux_feature == "cnn" and self.aux_ch not in (0, 1, 3):
             raise ValueError(f"aux_ch must be 0, 1 or 3, got {self.aux_ch}")
         if self.coreset_size < 1 or self.pool < 1 or self.sigma < 0:
             raise ValueError(f"coreset_size and pool must be >= 1 and sigma >= 0, got {self.coreset_size}, "
@@ -386,8 +393,9 @@ class PatchKNN(MemoryBank):
                          "standardised on held-out train normals")
 
     def __init__(self, cfg: KNNConfig, pretrained: bool = True, weights_path: Optional[str] = None):
-        backbone = RGBXBackbone(cfg.backbone, cfg.aux_ch, pretrained=pretrained, weights_path=weights_path,
-                                stages=cfg.stages)
+        # With FPFH the geometry is its own feature (BTF): the backbone sees RGB only.
+        backbone = RGBXBackbone(cfg.backbone, 0 if cfg.aux_feature == "fpfh" else cfg.aux_ch, pretrained=pretrained,
+                                weights_path=weights_path, stages=cfg.stages)
         feature_dim = sum(backbone.out_channels[s] for s in cfg.stages)
         super().__init__(("rgb", "aux") if cfg.aux_ch else ("rgb",), feature_dim, cfg.coreset_size,
                          cfg.projection_dim, cfg.sigma)
@@ -412,7 +420,16 @@ class PatchKNN(MemoryBank):
     # ------------------------------------------------------------------------------------------------
     def patch_features(self, rgb: torch.Tensor, aux: Optional[torch.Tensor] = None
                        ) -> Dict[str, torch.Tensor]:
-        """{modality: (B, C, h, w)} locally averaged, concatenated stage features on the first stage's grid."""
+        """{modality: (B, C, h, w)} locally averaged, concatenated stage features on the first stage's grid; with
+        aux_feature="fpfh" the aux modality's patches are the FPFH map averaged over each patch and its pool."""
+        if self.config.aux_feature == "fpfh":
+            out = pooled_patch_features(self.backbone(rgb, None), self.config.pool, ("rgb",))
+            if aux is not None:
+                stride = self.backbone.strides[self.config.stages[0]]
+                fpfh = F.avg_pool2d(aux.float(), stride)                # (B, 33, h, w): each patch's mean FPFH
+                out["aux"] = F.avg_pool2d(fpfh, self.config.pool, stride=1, padding=self.config.pool // 2,
+                                          count_include_pad=False)
+            return out
         if self.config.aux_ch and aux is None:
             feats = self._rgb_only(rgb)
         else:

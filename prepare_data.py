@@ -3,11 +3,14 @@
     python prepare_data.py mvtec3d --src /data/mvtec_3d_anomaly_detection --dst /data/mvtec3d_prep --workers 4
     python prepare_data.py eyecandies --src /data/Eyecandies --dst /data/eyecandies_mvtec3d
 
-mvtec3d: for every xyz TIFF, fit the background plane with RANSAC on the points of an image border band, remove
-the points within --plane_dist of it, and keep the largest 8-connected component of what remains (zeros mark
-removed points, as in the raw data). RGB and ground-truth files are copied unchanged. The output has the MVTec
-3D-AD layout, so ``--dataset mvtec3d`` reads it. Resumable: finished files are skipped (each is written to a
-temporary name and renamed, so a file that exists is complete).
+mvtec3d: for every xyz TIFF, fit the background plane with open3d's RANSAC (``segment_plane``) on the points of an
+image border band, remove the points within --plane_dist of it, and keep the largest 8-connected component of what
+remains (zeros mark removed points, as in the raw data: pointcloud.remove_background); then cache, beside the xyz
+folder, what loading would otherwise recompute on every read: unit normals (``normals/<n>.npz``) and, with --fpfh,
+the FPFH point features on a grid (``fpfh/<n>.npz``, for ``train.py --model knn --aux_feature fpfh``). RGB and
+ground-truth files are copied unchanged. The output has the MVTec 3D-AD layout, so ``--dataset mvtec3d`` reads it.
+Resumable: finished files are skipped (each is written to a temporary name and renamed, so a file that exists is
+complete). A file that cannot be read is named at the end; the rest is prepared.
 
 eyecandies: converts Eyecandies (<Category>/{train,val,test_public}/data/<id>_image_<k>.png, <id>_depth.png,
 <id>_info_depth.yaml, <id>_mask.png) into the MVTec 3D-AD layout (rgb, xyz from depth and a pinhole camera, gt;
@@ -18,6 +21,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import sys
 from functools import partial
 from multiprocessing import Pool
 from typing import List, Tuple
@@ -34,71 +38,64 @@ EYECANDIES_FOCAL = 711.11   # pixels, for the 512 x 512 Eyecandies renders (over
 def _write_tiff(path: str, arr: np.ndarray) -> None:
     import tifffile
     tmp = path + ".tmp.tiff"
-    tifffile.imwrite(tmp, arr.astype(np.float32), photometric="minisblack")
-    os.replace(tmp, path)
-
-
-def fit_plane_ransac(points: np.ndarray, dist: float, iterations: int, rng: np.random.Generator
-                     ) -> Tuple[np.ndarray, float]:
-    """RANSAC plane n . p + d = 0 (|n| = 1) through (M, 3) points, refined by least squares on the inliers."""
-    if len(points) < 3:
-        raise ValueError("fewer than 3 points to fit a plane")
-    best_inl, best = None, None
-    for _ in range(iterations):
-        a, b, c = points[rng.choice(len(points), 3, replace=False)]
-        n = np.cross(b - a, c - a)
-        norm = np.linalg.norm(n)
-        if norm < 1e-12:
-            continue
-        n /= norm
-        inl = np.abs(points @ n - n @ a) < dist
-        if best_inl is None or inl.sum() > best_inl.sum():
-            best_inl, best = inl, (n, -n @ a)
-    if best is None:
-        raise ValueError("degenerate points: no plane found")
-    p = points[best_inl]
-    centroid = p.mean(0)
-    n = np.linalg.svd(p - centroid)[2][-1]
-    return n, float(-n @ centroid)
+    try:
+        tifffile.imwrite(tmp, arr.astype(np.float32), photometric="minisblack")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def remove_background(xyz: np.ndarray, dist: float = PLANE_DIST, border: float = BORDER_FRACTION,
                       iterations: int = RANSAC_ITERATIONS, seed: int = 0) -> np.ndarray:
-    """Zero the background plane's points and everything outside the largest remaining connected component."""
-    from scipy import ndimage
-    H, W, _ = xyz.shape
-    valid = np.any(xyz != 0, axis=2)
-    b = max(1, int(round(border * min(H, W))))
-    band = np.zeros((H, W), bool)
-    band[:b], band[-b:], band[:, :b], band[:, -b:] = True, True, True, True
-    pts = xyz[band & valid]
-    out = xyz.copy()
-    if len(pts) >= 3:
-        n, d = fit_plane_ransac(pts.astype(np.float64), dist, iterations, np.random.default_rng(seed))
-        on_plane = np.abs(xyz.reshape(-1, 3) @ n + d).reshape(H, W) < dist
-        valid &= ~on_plane
-    lab, k = ndimage.label(valid, structure=np.ones((3, 3), bool))
-    if k > 1:
-        sizes = np.bincount(lab.ravel())
-        sizes[0] = 0
-        valid = lab == int(np.argmax(sizes))
-    out[~valid] = 0
-    return out
+    """The background plane and everything outside the largest component of an organised cloud zeroed
+    (pointcloud.remove_background: open3d's segment_plane on the border band)."""
+    from pointcloud import remove_background as remove
+    return remove(xyz, dist, border, iterations, seed)
 
 
-def _prepare_one(task, dist, border, iterations):
-    kind, src, dst = task
-    if os.path.exists(dst):
+def _prepare_xyz(src: str, dst: str, dist, border, iterations, fpfh: bool) -> str:
+    """One xyz file: background removed into ``dst``, normals (and FPFH) cached beside it. Returns "processed"
+    or "skipped" (already done); a bad file raises DatasetError naming it."""
+    from datasets.mvtec3d import cache_path, fpfh_grid_of, read_xyz, write_cache
+    from datasets.transforms import normals_from_xyz
+    caches = [("normals", cache_path(dst, "normals"))] + ([("fpfh", cache_path(dst, "fpfh"))] if fpfh else [])
+    if os.path.exists(dst) and all(os.path.exists(c) for _, c in caches):
         return "skipped"
-    os.makedirs(os.path.dirname(dst), exist_ok=True)
-    if kind == "copy":
-        tmp = dst + ".tmp"
-        shutil.copyfile(src, tmp)
-        os.replace(tmp, dst)
-        return "copied"
-    from datasets.mvtec3d import read_xyz
-    _write_tiff(dst, remove_background(read_xyz(src), dist, border, iterations))
+    xyz = read_xyz(dst) if os.path.exists(dst) else remove_background(read_xyz(src), dist, border, iterations)
+    for kind, cache in caches:
+        if os.path.exists(cache):
+            continue
+        if kind == "normals":
+            write_cache(cache, *normals_from_xyz(xyz, dst))
+        else:
+            write_cache(cache, *fpfh_grid_of(xyz), image_hw=xyz.shape[:2])
+    if not os.path.exists(dst):
+        _write_tiff(dst, xyz)        # last: its presence (with the caches) marks the sample done
     return "processed"
+
+
+def _prepare_one(task, dist, border, iterations, fpfh):
+    """(result, problem): a bad file is reported, never raised, so one file cannot stop the others."""
+    from datasets.transforms import DatasetError
+    kind, src, dst = task
+    try:
+        if kind == "xyz":
+            os.makedirs(os.path.dirname(dst), exist_ok=True)
+            return _prepare_xyz(src, dst, dist, border, iterations, fpfh), None
+        if os.path.exists(dst):
+            return "skipped", None
+        os.makedirs(os.path.dirname(dst), exist_ok=True)
+        tmp = dst + ".tmp"
+        try:
+            shutil.copyfile(src, tmp)
+            os.replace(tmp, dst)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        return "copied", None
+    except (DatasetError, OSError, ValueError) as exc:
+        return "failed", f"{src}: {' '.join(str(exc).split())}"
 
 
 def _check_paths(src: str, dst: str) -> None:
@@ -110,7 +107,9 @@ def _check_paths(src: str, dst: str) -> None:
 
 
 def prepare_mvtec3d(src: str, dst: str, workers: int = 1, dist: float = PLANE_DIST, border: float = BORDER_FRACTION,
-                    iterations: int = RANSAC_ITERATIONS, progress: bool = True) -> dict:
+                    iterations: int = RANSAC_ITERATIONS, progress: bool = True, fpfh: bool = False) -> dict:
+    """Prepare every file (see the module docstring). Returns the counts and, under "failed", the problems:
+    every file that could not be prepared, named (the rest is done; run again to resume)."""
     from tqdm import tqdm
     _check_paths(src, dst)
     tasks: List[Tuple[str, str, str]] = []
@@ -124,11 +123,17 @@ def prepare_mvtec3d(src: str, dst: str, workers: int = 1, dist: float = PLANE_DI
                 tasks.append(("copy", os.path.join(src, rel), os.path.join(dst, rel)))
     if not any(t[0] == "xyz" for t in tasks):
         raise SystemExit(f"no xyz TIFFs found under {src}: expected <class>/<split>/<defect>/xyz/*.tiff")
-    fn = partial(_prepare_one, dist=dist, border=border, iterations=iterations)
-    counts = {"processed": 0, "copied": 0, "skipped": 0}
+    fn = partial(_prepare_one, dist=dist, border=border, iterations=iterations, fpfh=fpfh)
+    counts, failed = {"processed": 0, "copied": 0, "skipped": 0}, []
     with Pool(workers) if workers > 1 else _Serial() as pool:
-        for r in tqdm(pool.imap_unordered(fn, tasks), total=len(tasks), desc="mvtec3d", disable=not progress):
-            counts[r] += 1
+        for r, problem in tqdm(pool.imap_unordered(fn, tasks), total=len(tasks), desc="mvtec3d",
+                               disable=not progress):
+            if problem:
+                failed.append(problem)
+            else:
+                counts[r] += 1
+    if failed:
+        counts["failed"] = sorted(failed)
     return counts
 
 
@@ -218,6 +223,9 @@ def get_args_parser():
     m.add_argument("--border", type=float, default=BORDER_FRACTION,
                    help="fraction of the image size forming the border band used to fit the plane")
     m.add_argument("--iterations", type=int, default=RANSAC_ITERATIONS, help="RANSAC iterations")
+    m.add_argument("--fpfh", action="store_true",
+                   help="also cache FPFH point features (for train.py --model knn --aux_feature fpfh; about half a "
+                        "second per cloud)")
     e = sub.add_parser("eyecandies", help="convert Eyecandies to the MVTec 3D-AD layout")
     e.add_argument("--src", required=True, help="the Eyecandies root (read only)")
     e.add_argument("--dst", required=True, help="a new folder for the converted tree")
@@ -228,12 +236,22 @@ def get_args_parser():
 
 def main(args) -> dict:
     if args.what == "mvtec3d":
-        counts = prepare_mvtec3d(args.src, args.dst, args.workers, args.plane_dist, args.border, args.iterations)
+        counts = prepare_mvtec3d(args.src, args.dst, args.workers, args.plane_dist, args.border, args.iterations,
+                                 fpfh=args.fpfh)
     else:
         counts = prepare_eyecandies(args.src, args.dst, args.focal, args.light)
+    failed = counts.pop("failed", [])
     print(f"{args.what}: {counts} -> {args.dst}")
+    if failed:
+        for f in failed:
+            print(f"  could not prepare {f}", file=sys.stderr)
+        from engine import RunError
+        raise RunError(f"{len(failed)} file(s) could not be prepared (named above; the rest is done): fix or remove "
+                       f"them and run the same command again to finish")
     return counts
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    from engine import run_cli
+    run_cli(main, get_args_parser(),
+            on_interrupt=lambda args: "every finished file is kept whole; run the same command again to resume")

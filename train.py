@@ -43,7 +43,7 @@ from engine import (FeatureCache, HelpFormatter, RunError, autocast_context, ava
                     git_revision, image_size, load_checkpoint, make_checkpoint, nonneg_float, nonneg_int,
                     positive_float, positive_int, prepare_out_dir, probability, resolve_device, run_cli,
                     run_inference, resume_command, save_atomic, workers, WORKERS_HELP, loader_options)
-from knn import KNNConfig, PatchKNN
+from knn import FPFH_CHANNELS, KNNConfig, PatchKNN
 from MambaAlign import PRESETS, MambaAlign, MambaAlignConfig
 from rgbx_backbone import BACKBONES
 from selective_scan import BACKENDS
@@ -126,6 +126,14 @@ def get_args_parser():
                    help="memory-bank size bound per modality (greedy coreset of the train normals' patches)")
     g.add_argument("--knn_sigma", type=nonneg_float, default=KNNConfig.sigma,
                    help="Gaussian smoothing of the distance map, in input pixels")
+    g.add_argument("--aux_feature", default="cnn", choices=("cnn", "fpfh"),
+                   help="cnn: the aux image's backbone features; fpfh: FPFH point features of the xyz cloud "
+                        "(open3d; BTF's geometry bank beside the RGB bank; MVTec 3D-AD-style data and synthetic; "
+                        "cached by prepare_data.py)")
+    g.add_argument("--pointcloud", default="auto", choices=("auto", "on", "off"),
+                   help="MulSen-AD's third sensor: fit an FPFH bank on the train point clouds (Pointcloud/*.stl) "
+                        "and store it with the model; eval.py fuses its object scores with the image scores. "
+                        "auto: where the dataset has point clouds and open3d imports (said once otherwise)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=positive_int, default=30, help="training epochs")
     g.add_argument("--max_steps", type=nonneg_int, default=0,
@@ -388,9 +396,13 @@ def fit_knn(args, base, aux_ch: int, device, bank_idx, hold_idx, stale=()) -> Di
     """--model knn: fit the memory banks on the train normals ``bank_idx``, standardise on the held-out train
     normals ``hold_idx``, and write best_checkpoint.pth (the same file name and eval.py path as a trained model)."""
     t0 = time.time()
-    cfg = KNNConfig(backbone=args.backbone or KNNConfig.backbone, aux_ch=aux_ch, coreset_size=args.coreset_size,
-                    sigma=args.knn_sigma)
+    try:
+        cfg = KNNConfig(backbone=args.backbone or KNNConfig.backbone, aux_ch=aux_ch, coreset_size=args.coreset_size,
+                        sigma=args.knn_sigma, aux_feature=args.aux_feature)
+    except ValueError as exc:
+        raise RunError(f"knn options: {exc}") from None
     model = PatchKNN(cfg, pretrained=args.backbone_weights is None, weights_path=args.backbone_weights).to(device)
+    with_clouds = check_pointcloud(args, base)
     _prepare_out_dir(args.out_dir, print)
     clear_run_files(args, list(stale), print)
     _print_header(print, "knn baseline", device, args)
@@ -399,8 +411,9 @@ def fit_knn(args, base, aux_ch: int, device, bank_idx, hold_idx, stale=()) -> Di
     fit = model.fit(_normals_loader(base, bank_idx, args, device), _normals_loader(base, hold_idx, args, device),
                     device, seed=args.seed, progress=_progress(args), target_fpr=args.target_fpr)
     stats = fit["stats"]
+    extra = {"pointcloud": fit_cloud_bank(args, base, bank_idx, hold_idx, print)} if with_clouds else {}
     ckpt = make_checkpoint(model, cfg.to_dict(), vars(args), {"holdout_stats": stats,
-                                                              "calibration": fit["calibration"]})
+                                                              "calibration": fit["calibration"]}, **extra)
     best_path = os.path.join(args.out_dir, "best_checkpoint.pth")
     save_atomic(ckpt, best_path)
     _write_splits(args.out_dir, base, bank=bank_idx, holdout=hold_idx)
@@ -417,9 +430,58 @@ def fit_knn(args, base, aux_ch: int, device, bank_idx, hold_idx, stale=()) -> Di
     return {"checkpoint": best_path, "holdout_stats": stats}
 
 
+def check_pointcloud(args, base) -> bool:
+    """Whether this run fits a point-cloud bank (--pointcloud), checked before anything is written: 'on' without
+    clouds or without open3d is one line; 'auto' says once why it goes on from the images alone."""
+    if args.pointcloud == "off":
+        return False
+    has = any(r.cloud for r in base.records)
+    if not has:
+        if args.pointcloud == "on":
+            raise RunError(f"--pointcloud on: {args.dataset}/{args.object} has no point clouds (MulSen-AD: "
+                           f"<class>/Pointcloud/train/<n>.stl)")
+        return False
+    import pointcloud
+    try:
+        pointcloud.open3d()
+    except pointcloud.Open3DMissing as exc:
+        if args.pointcloud == "on":
+            raise
+        print(f"point clouds found but not used (scores from the images alone): {exc}")
+        return False
+    return True
+
+
+def fit_cloud_bank(args, base, bank_idx, hold_idx, log) -> Dict[str, object]:
+    """The FPFH bank of the train images' point clouds, standardised on the held-out ones' (pointcloud.py): what
+    the checkpoint carries for eval.py's object-level cloud scores."""
+    from pointcloud import PointCloudBank
+    t0 = time.time()
+    train = [base.records[i].cloud for i in bank_idx if base.records[i].cloud]
+    held = [base.records[i].cloud for i in hold_idx if base.records[i].cloud]
+    if len(held) < 2 or not train:
+        raise RunError(f"--pointcloud: {len(train)} bank and {len(held)} held-out train images have a point cloud; "
+                       f"the bank needs at least 1 and its standardisation 2 (or pass --pointcloud off)")
+    missing = len(bank_idx) + len(hold_idx) - len(train) - len(held)
+    if missing:
+        log(f"point clouds: {missing} train image(s) have none; the bank is built from the others")
+    bank = PointCloudBank(seed=args.seed)
+    info = bank.fit(train, held, progress=_progress(args))
+    log(f"point-cloud bank: {info['bank']} FPFH features of {info['from_points']} from {len(train)} clouds, "
+        f"standardised on {len(held)} held-out ones ({time.time() - t0:.1f} s)")
+    return bank.state()
+
+
 def load_train_split(args, is_main: bool):
     """The train split (every file checked up front) and its aux channel count; data errors become RunError."""
     aux_ch = default_aux_ch(args.dataset) if args.aux_ch is None else args.aux_ch
+    if args.aux_feature == "fpfh":
+        if args.model != "knn":
+            raise RunError("--aux_feature fpfh feeds the knn baseline's memory bank (--model knn); MambaAlign reads "
+                           "the geometry as a normals or depth image (--aux_ch 3 or 1)")
+        if args.aux_ch not in (None, FPFH_CHANNELS):
+            raise RunError(f"--aux_feature fpfh reads {FPFH_CHANNELS}-channel FPFH maps; leave --aux_ch out")
+        aux_ch = FPFH_CHANNELS
     try:
         extra = {"seed": args.data_seed} if args.dataset == "synthetic" else {}
         if args.dataset == "synthetic" and args.synthetic_train:
@@ -774,6 +836,7 @@ def main(args):
                        backbone_weights=args.backbone_weights if ckpt is None else None,
                        scan_backend=args.scan_backend).to(device)
     check_pool_fits(args, model, device, len(train_idx), len(val_idx))
+    with_clouds = check_pointcloud(args, base) and ckpt is None
     train_ds, sampler, train_loader, val_loader = make_loaders(args, base, aux_ch, train_idx, val_idx, rank, world,
                                                                device)
     if is_main:
@@ -833,8 +896,13 @@ def main(args):
             f"held-out and the {len(train_idx)} bank images (leave-one-out), encoded once "
             f"({time.time() - t0:.1f} s)")
 
+    cloud_state = ckpt.get("pointcloud") if ckpt is not None else None
+    if with_clouds and is_main:
+        cloud_state = fit_cloud_bank(args, base, train_idx, val_idx, log)
+    extra = {"pointcloud": cloud_state} if cloud_state is not None else {}
+
     def checkpoint(epoch, batches_done, val=None):
-        return make_checkpoint(model, cfg.to_dict(), vars(args), val, optimizer=optimizer.state_dict(),
+        return make_checkpoint(model, cfg.to_dict(), vars(args), val, **extra, optimizer=optimizer.state_dict(),
                                scheduler=scheduler.state_dict(), scaler=scaler.state_dict(), epoch=epoch,
                                step=state["step"], batches_done=batches_done, best=best, rng=_rng_state())
 

@@ -18,13 +18,15 @@ __all__ = ["Record", "AnomalyDataset", "ShiftedAux", "list_images", "require_dir
 
 @dataclass(frozen=True)
 class Record:
-    """One sample on disk. aux / mask may be None (RGB-only data; test images without a mask)."""
+    """One sample on disk. aux / mask may be None (RGB-only data; test images without a mask); cloud: the part's
+    point cloud or mesh from a separate 3D sensor (MulSen-AD's Pointcloud/*.stl), where the dataset has one."""
     rgb: str
     aux: Optional[str]
     mask: Optional[str]
     label: int
     defect: str
     object: str
+    cloud: Optional[str] = None
 
 
 def natural_key(path: str):

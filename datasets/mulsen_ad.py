@@ -1,10 +1,15 @@
-"""MulSen-AD (RGB + infrared; the point clouds are not used), in its official tree:
+"""MulSen-AD (RGB + infrared, and the point clouds of its third sensor), in its official tree:
 
     <root>/<class>/RGB/train/<n>.png
     <root>/<class>/RGB/test/<defect>/<n>.png          (incl. good)
     <root>/<class>/RGB/GT/<defect>/<n>.png            RGB masks; some anomalous images have none
     <root>/<class>/RGB/GT/<defect>/data.csv           optional labels: object, RGB, Infrared, Pointcloud
     <root>/<class>/Infrared/{train,test/<defect>}/<n>.png   same names as RGB
+    <root>/<class>/Pointcloud/{train,test/<defect>}/<n>.stl optional: the part's mesh, paired by the file number
+
+Point clouds are not pixel-registered to the images (a separate scanner): each record carries its cloud's path
+(``Record.cloud``) and train.py / eval.py score it at object level (pointcloud.PointCloudBank), fused with the
+image score for the "any sensor" label. Records without a cloud score from the images alone.
 
 Labels: from data.csv when present (``label_source``: "any" = anomalous in any of the three sensors, the
 MulSen-AD setting; or "rgb", "infrared", "rgb_or_infrared"), otherwise from the folder (good = 0). A test image
@@ -48,6 +53,16 @@ def read_label_csv(path: str, stems: List[str], label_source: str) -> Dict[str, 
                        f"does not name them")
 
 
+def _cloud_path(pc_dir: str, sub: str, rgb_path: str) -> Optional[str]:
+    """The point cloud of an image: the same file number under Pointcloud/<sub>, any cloud or mesh extension."""
+    stem = os.path.splitext(os.path.basename(rgb_path))[0]
+    for ext in (".stl", ".ply", ".pcd", ".obj"):
+        p = os.path.join(pc_dir, sub, stem + ext)
+        if os.path.isfile(p):
+            return p
+    return None
+
+
 class MulSenAD(AnomalyDataset):
     AUX_CHOICES, AUX_WHAT = (1, 0), "infrared (aux_ch=1) or RGB only (0)"
     aux_kind = "intensity"
@@ -65,10 +80,13 @@ class MulSenAD(AnomalyDataset):
         ir_dir = os.path.join(base, "Infrared")
         if aux_ch:
             require_dir(ir_dir, "MulSen-AD Infrared folder")
+        pc_dir = os.path.join(base, "Pointcloud")
+        cloud = (lambda sub, p: _cloud_path(pc_dir, sub, p)) if os.path.isdir(pc_dir) else (lambda sub, p: None)
         records: List[Record] = []
         if split == "train":
             for p in list_images(os.path.join(rgb_dir, "train"), "MulSen-AD RGB/train"):
-                records.append(Record(p, self._aux_path(ir_dir, "train", p, aux_ch), None, 0, "good", object_name))
+                records.append(Record(p, self._aux_path(ir_dir, "train", p, aux_ch), None, 0, "good", object_name,
+                                      cloud("train", p)))
         else:
             test_dir = require_dir(os.path.join(rgb_dir, "test"), "MulSen-AD RGB/test")
             for defect in subfolders(test_dir):
@@ -81,8 +99,10 @@ class MulSenAD(AnomalyDataset):
                 for p, s in zip(files, stems):
                     mask = os.path.join(gt_dir, os.path.basename(p))
                     records.append(Record(p, self._aux_path(ir_dir, os.path.join("test", defect), p, aux_ch),
-                                          mask if os.path.isfile(mask) else None, labels[s], defect, object_name))
+                                          mask if os.path.isfile(mask) else None, labels[s], defect, object_name,
+                                          cloud(os.path.join("test", defect), p)))
         super().__init__(records, img_size, aux_ch, split, f"MulSen-AD {object_name}", **kw)
+        self.clouds_dir = pc_dir if os.path.isdir(pc_dir) else None
 
     @staticmethod
     def _aux_path(ir_dir: str, sub: str, rgb_path: str, aux_ch: int) -> Optional[str]:

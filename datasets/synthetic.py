@@ -20,7 +20,8 @@ SMOOTH domes and plateaus (steepest slope at most NORMAL_BUMP_SLOPE[1], about 50
   * ``good``      no defect.
 
 Everything is a deterministic function of (seed, split, index). ``write_mvtec3d_tree`` writes the dataset as an
-MVTec 3D-AD tree (rgb PNG, xyz TIFF from a pinhole camera, gt PNG) so the same files exercise the real loader.
+MVTec 3D-AD tree (rgb PNG, xyz TIFF from a pinhole camera, gt PNG) and ``write_mulsen_tree`` as a MulSen-AD tree
+(RGB, Infrared, Pointcloud/*.stl meshes of the part), so the same files exercise the real loaders.
 """
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ from .base import AnomalyDataset, Record
 from .transforms import GEOMETRY_AUX_KIND, DatasetError, to_hw
 
 __all__ = ["OBJECT_TYPES", "DEFECT_TYPES", "render_sample", "SyntheticDataset", "write_mvtec3d_tree",
-           "TABLE_DEPTH", "FOCAL"]
+           "write_mulsen_tree", "height_mesh", "write_stl", "depth_to_xyz", "TABLE_DEPTH", "FOCAL"]
 
 OBJECT_TYPES = ("disc", "ring", "tile")
 DEFECT_TYPES = ("pit", "scratch", "hairline", "specular")
@@ -51,6 +52,7 @@ HAIRLINE_LENGTH = (0.2, 0.45)   # hairline: 1 px wide line length, fraction of t
 SPECULAR_RADIUS = (0.012, 0.02)  # specular spot radius, fraction of the side (area < 0.2 % of the image)
 LIGHT = np.array([-0.4, -0.5, -0.77])  # direction towards the light (camera frame), roughly from the camera
 DEFAULT_COUNTS = {"train": 160, "test_good": 16, "test_defect": 16}
+RENDER_CACHE_MB = 2048       # rendered samples kept per dataset object (oldest dropped first)
 _SPLIT_IDS = {"train": 0, "validation": 1, "test": 2}
 
 
@@ -190,7 +192,7 @@ class SyntheticDataset(AnomalyDataset):
     aux_ch 3: normals, 1: depth, 0: RGB only. ``counts`` overrides DEFAULT_COUNTS (train, test_good,
     test_defect per defect type). Samples are rendered at ``render_size`` (default: img_size) on access.
     """
-    AUX_CHOICES, AUX_WHAT = (3, 1, 0), "normals (aux_ch=3), depth (1) or RGB only (0)"
+    AUX_CHOICES, AUX_WHAT = (3, 1, 0, 33), "normals (aux_ch=3), depth (1), FPFH (33) or RGB only (0)"
     has_valid = True
 
     def __init__(self, root: Optional[str] = None, object_name: str = "disc", split: str = "train", img_size=128,
@@ -206,6 +208,7 @@ class SyntheticDataset(AnomalyDataset):
         self.data_seed = seed
         records = [Record(f"synthetic://{object_name}/{split}/{d}/{i:03d}", None, None, int(d != "good"), d,
                           object_name) for i, d in enumerate(_plan(split, self.counts))]
+        self._raw, self._raw_bytes = {}, 0
         super().__init__(records, img_size, aux_ch, split, f"synthetic {object_name}", seed=seed, **kw)
 
     def check_files(self, progress: bool = True) -> None:
@@ -227,15 +230,38 @@ class SyntheticDataset(AnomalyDataset):
         return render_sample(rng, self.render_size, r.object, r.defect)
 
     def load_raw(self, i: int):
+        """The sample's arrays before transforms. Rendering is deterministic and costs ~0.3 s at 256 px, and a
+        training run reads each train image once per synthetic view plus for the bank: the arrays are kept (in
+        this process, up to RENDER_CACHE_MB) instead of rendered again."""
+        if i not in self._raw:
+            self._raw[i] = self._load_raw(i)
+            self._raw_bytes += sum(a.nbytes for a in self._raw[i] if a is not None)
+            while self._raw_bytes > RENDER_CACHE_MB * 2 ** 20 and len(self._raw) > 1:
+                first = next(iter(self._raw))
+                self._raw_bytes -= sum(a.nbytes for a in self._raw.pop(first) if a is not None)
+        return self._raw[i]
+
+    def _load_raw(self, i: int):
         s = self.render(i)
         aux = valid = None
         if self.aux_ch == 3:
             aux = s["normals"]
         elif self.aux_ch == 1:
             aux = s["depth"][..., None]
+        elif self.aux_ch == 33:
+            from .mvtec3d import fpfh_full_res
+            aux, valid = fpfh_full_res(depth_to_xyz(s["depth"]))
+            return s["rgb"], aux, s["mask"], valid
         if self.aux_ch:
             valid = np.ones(s["mask"].shape, bool)
         return s["rgb"], aux, s["mask"], valid
+
+
+def depth_to_xyz(z: np.ndarray) -> np.ndarray:
+    """(H, W) depth of a render -> (H, W, 3) organised points seen by the pinhole camera of FOCAL (float32)."""
+    H, W = z.shape
+    yy, xx = np.mgrid[0:H, 0:W].astype(np.float32)
+    return np.stack([(xx - W / 2) * z / FOCAL, (yy - H / 2) * z / FOCAL, z], axis=-1).astype(np.float32)
 
 
 def write_mvtec3d_tree(out_root: str, object_name: str = "disc", size=128, seed: int = 0,
@@ -243,8 +269,6 @@ def write_mvtec3d_tree(out_root: str, object_name: str = "disc", size=128, seed:
     """Write the synthetic object as an MVTec 3D-AD tree under out_root/<object>; returns that folder."""
     import tifffile
     from PIL import Image
-    H, W = to_hw(size)
-    yy, xx = np.mgrid[0:H, 0:W].astype(np.float32)
     for split in ("train", "validation", "test"):
         ds = SyntheticDataset(None, object_name, split, size, aux_ch=3, seed=seed, counts=counts)
         for i, r in enumerate(ds.records):
@@ -254,11 +278,68 @@ def write_mvtec3d_tree(out_root: str, object_name: str = "disc", size=128, seed:
                 os.makedirs(os.path.join(folder, sub), exist_ok=True)
             name = f"{i:03d}"
             Image.fromarray(s["rgb"]).save(os.path.join(folder, "rgb", name + ".png"))
-            z = s["depth"]
-            xyz = np.stack([(xx - W / 2) * z / FOCAL, (yy - H / 2) * z / FOCAL, z], axis=-1).astype(np.float32)
-            tifffile.imwrite(os.path.join(folder, "xyz", name + ".tiff"), xyz, photometric="minisblack")
+            tifffile.imwrite(os.path.join(folder, "xyz", name + ".tiff"), depth_to_xyz(s["depth"]),
+                             photometric="minisblack")
             if split == "test":
                 Image.fromarray((s["mask"] * 255).astype(np.uint8)).save(os.path.join(folder, "gt", name + ".png"))
+    return os.path.join(out_root, object_name)
+
+
+def height_mesh(height: np.ndarray, inside: np.ndarray, scale: float = 1.0):
+    """A triangle mesh of a height map over the pixels ``inside`` (two triangles per grid cell whose four
+    corners are inside): vertices (V, 3) as (x, y, height) * scale, faces (F, 3) vertex indices."""
+    H, W = height.shape
+    yy, xx = np.mgrid[0:H, 0:W].astype(np.float64)
+    verts = np.stack([xx, yy, height.astype(np.float64)], axis=-1).reshape(-1, 3) * scale
+    cell = inside[:-1, :-1] & inside[1:, :-1] & inside[:-1, 1:] & inside[1:, 1:]
+    i, j = np.nonzero(cell)
+    a, b, c, d = i * W + j, i * W + j + 1, (i + 1) * W + j, (i + 1) * W + j + 1
+    faces = np.concatenate([np.stack([a, c, b], 1), np.stack([b, c, d], 1)])
+    used = np.unique(faces)
+    remap = np.full(H * W, -1)
+    remap[used] = np.arange(len(used))
+    return verts[used], remap[faces]
+
+
+def write_stl(path: str, verts: np.ndarray, faces: np.ndarray) -> None:
+    """A binary STL file of a triangle mesh (facet normals from the vertex order)."""
+    tri = verts[faces].astype(np.float32)                                  # (F, 3, 3)
+    n = np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0])
+    n /= np.maximum(np.linalg.norm(n, axis=1, keepdims=True), 1e-12)
+    rec = np.zeros(len(faces), dtype=[("n", "<f4", 3), ("v", "<f4", (3, 3)), ("attr", "<u2")])
+    rec["n"], rec["v"] = n, tri
+    with open(path, "wb") as fh:
+        fh.write(b"MambaAlign synthetic part".ljust(80, b" "))
+        fh.write(np.uint32(len(faces)).tobytes())
+        fh.write(rec.tobytes())
+
+
+def write_mulsen_tree(out_root: str, object_name: str = "disc", size=128, seed: int = 0,
+                      counts: Optional[Dict[str, int]] = None, clouds: bool = True) -> str:
+    """Write the synthetic object as a MulSen-AD tree under out_root/<object>: RGB (train, test/<defect>, GT
+    masks), Infrared (a grey rendering of the depth, the same names) and, with ``clouds``, Pointcloud/*.stl: the
+    part's surface as a mesh, whose geometry-only defects (pits) show there and not in RGB. Returns the folder."""
+    from PIL import Image
+    H, W = to_hw(size)
+    for split in ("train", "test"):
+        ds = SyntheticDataset(None, object_name, split, size, aux_ch=1, seed=seed, counts=counts)
+        for i, r in enumerate(ds.records):
+            s = ds.render(i)
+            sub = "train" if split == "train" else os.path.join("test", r.defect)
+            name = f"{i}.png"
+            for top in ("RGB", "Infrared") + (("Pointcloud",) if clouds else ()):
+                os.makedirs(os.path.join(out_root, object_name, top, sub), exist_ok=True)
+            Image.fromarray(s["rgb"]).save(os.path.join(out_root, object_name, "RGB", sub, name))
+            h = TABLE_DEPTH - s["depth"]
+            ir = np.clip(40 + 200 * h / max(float(h.max()), 1e-6), 0, 255).astype(np.uint8)
+            Image.fromarray(ir).save(os.path.join(out_root, object_name, "Infrared", sub, name))
+            if split == "test" and r.defect != "good":
+                gt = os.path.join(out_root, object_name, "RGB", "GT", r.defect)
+                os.makedirs(gt, exist_ok=True)
+                Image.fromarray((s["mask"] * 255).astype(np.uint8)).save(os.path.join(gt, name))
+            if clouds:
+                v, f = height_mesh(h, s["object_mask"])
+                write_stl(os.path.join(out_root, object_name, "Pointcloud", sub, f"{i}.stl"), v, f)
     return os.path.join(out_root, object_name)
 
 
@@ -267,13 +348,16 @@ def _main(argv=None):
     p = argparse.ArgumentParser("python -m datasets.synthetic",
                                 description="Write the synthetic dataset to disk as an MVTec 3D-AD tree.")
     p.add_argument("--write", required=True, metavar="DIR", help="output root (DIR/<object>/{train,validation,test})")
+    p.add_argument("--layout", default="mvtec3d", choices=("mvtec3d", "mulsen"),
+                   help="mvtec3d: rgb PNG + xyz TIFF + gt; mulsen: RGB + Infrared PNGs + Pointcloud STL meshes")
     p.add_argument("--objects", default="all", help=f"comma-separated subset of {', '.join(OBJECT_TYPES)}, or all")
     p.add_argument("--size", type=int, default=128, help="image size in pixels")
     p.add_argument("--seed", type=int, default=0, help="dataset seed")
     a = p.parse_args(argv)
     objects = OBJECT_TYPES if a.objects == "all" else a.objects.split(",")
+    write = write_mvtec3d_tree if a.layout == "mvtec3d" else write_mulsen_tree
     for obj in objects:
-        print(f"wrote {write_mvtec3d_tree(a.write, obj, a.size, a.seed)}")
+        print(f"wrote {write(a.write, obj, a.size, a.seed)}")
 
 
 if __name__ == "__main__":

@@ -7,6 +7,8 @@ All modalities of a sample go through the same resize / centre crop / flip, so t
   * depth ("depth"): resized with the valid mask as weights, then standardised per image over valid pixels
     (invalid pixels are 0);
   * infrared / intensity ("intensity"): values in [0, 1] mapped to (x - 0.5) / 0.25;
+  * FPFH ("fpfh", 33 channels: point-feature histograms of the cloud, pointcloud.py): resized with the valid mask
+    as weights, kept as they are (histogram percentages; the memory bank compares them as they come);
   * masks: binarised with ``> 0`` (some official masks store 253..255 or class ids, not 255), resized nearest.
 
 Normals convention: camera frame (x right, y down, z forward), unit vectors pointing towards the camera.
@@ -24,13 +26,13 @@ import torch.nn.functional as F
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "AUX_KINDS", "DatasetError", "read_image", "read_mask", "translate",
            "probe_file", "GEOMETRY_AUX_KIND",
            "read_tiff", "to_hw", "AlignedTransform", "normals_from_xyz", "decode_normals_png",
-           "normalize_rgb", "denormalize_rgb", "aux_to_image"]
+           "normalize_rgb", "denormalize_rgb", "aux_to_image", "colormap"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-AUX_KINDS = {"normals": 3, "depth": 1, "intensity": 1}
+AUX_KINDS = {"normals": 3, "depth": 1, "intensity": 1, "fpfh": 33}
 # What aux_ch means for a geometric sensor (normals or depth; 0 = RGB only).
-GEOMETRY_AUX_KIND = {3: "normals", 1: "depth", 0: None}
+GEOMETRY_AUX_KIND = {3: "normals", 1: "depth", 0: None, 33: "fpfh"}
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 
@@ -232,6 +234,19 @@ def aux_to_image(aux: torch.Tensor) -> np.ndarray:
     a = aux[0].numpy()
     a = (a - a.min()) / (a.max() - a.min() + 1e-8)
     return np.repeat((a * 255).astype(np.uint8)[..., None], 3, axis=2)
+
+
+# viridis, sampled at 9 evenly spaced points (perceptually uniform, colour-blind friendly)
+_VIRIDIS = np.array([(68, 1, 84), (71, 44, 122), (59, 81, 139), (44, 113, 142), (33, 144, 141), (39, 173, 129),
+                     (92, 200, 99), (170, 220, 50), (253, 231, 37)], dtype=np.float64)
+
+
+def colormap(x: np.ndarray) -> np.ndarray:
+    """(H, W) values in [0, 1] -> (H, W, 3) uint8 viridis."""
+    t = np.clip(x, 0, 1) * (len(_VIRIDIS) - 1)
+    i = np.minimum(t.astype(int), len(_VIRIDIS) - 2)
+    f = (t - i)[..., None]
+    return (_VIRIDIS[i] * (1 - f) + _VIRIDIS[i + 1] * f).astype(np.uint8)
 
 
 def _resize(x: torch.Tensor, size, mode: str) -> torch.Tensor:

@@ -94,3 +94,24 @@ def test_eyecandies_conversion_loads_as_mvtec3d(tmp_path):
     z = tifffile.imread(str(tmp_path / "out/CandyCane/train/good/xyz/000.tiff"))[..., 2]
     assert np.allclose(z, 0.5 + 30000 / 65535)
     assert len(build_dataset("eyecandies", str(tmp_path / "out"), "CandyCane", "validation", 32, 3)) == 1
+
+
+def test_a_bad_file_is_named_at_the_end_and_the_rest_prepared_and_resumed(tmp_path, capsys):
+    src, dst = tmp_path / "raw", tmp_path / "prep"
+    _raw_tree(str(src))
+    bad = src / "peach" / "test" / "hole" / "xyz" / "000.tiff"
+    good_copy = bad.read_bytes()
+    bad.write_bytes(good_copy[: len(good_copy) // 3])
+    from engine import run_cli
+    with pytest.raises(SystemExit) as info:
+        run_cli(prepare_data.main, prepare_data.get_args_parser(), ["mvtec3d", "--src", str(src), "--dst", str(dst)])
+    out, err = capsys.readouterr()
+    assert info.value.code == 2 and "Traceback" not in err
+    assert str(bad) in err and "1 file(s) could not be prepared" in err
+    assert (dst / "peach" / "train" / "good" / "xyz" / "000.tiff").is_file()            # the rest is done
+    assert (dst / "peach" / "train" / "good" / "normals" / "000.npz").is_file()
+    assert not (dst / "peach" / "test" / "hole" / "xyz" / "000.tiff").exists()
+    bad.write_bytes(good_copy)
+    counts = prepare_data.prepare_mvtec3d(str(src), str(dst), progress=False)
+    assert counts == {"processed": 1, "copied": 0, "skipped": 5}                          # resumed
+    assert not [p for p in dst.rglob("*") if ".tmp" in p.name]
