@@ -12,6 +12,7 @@
     python bench.py decision   MulSen-AD classes: the stored threshold's share of good / anomalous test parts
                                flagged, before and after the calibration change, and after --calibrate_on
     python bench.py pointcloud load time per raw / prepared MVTec 3D-AD sample, FPFH time per cloud
+    python bench.py coreset    the exact greedy coreset beside the former algorithm, up to 230k rows x 1000 dims
     python bench.py all        scan, block, model, metrics
 
 ``--device cuda`` runs scan, block and model on a GPU (times between device synchronisations, memory as the
@@ -809,6 +810,34 @@ def bench_decision(args) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------
+# coreset: the memory bank's greedy selection at scale
+# ----------------------------------------------------------------------------------------------------
+
+def bench_coreset(args) -> None:
+    """greedy_coreset (exact) beside greedy_coreset_ref (the former algorithm, one pass over every row per pick) on
+    clustered Gaussian rows; 4096 picks after the default 64-dimensional projection."""
+    from knn import greedy_coreset, greedy_coreset_ref
+    rows = []
+    for n, d, with_ref in ((60_000, 152, True), (230_000, 1000, args.repeats > 1)):
+        g = torch.Generator().manual_seed(0)
+        centers = torch.randn(64, d, generator=g) * 3
+        x = centers[torch.randint(64, (n,), generator=g)] + torch.randn(n, d, generator=g)
+        dev = args.device
+        xd = x.to(dev)
+        t_fast = time_it(lambda: greedy_coreset(xd, 4096), 1, warmup=0, device=dev)
+        same, t_ref = "", None
+        if with_ref:
+            t0 = time.perf_counter()
+            ref = greedy_coreset_ref(x, 4096)
+            t_ref = time.perf_counter() - t0
+            same = "yes" if torch.equal(greedy_coreset(xd, 4096), ref) else "NO"
+        rows.append([f"{n} x {d}", f"{t_fast:.2f}", f"{t_ref:.2f}" if t_ref else "-",
+                     f"{t_ref / t_fast:.1f}x" if t_ref else "-", same or "-"])
+    print_table(f"greedy coreset of 4096 rows on {_where(args.device)} (one run each)",
+                ["rows x dims", "greedy_coreset s", "greedy_coreset_ref s", "speed-up", "same rows"], rows)
+
+
+# ----------------------------------------------------------------------------------------------------
 # pointcloud: what geometry costs to read
 # ----------------------------------------------------------------------------------------------------
 
@@ -859,7 +888,7 @@ def bench_pointcloud(args) -> None:
 # ----------------------------------------------------------------------------------------------------
 
 COMMANDS = {"scan": bench_scan, "block": bench_block, "model": bench_model, "metrics": bench_metrics,
-            "fit": bench_fit, "decision": bench_decision, "pointcloud": bench_pointcloud,
+            "fit": bench_fit, "decision": bench_decision, "pointcloud": bench_pointcloud, "coreset": bench_coreset,
             "ablation": bench_ablation, "compare": bench_compare}
 
 
@@ -889,7 +918,8 @@ def get_args_parser():
     g.add_argument("--variants", default=None, help=f"comma-separated subset of: {', '.join(ABLATIONS)}")
     g.add_argument("--out_dir", default=None,
                    help="where each run and eval go (default: runs/ablation or runs/compare)")
-    g.add_argument("--cloud_size", type=int, default=400, help="pointcloud: side of the written clouds (MVTec 3D-AD: 400)")
+    g.add_argument("--cloud_size", type=int, default=400,
+                   help="pointcloud: side of the written clouds (MVTec 3D-AD: 400)")
     g.add_argument("--train_images", type=int, default=0,
                    help="fit, synthetic data: this many train images (0: the dataset's default)")
     g = p.add_argument_group("compare (bench.py compare; also uses --img_size, --epochs, --seeds, --out_dir)")
@@ -911,7 +941,7 @@ _MMAP_ENV = "MALLOC_MMAP_THRESHOLD_"
 
 def main(args) -> None:
     args.out_dir = args.out_dir or f"runs/{args.what}"
-    measures_memory = args.what not in ("ablation", "compare", "fit", "decision", "pointcloud")
+    measures_memory = args.what not in ("ablation", "compare", "fit", "decision", "pointcloud", "coreset")
     if measures_memory and os.environ.get(_MMAP_ENV) is None and sys.platform.startswith("linux"):
         os.environ[_MMAP_ENV] = "65536"
         os.execv(sys.executable, [sys.executable] + sys.argv)

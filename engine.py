@@ -37,7 +37,8 @@ __all__ = ["resolve_device", "autocast_context", "run_inference", "FeatureCache"
            "RunError", "HelpFormatter", "positive_int", "nonneg_int", "positive_float", "nonneg_float",
            "probability", "fraction", "fpr_limit", "image_size", "workers", "resolve_workers", "loader_options",
            "WORKERS_HELP", "run_cli", "vis_names", "write_visualisation",
-           "OnnxModel", "ONNX_FORMAT", "ONNX_META_KEYS", "Terminated", "resume_command", "write_text_atomic"]
+           "OnnxModel", "ONNX_FORMAT", "ONNX_META_KEYS", "Terminated", "resume_command", "write_text_atomic",
+           "write_atomic"]
 
 # The model families a checkpoint can hold; its "model_type" entry names one (absent: a MambaAlign checkpoint
 # or a raw MambaAlign state dict).
@@ -250,22 +251,28 @@ def make_checkpoint(model, config: dict, args: dict, metrics: Optional[dict] = N
     return ckpt
 
 
-def save_atomic(obj, path: str) -> None:
-    """torch.save to a temporary file beside ``path``, then rename: a reader never sees a half-written file, and
-    the file it replaces stays whole until then. A failed write (a full disk: torch's serializer raises
-    RuntimeError or OSError) is a RunError naming the file and the free space; an interrupted or failed save
+def write_atomic(path: str, write: Callable[[str], object]) -> None:
+    """``write(tmp)`` to a temporary file beside ``path``, then rename: a reader never sees a half-written file,
+    and the file it replaces stays whole until then. A failed write (a full disk; torch's serializer raises
+    RuntimeError) is a RunError naming the file and the free space; an interrupted (Ctrl-C) or failed write
     leaves no temporary behind."""
     tmp = f"{path}.tmp.{os.getpid()}"
+    existed = os.path.exists(path)
     try:
-        torch.save(obj, tmp)
+        write(tmp)
         os.replace(tmp, path)
     except (OSError, RuntimeError) as exc:
-        raise RunError(f"could not write {path}: {_first_line(exc)} ({_free_space(path)}); the previous "
-                       f"{os.path.basename(path)} is unchanged" if os.path.exists(path) else
-                       f"could not write {path}: {_first_line(exc)} ({_free_space(path)})") from None
-    finally:                      # an interrupted save (Ctrl-C, a full disk) leaves no temporary behind
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else _first_line(exc)
+        raise RunError(f"could not write {path}: {reason} ({_free_space(path)})"
+                       + (f"; the previous {os.path.basename(path)} is unchanged" if existed else "")) from None
+    finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def save_atomic(obj, path: str) -> None:
+    """torch.save through ``write_atomic``: checkpoints are whole or not there."""
+    write_atomic(path, lambda tmp: torch.save(obj, tmp))
 
 
 def _free_space(path: str) -> str:
@@ -379,30 +386,16 @@ def write_visualisation(out_dir: str, name: str, anomaly_map: np.ndarray, rgb: t
 
 
 def _save_png(image, path: str) -> None:
-    """PNG to a temporary name, then renamed: an interrupted run leaves no half-written picture."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    try:
-        image.save(tmp, format="PNG")
-        os.replace(tmp, path)
-    except OSError as exc:
-        raise RunError(f"could not write {path}: {exc.strerror or exc} ({_free_space(path)})") from None
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    """A PNG through ``write_atomic``: an interrupted run leaves no half-written picture."""
+    write_atomic(path, lambda tmp: image.save(tmp, format="PNG"))
 
 
 def write_text_atomic(path: str, text: str) -> None:
-    """A text file (CSV, JSON, summary) written whole or not at all; a failed write names the file."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    try:
+    """A text file (CSV, JSON, summary) through ``write_atomic``: whole or not at all, a failed write named."""
+    def write(tmp):
         with open(tmp, "w", newline="") as fh:
             fh.write(text)
-        os.replace(tmp, path)
-    except OSError as exc:
-        raise RunError(f"could not write {path}: {exc.strerror or exc} ({_free_space(path)})") from None
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    write_atomic(path, write)
 
 
 # What export.py writes into an ONNX file's metadata and predict.py reads back (one owner of the format).

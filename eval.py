@@ -34,8 +34,8 @@ from torch.utils.data import DataLoader
 import metrics
 from datasets import DATASETS, ShiftedAux, build_dataset, list_objects
 from engine import (HelpFormatter, RunError, fpr_limit, git_revision, image_size, load_checkpoint, load_model,
-                    nonneg_int, positive_int, prepare_out_dir, resolve_device, run_cli, run_inference, vis_names,
-                    workers, write_text_atomic, write_visualisation, WORKERS_HELP, loader_options)
+                    positive_int, prepare_out_dir, resolve_device, run_cli, run_inference, vis_names, workers,
+                    write_text_atomic, write_visualisation, WORKERS_HELP, loader_options)
 
 CSV_COLUMNS = ("path", "object", "defect", "label", "score", "score_logit", "decision", "pixel_auroc",
                "cloud_score", "fused_score_logit")

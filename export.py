@@ -151,7 +151,8 @@ def main(args):
     print(f"wrote {args.output} ({size_mb:.1f} MiB): {meta['model_type']}, input rgb (B, 3, {img_size}, "
           f"{img_size})" + (f" and aux (B, {aux_ch}, {img_size}, {img_size})" if aux_ch else "")
           + f", outputs seg_logits, score_logit, threshold (= {float(model.threshold):.4f})")
-    print(f"onnxruntime vs PyTorch on a random batch of {args.check_batch}: largest difference {diff['seg_logits']:.2e} "
+    print(f"onnxruntime vs PyTorch on a random batch of {args.check_batch}: largest difference "
+          f"{diff['seg_logits']:.2e} "
           f"on seg_logits, {diff['score_logit']:.2e} on score_logit (tolerance {args.tolerance:g})")
     if not (np.isfinite(list(diff.values())).all() and max(diff.values()) <= args.tolerance):
         os.remove(args.output)

@@ -110,8 +110,8 @@ def read_points(path: str, mesh_points: int = MESH_POINTS, seed: int = 0) -> np.
                 raise DatasetError(f"cannot read mesh {path}: no triangles (truncated or not a mesh file)")
         if pts is None:
             if ext not in CLOUD_EXTENSIONS:
-                raise DatasetError(f"{path}: not a point-cloud or mesh file ({', '.join(CLOUD_EXTENSIONS + MESH_EXTENSIONS)}"
-                                   f", .tiff)")
+                kinds = ", ".join(CLOUD_EXTENSIONS + MESH_EXTENSIONS + (".tiff",))
+                raise DatasetError(f"{path}: not a point-cloud or mesh file ({kinds})")
             pts = np.asarray(o3d.io.read_point_cloud(path).points)
     pts = pts[np.isfinite(pts).all(axis=1)]
     if len(pts) < 10:

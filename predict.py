@@ -34,7 +34,6 @@ import csv
 import glob
 import math
 import os
-import sys
 import time
 from typing import Dict, List, Optional, Tuple
 

@@ -51,6 +51,8 @@ from selective_scan import BACKENDS
 
 # Synthetic views per train image that training cycles through (--synth_pool; chosen on the dev split, README).
 SYNTH_POOL = 4
+# At most this many bank images (leave-one-out) join the held-out normals in the decision threshold.
+CALIBRATION_IMAGES = 64
 
 
 def get_args_parser():
@@ -682,7 +684,8 @@ def check_pool_fits(args, model, device, n_train: int, n_val: int) -> None:
     if args.synth_pool and not model.config.freeze_backbone:
         raise RunError("--synth_pool caches frozen backbone features, but this model trains its backbone "
                        "(freeze_backbone=False): use --synth_pool 0")
-    views = args.synth_pool * n_train + (2 * n_val if args.synth_pool else 0) + (n_train if model.bank else 0)
+    views = args.synth_pool * n_train + (2 * n_val if args.synth_pool else 0) + \
+        (min(n_train, CALIBRATION_IMAGES) if model.bank else 0)
     if not views:
         return
     need = pool_bytes(model, views, args.img_size)
@@ -761,12 +764,23 @@ class SyntheticPool:
                                   drop_last=self.drop_last))
 
 
+def calibration_images(bank_idx, seed: int) -> list:
+    """The bank images whose leave-one-out scores join the held-out normals in the threshold: all of them, or a
+    seeded CALIBRATION_IMAGES of them (they are decoded at every validation: enough for a 95 % quantile, not a
+    cost that grows with the train split)."""
+    if len(bank_idx) <= CALIBRATION_IMAGES:
+        return list(bank_idx)
+    pick = np.random.default_rng(seed).choice(len(bank_idx), CALIBRATION_IMAGES, replace=False)
+    return sorted(bank_idx[i] for i in pick)
+
+
 def cached_calibration_views(model, base, bank_idx, device, args) -> CachedBatches:
-    """The bank's own train images, clean, encoded once with leave-one-out distances (each without its own
-    patches): normals for the decision threshold beside the held-out ones (see MambaAlign.calibrate)."""
-    loader = _normals_loader(base, bank_idx, args, device)
-    cache = encode_views(model, [(loader, "calibration views")], len(bank_idx), device, args, exclude=True)
-    return CachedBatches(cache, list(range(len(bank_idx))), args.batch_size, device, rows=lambda p: p)
+    """Bank images (``calibration_images``), clean, encoded once with leave-one-out distances (each without its
+    own patches): normals for the decision threshold beside the held-out ones (see MambaAlign.calibrate)."""
+    idx = calibration_images(bank_idx, args.seed)
+    loader = _normals_loader(base, idx, args, device)
+    cache = encode_views(model, [(loader, "calibration views")], len(idx), device, args, exclude=True)
+    return CachedBatches(cache, list(range(len(idx))), args.batch_size, device, rows=lambda p: p)
 
 
 def cached_validation(model, val_loader, device, args) -> CachedBatches:
@@ -893,8 +907,8 @@ def main(args):
         t0 = time.time()
         calib_loader = cached_calibration_views(model, base, train_idx, device, args)
         log(f"calibration: the threshold at --target_fpr {args.target_fpr:g} is taken over the {len(val_idx)} "
-            f"held-out and the {len(train_idx)} bank images (leave-one-out), encoded once "
-            f"({time.time() - t0:.1f} s)")
+            f"held-out and {len(calibration_images(train_idx, args.seed))} of the {len(train_idx)} bank images "
+            f"(leave-one-out), encoded once ({time.time() - t0:.1f} s)")
 
     cloud_state = ckpt.get("pointcloud") if ckpt is not None else None
     if with_clouds and is_main:

@@ -16,7 +16,8 @@ from typing import Dict, List, Optional, Tuple
 from .base import AnomalyDataset, Record, ShiftedAux
 from .transforms import DatasetError
 
-__all__ = ["build_dataset", "list_objects", "default_aux_ch", "dataset_class", "DATASETS", "AnomalyDataset", "DatasetError",
+__all__ = ["build_dataset", "list_objects", "default_aux_ch", "dataset_class", "DATASETS", "AnomalyDataset",
+           "DatasetError",
            "Record", "ShiftedAux"]
 
 # name -> (module, class). Each class says which aux channel counts it provides (AUX_CHOICES, default first).

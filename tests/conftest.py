@@ -59,3 +59,16 @@ def fit_random_bank(model, height: int, width: int, n: int = 4, seed: int = 1):
 def fit_bank():
     """fit_bank(model, H, W): fit a fresh model's memory bank on random images."""
     return fit_random_bank
+
+
+def run_script(script, argv, capsys):
+    """Run a script's command line in this process as a user would (engine.run_cli): (exit code, stdout,
+    stderr)."""
+    from engine import run_cli
+    code = 0
+    try:
+        run_cli(script.main, script.get_args_parser(), argv)
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    out, err = capsys.readouterr()
+    return code, out, err

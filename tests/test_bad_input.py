@@ -13,20 +13,12 @@ from PIL import Image
 
 import eval as eval_script
 import train as train_script
-from engine import run_cli
+from conftest import run_script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _cli(script, argv, capsys):
-    """Run a script's command line in this process: (exit code, stdout, stderr)."""
-    code = 0
-    try:
-        run_cli(script.main, script.get_args_parser(), argv)
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    out, err = capsys.readouterr()
-    return code, out, err
+_cli = run_script
 
 
 def _one_line_error(code, err, *needles):

@@ -12,18 +12,12 @@ import prepare_data
 import pointcloud
 import train as train_script
 from datasets import build_dataset
-from datasets.synthetic import depth_to_xyz, height_mesh, render_sample, write_mulsen_tree, write_mvtec3d_tree, write_stl
-from engine import run_cli
+from datasets.synthetic import (depth_to_xyz, height_mesh, render_sample, write_mulsen_tree, write_mvtec3d_tree,
+                                write_stl)
+from conftest import run_script
 
 
-def _cli(script, argv, capsys):
-    code = 0
-    try:
-        run_cli(script.main, script.get_args_parser(), argv)
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    out, err = capsys.readouterr()
-    return code, out, err
+_cli = run_script
 
 
 def _former_ransac_background(xyz, dist, border=0.1, iterations=300, seed=0):
@@ -36,7 +30,7 @@ def _former_ransac_background(xyz, dist, border=0.1, iterations=300, seed=0):
     band[:b], band[-b:], band[:, :b], band[:, -b:] = True, True, True, True
     pts = xyz[band & valid].astype(np.float64)
     rng = np.random.default_rng(seed)
-    best_inl, best = None, None
+    best_inl = None
     for _ in range(iterations):
         a, b_, c = pts[rng.choice(len(pts), 3, replace=False)]
         n = np.cross(b_ - a, c - a)
@@ -45,7 +39,7 @@ def _former_ransac_background(xyz, dist, border=0.1, iterations=300, seed=0):
         n /= np.linalg.norm(n)
         inl = np.abs(pts @ n - n @ a) < dist
         if best_inl is None or inl.sum() > best_inl.sum():
-            best_inl, best = inl, n
+            best_inl = inl
     p = pts[best_inl]
     n = np.linalg.svd(p - p.mean(0))[2][-1]
     d = -n @ p.mean(0)

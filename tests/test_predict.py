@@ -9,21 +9,14 @@ from PIL import Image
 
 import export as export_script
 import predict as predict_script
-from conftest import fit_random_bank
-from engine import load_checkpoint, run_cli
+from conftest import fit_random_bank, run_script
+from engine import load_checkpoint
 from MambaAlign import mambaalign_tiny
 
 SIZE = 64
 
 
-def _cli(script, argv, capsys):
-    code = 0
-    try:
-        run_cli(script.main, script.get_args_parser(), argv)
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    out, err = capsys.readouterr()
-    return code, out, err
+_cli = run_script
 
 
 def _save(model, path, dataset="mulsenad"):
@@ -238,3 +231,15 @@ def test_an_mvtec3d_tree_is_scored_with_aux_beside_the_images(tmp_path, capsys):
     rows = _rows(tmp_path / "p" / "predictions.csv")
     assert len(rows) == 6 and all(r["aux_path"].endswith(".tiff") and "/xyz/" in r["aux_path"] for r in rows)
     assert not _rows(tmp_path / "p" / "skipped.csv")
+
+
+def test_non_finite_input_is_skipped_never_decided(tmp_path, parts, checkpoints, capsys):
+    """A float image holding NaN is a skipped file with its reason, not a part scored NaN and passed."""
+    rgb, ir, _ = parts
+    Image.fromarray(np.full((SIZE, SIZE), np.nan, np.float32)).save(rgb / "a" / "nan.tiff")
+    _png(str(ir / "a" / "nan.png"), np.zeros((SIZE, SIZE), np.uint8))
+    code, _, err = _cli(predict_script, _predict(checkpoints["ir"], rgb, ir, tmp_path / "p"), capsys)
+    assert code == 0, err
+    skipped = {r["path"]: r["reason"] for r in _rows(tmp_path / "p" / "skipped.csv")}
+    assert "non-finite" in skipped[str(rgb / "a" / "nan.tiff")]
+    assert str(rgb / "a" / "nan.tiff") not in {r["path"] for r in _rows(tmp_path / "p" / "predictions.csv")}

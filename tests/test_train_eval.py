@@ -214,3 +214,14 @@ def test_model_flags_reach_the_config():
     assert bare.normality == "none" and bare.image_score == "head"
     with pytest.raises(ERRORS, match="image_score='head\\+bank' needs normality='bank'"):
         train_script.build_config(parse("--no_bank", "--image_score", "head+bank"), 3)
+
+
+def test_calibration_takes_every_bank_image_up_to_the_cap_then_a_seeded_subset():
+    cap = train_script.CALIBRATION_IMAGES
+    small = list(range(cap - 3))
+    assert train_script.calibration_images(small, seed=0) == small
+    big = list(range(10, 10 + 3 * cap))
+    pick = train_script.calibration_images(big, seed=0)
+    assert len(pick) == cap == len(set(pick)) and set(pick) <= set(big) and pick == sorted(pick)
+    assert pick == train_script.calibration_images(big, seed=0)          # the same images on resume
+    assert pick != train_script.calibration_images(big, seed=1)
