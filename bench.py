@@ -31,11 +31,12 @@ from __future__ import annotations
 
 import argparse
 import gc
+import math
 import os
 import statistics
 import sys
 import time
-from typing import Callable, List
+from typing import Callable, List, Optional
 
 import numpy as np
 import torch
@@ -368,6 +369,20 @@ def bench_metrics(args) -> None:
 # ablation
 # ----------------------------------------------------------------------------------------------------
 
+def _summary_decision(summary) -> dict:
+    """The share of good / anomalous test parts flagged at the stored threshold, from eval.py's summary (NaN
+    where the checkpoint has no threshold)."""
+    decision = next(iter(summary["decision"].values()))
+    nan = lambda v: float("nan") if v is None else v
+    return {"good_flagged": nan(decision["test_fpr"]), "anomalous_flagged": nan(decision["test_tpr"])}
+
+
+def _flagged_cell(m) -> str:
+    """'good / anomalous' flagged shares of a result dict, '-' for a method without a threshold."""
+    good, bad = m["good_flagged"], m["anomalous_flagged"]
+    return "-" if math.isnan(good) and math.isnan(bad) else f"{good:.2f} / {bad:.2f}"
+
+
 ABLATIONS = {"full": [], "RGB-only": ["--aux_ch", "0"], "no bank": ["--no_bank"], "PMM on": ["--pmm", "on"],
              "no PMM": ["--pmm", "off"],
              "no CMI": ["--no_cmi"], "no AAF": ["--no_aaf"], "global align": ["--global_align", "shift"],
@@ -403,7 +418,10 @@ def bench_ablation(args) -> None:
             summary = eval_script.main(eval_script.get_args_parser().parse_args(
                 ["--checkpoint", os.path.join(out, "best_checkpoint.pth"), "--out_dir", os.path.join(out, "eval"),
                  "--quiet"]))
-            runs.append({k: summary["overall"][k] for k in ABLATION_KEYS})
+            before = _rates_at(os.path.join(out, "eval"),
+                               _heldout_only_threshold(os.path.join(out, "best_checkpoint.pth")))
+            runs.append(dict({k: summary["overall"][k] for k in ABLATION_KEYS}, **_summary_decision(summary),
+                             good_flagged_heldout=before[0], anomalous_flagged_heldout=before[1]))
         results[name] = {"runs": runs, "min_per_run": (time.time() - t0) / 60 / len(runs)}
         with open(os.path.join(args.out_dir, "ablation.json"), "w") as fh:
             json.dump(results, fh, indent=1)
@@ -413,12 +431,18 @@ def bench_ablation(args) -> None:
         return f"{st.mean(vals):.3f}" + (f" ± {st.stdev(vals):.3f}" if len(vals) > 1 else "")
 
     for name, r in results.items():
+        mean = lambda k: st.mean(run[k] for run in r["runs"])
+        flagged = {k: mean(k) for k in ("good_flagged", "anomalous_flagged")}
+        heldout = {k: mean(k + "_heldout") for k in ("good_flagged", "anomalous_flagged")}
         rows.append([name, " ".join(ABLATIONS[name]) or "(defaults)"] + [cell(r["runs"], k) for k in ABLATION_KEYS]
-                    + [f"{r['min_per_run']:.1f}"])
+                    + [_flagged_cell(flagged), _flagged_cell(heldout), f"{r['min_per_run']:.1f}"])
     split = f", data seed {args.data_seed}" if args.dataset == "synthetic" else ""
     print_table(f"ablation on {args.dataset}/{args.object}{split} at {args.img_size}px, {args.epochs} epochs, seeds "
-                f"{args.seed}..{args.seed + args.seeds - 1}, mean ± std (test split, via eval.py)",
-                ["variant", "train.py flags", "image AUROC", "AUPRO 0.3", "AUPRO 0.05", "AUPRO 0.01", "min / run"],
+                f"{args.seed}..{args.seed + args.seeds - 1}, mean ± std (test split, via eval.py); flagged: share of good / "
+                f"anomalous test parts above the stored threshold (held-out + bank leave-one-out normals) and above "
+                f"the threshold of the held-out normals alone, mean over seeds",
+                ["variant", "train.py flags", "image AUROC", "AUPRO 0.3", "AUPRO 0.05", "AUPRO 0.01",
+                 "flagged (stored)", "flagged (held-out only)", "min / run"],
                 rows)
 
 
@@ -427,6 +451,7 @@ def bench_ablation(args) -> None:
 # ----------------------------------------------------------------------------------------------------
 
 COMPARE_KEYS = ("image_auroc", "pixel_auroc", "aupro", "aupro_0.05")
+DECISION_KEYS = ("good_flagged", "anomalous_flagged")          # at the stored threshold (NaN: no threshold)
 
 
 def floor_map(rgb01: torch.Tensor, sigma: float = 4.0) -> torch.Tensor:
@@ -438,13 +463,19 @@ def floor_map(rgb01: torch.Tensor, sigma: float = 4.0) -> torch.Tensor:
     return gaussian_blur((rgb01 - med).norm(dim=1, keepdim=True), sigma)
 
 
-def _metrics_of(scores, labels, maps, masks):
+def _metrics_of(scores, labels, maps, masks, decisions=None):
+    """COMPARE_KEYS of one method's test scores, and the share of good / anomalous parts its stored threshold
+    flags (``decisions``, 0/1 per image; NaN for a method without a threshold)."""
     import warnings
     import metrics
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         m = metrics.compute_metrics(scores, labels, maps, masks)
-    return {k: m[k] for k in COMPARE_KEYS}
+    out = {k: m[k] for k in COMPARE_KEYS}
+    for key, label in (("good_flagged", 0), ("anomalous_flagged", 1)):
+        pick = labels == label
+        out[key] = float(decisions[pick].mean()) if decisions is not None and pick.any() else float("nan")
+    return out
 
 
 def _test_loader(dataset, root, obj, img_size, aux_ch, seed=0):
@@ -455,19 +486,22 @@ def _test_loader(dataset, root, obj, img_size, aux_ch, seed=0):
 
 
 def _score_test_split(dataset, root, obj, img_size, aux_ch, scorer):
-    """Run ``scorer(batch) -> {method: (map (B, 1, H, W), image score (B,))}`` over a test split; metrics per
-    method."""
+    """Run ``scorer(batch) -> {method: (map (B, 1, H, W), image score (B,), decision (B,) or None)}`` over a
+    test split; metrics per method."""
     import numpy as np
     cat = np.concatenate
     res = {}
     for b in _test_loader(dataset, root, obj, img_size, aux_ch):
-        for name, (maps, scores) in scorer(b).items():
-            r = res.setdefault(name, {"s": [], "m": [], "y": [], "g": []})
+        for name, (maps, scores, decisions) in scorer(b).items():
+            r = res.setdefault(name, {"s": [], "m": [], "y": [], "g": [], "d": []})
             r["s"].append(scores.numpy())
             r["m"].append(maps[:, 0].numpy())
             r["y"].append(np.asarray(b["label"]))
             r["g"].append(b["mask"][:, 0].numpy() > 0.5)
-    return {name: _metrics_of(cat(r["s"]), cat(r["y"]), cat(r["m"]), cat(r["g"])) for name, r in res.items()}
+            if decisions is not None:
+                r["d"].append(decisions.float().numpy())
+    return {name: _metrics_of(cat(r["s"]), cat(r["y"]), cat(r["m"]), cat(r["g"]), cat(r["d"]) if r["d"] else None)
+            for name, r in res.items()}
 
 
 def _compare_floor(dataset, root, obj, img_size):
@@ -475,7 +509,7 @@ def _compare_floor(dataset, root, obj, img_size):
 
     def scorer(b):
         m = floor_map(torch.stack([denormalize_rgb(x) for x in b["rgb"]]))
-        return {"floor (border-median colour distance)": (m, m.flatten(1).amax(1))}
+        return {"floor (border-median colour distance)": (m, m.flatten(1).amax(1), None)}
     return _score_test_split(dataset, root, obj, img_size, 0, scorer)
 
 
@@ -490,9 +524,9 @@ def _compare_knn(args, dataset, root, obj, aux_ch, out):
 
     def scorer(b):
         o = model(b["rgb"], b.get("aux"))
-        parts = {f"knn {m}": (v["map"], v["score"]) for m, v in o["per_modality"].items()}
-        if aux_ch:
-            parts["knn fused"] = (o["seg_logits"], o["score_logit"])
+        decision = o["score_logit"] > model.threshold                     # the stored threshold, fused score
+        parts = {f"knn {m}": (v["map"], v["score"], None) for m, v in o["per_modality"].items()}
+        parts[f"knn {'fused' if aux_ch else 'rgb'}"] = (o["seg_logits"], o["score_logit"], decision)
         return parts
     return _score_test_split(dataset, root, obj, args.img_size, aux_ch, scorer)
 
@@ -516,8 +550,8 @@ def _compare_knn_fpfh(args, obj, out):
 
     def scorer(b):
         o = model(b["rgb"], b["aux"])
-        return {"knn fpfh": (o["per_modality"]["aux"]["map"], o["per_modality"]["aux"]["score"]),
-                "knn rgb+fpfh": (o["seg_logits"], o["score_logit"])}
+        return {"knn fpfh": (o["per_modality"]["aux"]["map"], o["per_modality"]["aux"]["score"], None),
+                "knn rgb+fpfh": (o["seg_logits"], o["score_logit"], o["score_logit"] > model.threshold)}
     return _score_test_split("mvtec3d", prep, obj, args.img_size, 33, scorer)
 
 
@@ -531,7 +565,7 @@ def _compare_model(args, dataset, root, obj, aux_ch, seed, out):
     summary = eval_script.main(eval_script.get_args_parser().parse_args(
         ["--checkpoint", os.path.join(out, "best_checkpoint.pth"), "--out_dir", os.path.join(out, "eval"),
          "--quiet"]))
-    return {k: summary["overall"][k] for k in COMPARE_KEYS}
+    return dict({k: summary["overall"][k] for k in COMPARE_KEYS}, **_summary_decision(summary))
 
 
 def _compare_sets(args):
@@ -576,7 +610,7 @@ def bench_compare(args) -> None:
             for seed in range(n_seeds):
                 runs.append(_compare_model(args, dataset, root, obj, ch, seed,
                                            os.path.join(out, f"mambaalign_aux{ch}_seed{seed}")))
-            mean = {k: st.mean(r[k] for r in runs) for k in COMPARE_KEYS}
+            mean = {k: st.mean(r[k] for r in runs) for k in COMPARE_KEYS + DECISION_KEYS}
             std = {k: st.stdev([r[k] for r in runs]) for k in COMPARE_KEYS} if len(runs) > 1 else None
             per[label] = {"mean": mean, "std": std, "seeds": len(runs), "time_s": (time.time() - t0) / len(runs)}
         results[name] = per
@@ -590,16 +624,20 @@ def bench_compare(args) -> None:
     for name, per in results.items():
         for method, v in per.items():
             rows.append([name, method, str(v["seeds"])] + [cell(v, k) for k in COMPARE_KEYS]
-                        + [f"{v['time_s']:.0f}"])
+                        + [_flagged_cell(v["mean"]), f"{v['time_s']:.0f}"])
     methods = list(dict.fromkeys(m for per in results.values() for m in per))
     for method in methods:
         have = [per[method]["mean"] for per in results.values() if method in per]
+        pooled = {k: st.mean(h[k] for h in have) for k in COMPARE_KEYS + DECISION_KEYS}
         rows.append(["mean", method, f"{len(have)} classes"]
-                    + [f"{st.mean(h[k] for h in have):.3f}" for k in COMPARE_KEYS] + [""])
+                    + [f"{pooled[k]:.3f}" for k in COMPARE_KEYS] + [_flagged_cell(pooled), ""])
     print_table(f"compare at {args.img_size}px; trained models: {args.epochs} epochs, seeds 0..{args.seeds - 1} "
                 f"on the real classes and synthetic/disc (one seed elsewhere), mean ± std over seeds; "
-                f"test splits via eval.py; whole table {(time.time() - t_all) / 60:.1f} min",
-                ["class", "method", "seeds", "image AUROC", "pixel AUROC", "AUPRO 0.3", "AUPRO 0.05", "s / run"],
+                f"test splits via eval.py; flagged: share of good / anomalous test parts above the stored "
+                f"threshold (mean over seeds; - where a method has none); whole table "
+                f"{(time.time() - t_all) / 60:.1f} min",
+                ["class", "method", "seeds", "image AUROC", "pixel AUROC", "AUPRO 0.3", "AUPRO 0.05",
+                 "good / anomalous flagged", "s / run"],
                 rows)
 
 
@@ -699,9 +737,20 @@ def bench_fit(args) -> None:
 # decision: does the threshold stored at training hold on the test split's parts?
 # ----------------------------------------------------------------------------------------------------
 
-def _heldout_only_threshold(ckpt_path: str, target_fpr: float) -> float:
+def _rates_at(eval_dir: str, threshold: float):
+    """(share of good, share of anomalous) test images of eval.py's eval_results.csv whose score_logit exceeds
+    ``threshold``."""
+    import csv
+    with open(os.path.join(eval_dir, "eval_results.csv")) as fh:
+        res = [(float(r["score_logit"]), int(r["label"])) for r in csv.DictReader(fh)]
+    rate = lambda lab: (sum(s > threshold for s, y in res if y == lab) / n) if (n := sum(y == lab for _, y in res)) \
+        else float("nan")
+    return rate(0), rate(1)
+
+
+def _heldout_only_threshold(ckpt_path: str, target_fpr: Optional[float] = None) -> float:
     """The threshold train.py stored before every train normal took part: the quantile of the held-out normals'
-    clean scores alone (for the before/after comparison)."""
+    clean scores alone (for the before/after comparison), at ``target_fpr`` or the checkpoint's --target_fpr."""
     import json
     from torch.utils.data import DataLoader
     from datasets import build_dataset
@@ -721,7 +770,7 @@ def _heldout_only_threshold(ckpt_path: str, target_fpr: float) -> float:
     with torch.no_grad():
         for b in DataLoader(clean, batch_size=8):
             scores += model(b["rgb"], b.get("aux"))["score_logit"].tolist()
-    return threshold_at_fpr(scores, target_fpr)
+    return threshold_at_fpr(scores, a.get("target_fpr", 0.05) if target_fpr is None else target_fpr)
 
 
 def _recalibrated_rates(args, ckpt_path: str, root: str, obj: str, out: str, n_cal: int):
@@ -784,12 +833,9 @@ def bench_decision(args) -> None:
             ckpt = os.path.join(out, "best_checkpoint.pth")
             summary = eval_script.main(eval_script.get_args_parser().parse_args(
                 ["--checkpoint", ckpt, "--out_dir", os.path.join(out, "eval"), "--quiet"]))
-            with open(os.path.join(out, "eval", "eval_results.csv")) as fh:
-                res = [(float(r["score_logit"]), int(r["label"])) for r in __import__("csv").DictReader(fh)]
             thr_before = _heldout_only_threshold(ckpt, 0.05)
-            rate = lambda thr, lab: sum(s > thr for s, y in res if y == lab) / sum(y == lab for _, y in res)
             d = summary["decision"][obj]
-            before = (rate(thr_before, 0), rate(thr_before, 1))
+            before = _rates_at(os.path.join(out, "eval"), thr_before)
             after = (d["test_fpr"], d["test_tpr"])
             line = _recalibrated_rates(args, ckpt, root, obj, out, 5)
             for k, v in (("before", before), ("after", after), ("line", line)):

@@ -225,3 +225,36 @@ def test_calibration_takes_every_bank_image_up_to_the_cap_then_a_seeded_subset()
     assert len(pick) == cap == len(set(pick)) and set(pick) <= set(big) and pick == sorted(pick)
     assert pick == train_script.calibration_images(big, seed=0)          # the same images on resume
     assert pick != train_script.calibration_images(big, seed=1)
+
+
+@pytest.mark.slow
+def test_bench_compare_reports_the_decision_beside_every_auroc(tmp_path, monkeypatch, capsys):
+    """bench.py compare on one class, one seed: every method with a stored threshold (knn fused, MambaAlign)
+    shows the share of good / anomalous test parts it flags; methods without one show '-'."""
+    import bench
+    monkeypatch.setattr(bench, "_compare_sets", lambda args: [("synthetic", None, "ring", 3, 1)])
+    args = bench.get_args_parser().parse_args(["compare", "--img_size", "64", "--epochs", "1", "--seeds", "1",
+                                               "--fpfh", "0", "--out_dir", str(tmp_path)])
+    bench.bench_compare(args)
+    rows = {tuple(c.strip() for c in line.split("|")[1:3]): [c.strip() for c in line.split("|")[3:-1]]
+            for line in capsys.readouterr().out.splitlines() if line.startswith("| synthetic/ring")}
+    flagged = lambda method: rows[("synthetic/ring", method)][-2]
+    assert flagged("floor (border-median colour distance)") == "-" and flagged("knn rgb") == "-"
+    for method in ("knn fused", "MambaAlign RGB-only", "MambaAlign RGB + aux"):
+        good, bad = (float(x) for x in flagged(method).split(" / "))
+        assert 0 <= good <= 1 and 0 <= bad <= 1
+    saved = json.loads((tmp_path / "compare.json").read_text())["synthetic/ring"]
+    assert set(saved["MambaAlign RGB + aux"]["mean"]) >= set(bench.COMPARE_KEYS + bench.DECISION_KEYS)
+
+
+def test_bench_decision_rates_count_scores_above_the_threshold(tmp_path):
+    import bench
+    rows = [("a", 0, 1.0), ("b", 0, 3.0), ("c", 0, 0.5), ("d", 0, 2.5), ("e", 1, 2.0), ("f", 1, 4.0)]
+    with open(tmp_path / "eval_results.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["path", "label", "score_logit"])
+        w.writerows([(p, y, s) for p, y, s in rows])
+    assert bench._rates_at(str(tmp_path), 2.0) == (0.5, 0.5)          # strictly above, as eval.py decides
+    assert bench._rates_at(str(tmp_path), 9.0) == (0.0, 0.0)
+    assert bench._flagged_cell({"good_flagged": 0.5, "anomalous_flagged": 1.0}) == "0.50 / 1.00"
+    assert bench._flagged_cell({"good_flagged": math.nan, "anomalous_flagged": math.nan}) == "-"
