@@ -57,19 +57,19 @@ def remove_background(xyz: np.ndarray, dist: float = PLANE_DIST, border: float =
 def _prepare_xyz(src: str, dst: str, dist, border, iterations, fpfh: bool) -> str:
     """One xyz file: background removed into ``dst``, normals (and FPFH) cached beside it. Returns "processed"
     or "skipped" (already done); a bad file raises DatasetError naming it."""
-    from datasets.mvtec3d import cache_path, fpfh_grid_of, read_xyz, write_cache
+    from datasets.mvtec3d import cache_is_current, cache_path, fpfh_grid_of, read_xyz, write_cache
     from datasets.transforms import normals_from_xyz
     caches = [("normals", cache_path(dst, "normals"))] + ([("fpfh", cache_path(dst, "fpfh"))] if fpfh else [])
-    if os.path.exists(dst) and all(os.path.exists(c) for _, c in caches):
+    if os.path.exists(dst) and all(cache_is_current(c, kind) for kind, c in caches):
         return "skipped"
     xyz = read_xyz(dst) if os.path.exists(dst) else remove_background(read_xyz(src), dist, border, iterations)
     for kind, cache in caches:
-        if os.path.exists(cache):
+        if cache_is_current(cache, kind):
             continue
         if kind == "normals":
-            write_cache(cache, *normals_from_xyz(xyz, dst))
+            write_cache(cache, *normals_from_xyz(xyz, dst), kind="normals")
         else:
-            write_cache(cache, *fpfh_grid_of(xyz), image_hw=xyz.shape[:2])
+            write_cache(cache, *fpfh_grid_of(xyz), image_hw=xyz.shape[:2], kind="fpfh")
     if not os.path.exists(dst):
         _write_tiff(dst, xyz)        # last: its presence (with the caches) marks the sample done
     return "processed"

@@ -14,6 +14,7 @@ milliseconds), else they are computed from the xyz file on every read (FPFH: abo
 from __future__ import annotations
 
 import os
+import warnings
 from typing import List, Optional, Tuple
 
 import numpy as np
@@ -45,19 +46,53 @@ def cache_path(xyz_path: str, kind: str) -> Optional[str]:
     return os.path.join(os.path.dirname(folder), kind, os.path.splitext(name)[0] + ".npz")
 
 
-def write_cache(path: str, values: np.ndarray, valid: np.ndarray, image_hw: Optional[Tuple[int, int]] = None
-                ) -> None:
-    """An (h, w, C) float16 map and its (h, w) valid mask, written whole (temporary name, then renamed); a map on a
-    coarser grid than its image (FPFH) records the image's (H, W) to be read back at that size."""
+# The version of what each cache kind holds; a cache of another version is stale (computed by an earlier rule:
+# normals v1 left the border and the pixels beside missing points without a normal, see normals_from_xyz).
+CACHE_VERSIONS = {"normals": 2, "fpfh": 1}
+
+
+def cache_is_current(path: str, kind: str) -> bool:
+    """Whether the cache file at ``path`` exists and holds ``kind`` at its current version (files without a
+    version are version 1)."""
+    if not os.path.isfile(path):
+        return False
+    try:
+        with np.load(path) as z:
+            version = int(z["version"]) if "version" in z.files else 1
+    except (OSError, ValueError, EOFError):
+        return False
+    return version == CACHE_VERSIONS[kind]
+
+
+def write_cache(path: str, values: np.ndarray, valid: np.ndarray, image_hw: Optional[Tuple[int, int]] = None,
+                kind: str = "normals") -> None:
+    """An (h, w, C) float16 map and its (h, w) valid mask, written whole (temporary name, then renamed) with the
+    current version of ``kind``; a map on a coarser grid than its image (FPFH) records the image's (H, W) to be
+    read back at that size."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = f"{path}.tmp.{os.getpid()}.npz"
     hw = np.asarray(image_hw if image_hw is not None else valid.shape, dtype=np.int64)
     try:
-        np.savez(tmp, values=values.astype(np.float16), valid=valid.astype(bool), image_hw=hw)
+        np.savez(tmp, values=values.astype(np.float16), valid=valid.astype(bool), image_hw=hw,
+                 version=np.int64(CACHE_VERSIONS[kind]))
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+_STALE_WARNED = set()
+
+
+def _warn_stale_cache(path: str, kind: str) -> None:
+    """Once per folder: a stale cache is not used (its values were computed by an earlier rule); the values are
+    computed from the xyz file instead, as without a cache."""
+    folder = os.path.dirname(path)
+    if folder not in _STALE_WARNED:
+        _STALE_WARNED.add(folder)
+        warnings.warn(f"{folder}: {kind} caches written by an earlier prepare_data.py are not used; they are computed "
+                      f"from the xyz files instead (slower). Run prepare_data.py again with the same --dst to "
+                      f"refresh them.", stacklevel=2)
 
 
 def read_cache(path: str, source: str) -> Tuple[np.ndarray, np.ndarray]:
@@ -128,9 +163,12 @@ class MVTec3D(AnomalyDataset):
 
     @classmethod
     def read_aux(cls, path, aux_ch):
-        cached = cache_path(path, {3: "normals", 33: "fpfh"}.get(aux_ch, ""))
+        kind = {3: "normals", 33: "fpfh"}.get(aux_ch, "")
+        cached = cache_path(path, kind)
         if cached and os.path.isfile(cached):
-            return read_cache(cached, path)
+            if cache_is_current(cached, kind):
+                return read_cache(cached, path)
+            _warn_stale_cache(cached, kind)
         xyz = read_xyz(path)
         if aux_ch == 33:
             return fpfh_full_res(xyz)

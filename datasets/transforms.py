@@ -177,22 +177,34 @@ def decode_normals_png(arr: np.ndarray, axis_order: str = "xyz", flip: str = "",
 def normals_from_xyz(xyz: np.ndarray, path: str = "") -> Tuple[np.ndarray, np.ndarray]:
     """Unit normals (H, W, 3) and a valid mask (H, W) from an organised point cloud (H, W, 3), zeros = missing.
 
-    n = (P[i, j+1] - P[i, j-1]) x (P[i+1, j] - P[i-1, j]), normalised, oriented towards the camera (n . P < 0).
-    A pixel is valid when it and its four neighbours have points (border pixels are invalid).
+    n = dP/dx x dP/dy, normalised, oriented towards the camera (n . P < 0). Each derivative is the central
+    difference where both neighbours have points, else the one-sided difference to the neighbour that has one (as
+    ``np.gradient`` does at an array's edge). A pixel is valid when it has a point and a neighbour along each axis.
+
+    Why one-sided: with central differences only, the image border and every pixel beside a missing point had no
+    normal (zeros). A model trained on normals rendered everywhere (the synthetic objects) then saw a ring of
+    zeros on every image read from xyz and flagged every part; the object's silhouette lost its outermost pixels.
     """
     if xyz.ndim != 3 or xyz.shape[2] != 3:
         raise DatasetError(f"xyz file {path} must be an organised H x W x 3 point cloud, got shape {xyz.shape}")
     P = xyz.astype(np.float64)
     has = np.any(P != 0, axis=2)
-    valid = np.zeros_like(has)
-    valid[1:-1, 1:-1] = (has[1:-1, 1:-1] & has[1:-1, 2:] & has[1:-1, :-2] & has[2:, 1:-1] & has[:-2, 1:-1])
-    dx = np.zeros_like(P)
-    dy = np.zeros_like(P)
-    dx[:, 1:-1] = P[:, 2:] - P[:, :-2]
-    dy[1:-1] = P[2:] - P[:-2]
+
+    def derivative(axis: int):
+        Pp = np.pad(P, [(1, 1) if a == axis else (0, 0) for a in range(3)])
+        hp = np.pad(has, [(1, 1) if a == axis else (0, 0) for a in range(2)])
+        cut = lambda x, lo, hi: x[lo:x.shape[0] - hi] if axis == 0 else x[:, lo:x.shape[1] - hi]
+        before, after = cut(Pp, 0, 2), cut(Pp, 2, 0)
+        h_before, h_after = cut(hp, 0, 2)[..., None], cut(hp, 2, 0)[..., None]
+        d = np.where(h_before & h_after, after - before,
+                     np.where(h_after, after - P, np.where(h_before, P - before, 0.0)))
+        return d, (h_before | h_after)[..., 0]
+
+    dx, ok_x = derivative(1)
+    dy, ok_y = derivative(0)
     n = np.cross(dx, dy)
     norm = np.linalg.norm(n, axis=2, keepdims=True)
-    valid &= norm[..., 0] > 1e-12
+    valid = has & ok_x & ok_y & (norm[..., 0] > 1e-12)
     n = n / np.maximum(norm, 1e-12)
     flip = np.sum(n * P, axis=2) > 0
     n[flip] *= -1

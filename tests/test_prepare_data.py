@@ -115,3 +115,29 @@ def test_a_bad_file_is_named_at_the_end_and_the_rest_prepared_and_resumed(tmp_pa
     counts = prepare_data.prepare_mvtec3d(str(src), str(dst), progress=False)
     assert counts == {"processed": 1, "copied": 0, "skipped": 5}                          # resumed
     assert not [p for p in dst.rglob("*") if ".tmp" in p.name]
+
+
+def test_a_stale_normals_cache_is_not_used_and_preparing_again_refreshes_it(tmp_path):
+    """Normals caches of an earlier rule (v1: no normal on the border or beside missing points) are computed from
+    the xyz instead, with a warning; prepare_data.py on the same destination rewrites them, and nothing else."""
+    from datasets.mvtec3d import MVTec3D, cache_is_current, cache_path
+    from datasets.transforms import normals_from_xyz
+    from datasets.mvtec3d import read_xyz
+    _raw_tree(str(tmp_path / "src"))
+    dst = str(tmp_path / "dst")
+    prepare_data.prepare_mvtec3d(str(tmp_path / "src"), dst, progress=False)
+    xyz_file = os.path.join(dst, "peach", "train", "good", "xyz", "000.tiff")
+    cache = cache_path(xyz_file, "normals")
+    assert cache_is_current(cache, "normals")
+    fresh = np.load(cache)["values"]
+    np.savez(cache, values=np.zeros_like(fresh), valid=np.zeros(fresh.shape[:2], bool),
+             image_hw=np.asarray(fresh.shape[:2]))                           # the v1 layout: no version field
+    assert not cache_is_current(cache, "normals")
+    with pytest.warns(UserWarning, match="earlier prepare_data.py"):
+        n, valid = MVTec3D.read_aux(xyz_file, 3)
+    expected, expected_valid = normals_from_xyz(read_xyz(xyz_file))
+    assert np.array_equal(valid, expected_valid) and np.allclose(n, expected, atol=1e-3)
+    tiff_before = _checksums(os.path.join(dst, "peach", "train", "good", "xyz"))
+    prepare_data.prepare_mvtec3d(str(tmp_path / "src"), dst, progress=False)
+    assert cache_is_current(cache, "normals") and np.array_equal(np.load(cache)["values"], fresh)
+    assert _checksums(os.path.join(dst, "peach", "train", "good", "xyz")) == tiff_before
