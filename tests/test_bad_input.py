@@ -308,14 +308,21 @@ def test_an_interrupt_is_one_line_with_the_resume_command_and_leaves_whole_files
     argv = _tree_train(tree, finished, "--epochs", "3", "--resume", "auto")
     script = tmp_path / "child.py"
     script.write_text(_INTERRUPTIBLE.format(root=ROOT, during_save=during_save, argv=argv))
+    # A job started in the background by a non-interactive shell (CI, nohup ... &) inherits SIGINT ignored, and
+    # Python then installs no KeyboardInterrupt handler: give the child the default disposition a terminal has.
     proc = subprocess.Popen([sys.executable, str(script)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
-    line = ""
-    while "SAVING" not in line and "TRAINING" not in line:
-        line = proc.stdout.readline()
-        assert line or proc.poll() is None, proc.stderr.read()
-    proc.send_signal(getattr(signal, sig))
-    _, err = proc.communicate(timeout=120)
+                            text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        line = ""
+        while "SAVING" not in line and "TRAINING" not in line:
+            line = proc.stdout.readline()
+            assert line or proc.poll() is None, proc.stderr.read()
+        proc.send_signal(getattr(signal, sig))
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
     assert proc.returncode == status, err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert "--resume auto" in err and ("terminated" if sig == "SIGTERM" else "interrupted") in err
