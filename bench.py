@@ -438,9 +438,9 @@ def bench_ablation(args) -> None:
                     + [_flagged_cell(flagged), _flagged_cell(heldout), f"{r['min_per_run']:.1f}"])
     split = f", data seed {args.data_seed}" if args.dataset == "synthetic" else ""
     print_table(f"ablation on {args.dataset}/{args.object}{split} at {args.img_size}px, {args.epochs} epochs, seeds "
-                f"{args.seed}..{args.seed + args.seeds - 1}, mean ± std (test split, via eval.py); flagged: share of good / "
-                f"anomalous test parts above the stored threshold (held-out + bank leave-one-out normals) and above "
-                f"the threshold of the held-out normals alone, mean over seeds",
+                f"{args.seed}..{args.seed + args.seeds - 1}, mean ± std (test split, via eval.py); flagged: share "
+                f"of good / anomalous test parts above the stored threshold (held-out + bank leave-one-out normals) "
+                f"and above the threshold of the held-out normals alone, mean over seeds",
                 ["variant", "train.py flags", "image AUROC", "AUPRO 0.3", "AUPRO 0.05", "AUPRO 0.01",
                  "flagged (stored)", "flagged (held-out only)", "min / run"],
                 rows)

@@ -120,9 +120,8 @@ def test_a_bad_file_is_named_at_the_end_and_the_rest_prepared_and_resumed(tmp_pa
 def test_a_stale_normals_cache_is_not_used_and_preparing_again_refreshes_it(tmp_path):
     """Normals caches of an earlier rule (v1: no normal on the border or beside missing points) are computed from
     the xyz instead, with a warning; prepare_data.py on the same destination rewrites them, and nothing else."""
-    from datasets.mvtec3d import MVTec3D, cache_is_current, cache_path
+    from datasets.mvtec3d import MVTec3D, cache_is_current, cache_path, read_xyz
     from datasets.transforms import normals_from_xyz
-    from datasets.mvtec3d import read_xyz
     _raw_tree(str(tmp_path / "src"))
     dst = str(tmp_path / "dst")
     prepare_data.prepare_mvtec3d(str(tmp_path / "src"), dst, progress=False)
