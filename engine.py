@@ -187,20 +187,30 @@ def load_checkpoint(path: str, map_location="cpu"):
         raise RunError(f"{path} is not a PyTorch checkpoint (not a pickle torch can read: "
                        f"{_weights_only_reason(exc)})") from None
     except Exception as exc:  # on corrupt bytes torch.load can raise almost anything (IndexError, KeyError, ...)
-        raise RunError(f"{path} is not a readable PyTorch checkpoint (truncated or another format: "
+        raise RunError(f"{path} is not a PyTorch checkpoint this can read (truncated or another format: "
                        f"{_first_line(exc)})") from None
 
 
 def _pickle_builds_objects(path: str) -> bool:
     """Whether a plain pickle file (not torch's zip format) names Python callables to build objects with: read
-    with pickletools, which only lists the opcodes and runs nothing. False for bytes that are no pickle."""
+    with pickletools, which only lists the opcodes and runs nothing. Only a whole pickle (every opcode valid, up
+    to its STOP) counts: random bytes often begin with such an opcode (a 1 in 60 chance for 4 KiB of them) and
+    are no pickle at all."""
     import pickletools
+    builds = False
     try:
         with open(path, "rb") as fh:
-            return any(op.name in ("GLOBAL", "STACK_GLOBAL", "INST", "OBJ", "REDUCE", "NEWOBJ", "NEWOBJ_EX")
-                       for op, _, _ in pickletools.genops(fh))
+            size = os.fstat(fh.fileno()).st_size
+            while fh.tell() < size:          # torch's legacy format is several pickles in a row
+                stopped = False
+                for op, _, _ in pickletools.genops(fh):
+                    builds |= op.name in ("GLOBAL", "STACK_GLOBAL", "INST", "OBJ", "REDUCE", "NEWOBJ", "NEWOBJ_EX")
+                    stopped = op.name == "STOP"
+                if not stopped:
+                    return False
     except Exception:  # pickletools raises ValueError and others on bytes that are no pickle
         return False
+    return builds
 
 
 def _weights_only_reason(exc: BaseException) -> str:
@@ -370,11 +380,10 @@ def write_visualisation(out_dir: str, name: str, anomaly_map: np.ndarray, rgb: t
     ``mask`` is given, the aux modality beside it."""
     from PIL import Image
     from scipy import ndimage
-    from datasets.transforms import aux_to_image, denormalize_rgb
+    from datasets.transforms import aux_to_image, colormap, denormalize_rgb
     hdir, odir = os.path.join(out_dir, "vis", "heatmaps"), os.path.join(out_dir, "vis", "overlays")
     os.makedirs(hdir, exist_ok=True)
     os.makedirs(odir, exist_ok=True)
-    from datasets.transforms import colormap
     heat = colormap(np.asarray(anomaly_map))
     _save_png(Image.fromarray(heat), os.path.join(hdir, name))
     img = (denormalize_rgb(rgb.float().cpu()).permute(1, 2, 0).numpy() * 255).astype(np.uint8)

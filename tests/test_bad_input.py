@@ -480,3 +480,17 @@ def test_backbone_weights_that_are_text_or_a_folder_say_so(tmp_path, capsys):
     code, _, err = _cli(train_script, TRAIN + ["--backbone_weights", str(tmp_path), "--out_dir", str(tmp_path / "o")],
                         capsys)
     _one_line_error(code, err, "is a directory")
+
+
+def test_random_bytes_are_never_taken_for_a_checkpoint_that_holds_code(tmp_path):
+    """Bytes that are no pickle are said to be no checkpoint, whatever they begin with: a file that merely starts
+    with an object-building opcode (REDUCE, OBJ, STACK_GLOBAL...) is not "holding Python objects"."""
+    import random
+    from engine import RunError, load_checkpoint
+    rng = random.Random(0)
+    path = tmp_path / "random.pth"
+    for _ in range(300):
+        path.write_bytes(bytes(rng.getrandbits(8) for _ in range(4096)))
+        with pytest.raises(RunError, match="is not a PyTorch checkpoint") as info:
+            load_checkpoint(str(path))
+        assert "run code" not in str(info.value)
