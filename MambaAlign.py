@@ -358,7 +358,7 @@ class MambaAlign(nn.Module):
         ``image_score="head+bank"``); then the decision threshold = the image score exceeded by a ``target_fpr``
         share of those normals and of ``more_head`` / ``more_bank``: further normals, the bank's own images seen
         leave-one-out (train.py). A quantile of the 6-16 held-out images alone is coarse: on the dev split it
-        flagged 19 % of the good test parts in one seed of three; with every train normal none (README)."""
+        flagged 6-19 % of the good test parts per seed, with the bank's images too 0-6 % (docs/results.md)."""
         head_logit, bank_score = head_logit.float().flatten(), bank_score.float().flatten()
         if head_logit.numel() < 2:
             raise ValueError("calibration needs at least 2 held-out normal images")

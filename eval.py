@@ -153,7 +153,7 @@ def score_clouds(model, dataset, paths: List[str], vis_dir, names: Dict[str, str
             bad.append(str(exc))
             continue
         per_point = bank.point_scores(pts)
-        out[i] = (float(per_point.max()) - float(bank.stats[0])) / float(bank.stats[1])
+        out[i] = bank.standardise(float(per_point.max()))
         if vis_dir:
             folder = os.path.join(vis_dir, "vis", "clouds")
             os.makedirs(folder, exist_ok=True)

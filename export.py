@@ -16,6 +16,7 @@ exportable (its cross-correlation uses an FFT, which ONNX lacks): such a checkpo
 from __future__ import annotations
 
 import argparse
+import io
 import os
 import warnings
 
@@ -24,7 +25,7 @@ import torch
 import torch.nn as nn
 
 from engine import (HelpFormatter, ONNX_FORMAT, OnnxModel, RunError, git_revision, load_checkpoint, load_model,
-                    nonneg_float, positive_int, run_cli)
+                    nonneg_float, positive_int, run_cli, write_atomic)
 
 OPSET = 17          # GridSample (AAF's warp) needs 16; 17 is what onnxruntime 1.16+ runs everywhere
 
@@ -87,23 +88,18 @@ def export(model: nn.Module, path: str, img_size: int, aux_ch: int, meta: dict) 
     if aux_ch:
         inputs, names = (rgb, torch.randn(2, aux_ch, img_size, img_size)), ["rgb", "aux"]
     dynamic = {n: {0: "batch"} for n in names + ["seg_logits", "score_logit"]}
-    tmp = f"{path}.tmp.{os.getpid()}"
-    try:
-        with warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore")       # tracer notes on Python values that are constant at a fixed size
-            torch.onnx.export(graph, inputs, tmp, input_names=names,
-                              output_names=["seg_logits", "score_logit", "threshold"], dynamic_axes=dynamic,
-                              opset_version=OPSET, dynamo=False)
-        proto = onnx.load(tmp)
-        _name_outputs(proto, ["seg_logits", "score_logit", "threshold"])
-        for k, v in meta.items():
-            entry = proto.metadata_props.add()
-            entry.key, entry.value = k, str(v)
-        onnx.save(proto, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    buffer = io.BytesIO()
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")           # tracer notes on Python values that are constant at a fixed size
+        torch.onnx.export(graph, inputs, buffer, input_names=names,
+                          output_names=["seg_logits", "score_logit", "threshold"], dynamic_axes=dynamic,
+                          opset_version=OPSET, dynamo=False)
+    proto = onnx.load_from_string(buffer.getvalue())
+    _name_outputs(proto, ["seg_logits", "score_logit", "threshold"])
+    for k, v in meta.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = k, str(v)
+    write_atomic(path, lambda tmp: onnx.save(proto, tmp))
 
 
 def _name_outputs(proto, names) -> None:

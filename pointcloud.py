@@ -237,9 +237,13 @@ class PointCloudBank:
     def raw_score(self, points: np.ndarray) -> float:
         return float(self.point_scores(points).max())
 
+    def standardise(self, raw: float) -> float:
+        """A raw object score (the largest of ``point_scores``) on the held-out clouds' scale (0: typical)."""
+        return (raw - float(self.stats[0])) / float(self.stats[1])
+
     def score(self, points: np.ndarray) -> float:
         """The cloud's standardised object score (0 is a typical held-out train cloud)."""
-        return (self.raw_score(points) - float(self.stats[0])) / float(self.stats[1])
+        return self.standardise(self.raw_score(points))
 
     def fit(self, train_clouds, held_clouds, progress=None) -> Dict[str, float]:
         """Bank from the train clouds' FPFH (greedy coreset), standardisation on the held-out clouds' scores.

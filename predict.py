@@ -45,7 +45,8 @@ from datasets import DATASETS, DatasetError, dataset_class
 from datasets.transforms import IMAGE_EXTENSIONS, AlignedTransform, read_image
 from engine import (HelpFormatter, OnnxModel, RunError, WORKERS_HELP, autocast_context, git_revision, image_size,
                     load_checkpoint, load_model, loader_options, positive_int, prepare_out_dir, probability,
-                    resolve_device, run_cli, save_atomic, vis_names, workers, write_visualisation)
+                    resolve_device, run_cli, save_atomic, vis_names, workers, write_text_atomic,
+                    write_visualisation)
 from metrics import threshold_at_fpr
 
 PREDICTION_COLUMNS = ("path", "aux_path", "score", "score_logit", "decision", "threshold", "ms")
@@ -285,9 +286,7 @@ def _done_paths(path: str) -> List[str]:
     complete = [i for i, (line, row) in enumerate(zip(lines, rows))
                 if i > 0 and line.endswith("\n") and len(row) == len(PREDICTION_COLUMNS)]
     if len(complete) != len(rows) - 1:
-        with open(path + ".tmp", "w", newline="") as fh:
-            fh.writelines([lines[0]] + [lines[i] for i in complete])
-        os.replace(path + ".tmp", path)
+        write_text_atomic(path, "".join([lines[0]] + [lines[i] for i in complete]))
     return [rows[i][0] for i in complete]
 
 
@@ -346,8 +345,9 @@ def run_scoring(args, model, spec, device, use_aux) -> Dict[str, object]:
             for i, path in enumerate(batch["path"]):
                 logit = float(out["score_logit"][i])
                 if not math.isfinite(logit):      # never a decision from a non-finite score
-                    sw.writerow([path, f"the model gave a non-finite score ({logit})"])
-                    skipped.append((path, "non-finite score"))
+                    reason = f"the model gave a non-finite score ({logit})"
+                    sw.writerow([path, reason])
+                    skipped.append((path, reason))
                     continue
                 decision = "" if not math.isfinite(threshold) else int(logit > threshold)
                 n_flagged += decision == 1

@@ -340,7 +340,7 @@ def param_groups(model, weight_decay: float):
 def validate(model, loader, device, args, rank, world, calib_loader=None) -> Dict[str, float]:
     """Run the validation set (held-out train normals, each once with a fixed synthetic anomaly and once clean),
     calibrate the model (head-logit statistics on the clean held-out views; the decision threshold at
-    ``--target_fpr`` over those and ``calib_loader``'s: every bank image, clean, leave-one-out) and score it:
+    ``--target_fpr`` over those and ``calib_loader``'s: up to CALIBRATION_IMAGES bank images, clean, leave-one-out) and score it:
     image AUROC, AUPRO and their mean, the selection criterion."""
     res = run_inference(model, loader, device, amp=args.use_amp, progress=False)
     more = run_inference(model, calib_loader, device, amp=args.use_amp, progress=False) if calib_loader else None
@@ -774,10 +774,9 @@ def calibration_images(bank_idx, seed: int) -> list:
     return sorted(bank_idx[i] for i in pick)
 
 
-def cached_calibration_views(model, base, bank_idx, device, args) -> CachedBatches:
-    """Bank images (``calibration_images``), clean, encoded once with leave-one-out distances (each without its
-    own patches): normals for the decision threshold beside the held-out ones (see MambaAlign.calibrate)."""
-    idx = calibration_images(bank_idx, args.seed)
+def cached_calibration_views(model, base, idx, device, args) -> CachedBatches:
+    """Bank images ``idx`` (``calibration_images``), clean, encoded once with leave-one-out distances (each
+    without its own patches): normals for the decision threshold beside the held-out ones (MambaAlign.calibrate)."""
     loader = _normals_loader(base, idx, args, device)
     cache = encode_views(model, [(loader, "calibration views")], len(idx), device, args, exclude=True)
     return CachedBatches(cache, list(range(len(idx))), args.batch_size, device, rows=lambda p: p)
@@ -905,9 +904,10 @@ def main(args):
     calib_loader = None
     if model.bank is not None and val_loader is not None and model.config.freeze_backbone:
         t0 = time.time()
-        calib_loader = cached_calibration_views(model, base, train_idx, device, args)
+        calib_idx = calibration_images(train_idx, args.seed)
+        calib_loader = cached_calibration_views(model, base, calib_idx, device, args)
         log(f"calibration: the threshold at --target_fpr {args.target_fpr:g} is taken over the {len(val_idx)} "
-            f"held-out and {len(calibration_images(train_idx, args.seed))} of the {len(train_idx)} bank images "
+            f"held-out and {len(calib_idx)} of the {len(train_idx)} bank images "
             f"(leave-one-out), encoded once ({time.time() - t0:.1f} s)")
 
     cloud_state = ckpt.get("pointcloud") if ckpt is not None else None

@@ -68,12 +68,14 @@ def find_mask(gt_dir: str, stem: str) -> Optional[str]:
 class AnomalyDataset(Dataset):
     """Records + aligned transform -> the sample dict of DESIGN.md.
 
-    Subclasses set ``aux_kind`` ("normals", "depth", "intensity" or None; or ``aux_kind_for``), ``has_valid``
+    Subclasses set ``aux_kind`` ("normals", "depth", "intensity" or None; or ``aux_kinds`` by aux_ch), ``has_valid``
     (whether aux has a per-pixel validity map) and ``aux_matches_rgb`` (whether aux must have the RGB image's
     size), and implement the class method ``read_aux(path, aux_ch) -> (aux (H, W, C) float32, valid (H, W) bool
     or None)``.
     """
     aux_kind: Optional[str] = None
+    # {aux_ch: aux_kind} for families whose modality depends on aux_ch (the geometry ones: normals, depth, FPFH)
+    aux_kinds: Optional[Dict[int, Optional[str]]] = None
     has_valid = False
     aux_matches_rgb = True
     aux_file_channels: Optional[int] = None    # channels an aux FILE must have (None: any)
@@ -108,6 +110,8 @@ class AnomalyDataset(Dataset):
     @classmethod
     def aux_kind_for(cls, aux_ch: int) -> Optional[str]:
         """The aux modality ("normals", "depth", "intensity") this family gives with ``aux_ch`` channels."""
+        if cls.aux_kinds is not None:
+            return cls.aux_kinds[aux_ch]
         return cls.aux_kind if aux_ch else None
 
     @classmethod

@@ -5,10 +5,10 @@
     <root>/<class>/test/<defect>/gt/<n>.png
     <root>/<class>/<split>/<defect>/{normals,fpfh}/<n>.npz            caches written by prepare_data.py (optional)
 
-aux_ch 3: unit normals from neighbouring points; aux_ch 1: depth (the z coordinate); aux_ch 33: FPFH point
-features on a grid (pointcloud.fpfh_grid, BTF's geometry features: ``train.py --model knn --aux_feature fpfh``).
-``valid`` is False where points are missing (and, for normals, where a neighbour is missing). Normals and FPFH come
-from prepare_data.py's caches beside the xyz folder where they exist (a prepared 400x400 sample loads in
+aux_ch 3: unit normals from neighbouring points; aux_ch 1: depth (the z coordinate); aux_ch 33: FPFH point features
+on a grid (pointcloud.fpfh_grid, BTF's geometry features: ``train.py --model knn --aux_feature fpfh``). ``valid``
+is False where points are missing (and, for normals, where a point has no neighbour along an axis). Normals and
+FPFH come from prepare_data.py's caches beside the xyz folder where they exist (a prepared 400x400 sample loads in
 milliseconds), else they are computed from the xyz file on every read (FPFH: about half a second per cloud).
 """
 from __future__ import annotations
@@ -131,6 +131,7 @@ def fpfh_full_res(xyz: np.ndarray, grid: int = FPFH_GRID) -> Tuple[np.ndarray, n
 
 
 class MVTec3D(AnomalyDataset):
+    aux_kinds = GEOMETRY_AUX_KIND
     AUX_CHOICES, AUX_WHAT = (3, 1, 0, 33), "normals (aux_ch=3), depth (1), FPFH (33) or RGB only (0)"
     has_valid = True
     aux_file_channels = 3       # organised xyz point clouds
@@ -156,10 +157,6 @@ class MVTec3D(AnomalyDataset):
                 records.append(Record(p, xyz if aux_ch else None, gt if os.path.isfile(gt) else None,
                                       int(defect != "good"), defect, object_name))
         super().__init__(records, img_size, aux_ch, split, f"{family} {object_name}", **kw)
-
-    @classmethod
-    def aux_kind_for(cls, aux_ch):
-        return GEOMETRY_AUX_KIND[aux_ch]
 
     @classmethod
     def read_aux(cls, path, aux_ch):

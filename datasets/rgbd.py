@@ -19,6 +19,7 @@ from .transforms import GEOMETRY_AUX_KIND, DatasetError, decode_normals_png, rea
 
 
 class RGBDFolder(AnomalyDataset):
+    aux_kinds = GEOMETRY_AUX_KIND
     AUX_CHOICES, AUX_WHAT = (1, 3, 0), "depth (aux_ch=1), normals (3) or RGB only (0)"
     has_valid = True
 
@@ -49,10 +50,6 @@ class RGBDFolder(AnomalyDataset):
                 records.append(Record(p, aux, mask, int(defect != "good"), defect, object_name))
         self.aux_file_channels = 3 if aux_ch == 3 else 1
         super().__init__(records, img_size, aux_ch, split, f"rgbd {object_name}", **kw)
-
-    @classmethod
-    def aux_kind_for(cls, aux_ch):
-        return GEOMETRY_AUX_KIND[aux_ch]
 
     @classmethod
     def read_aux(cls, path, aux_ch):

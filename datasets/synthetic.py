@@ -192,6 +192,7 @@ class SyntheticDataset(AnomalyDataset):
     aux_ch 3: normals, 1: depth, 0: RGB only. ``counts`` overrides DEFAULT_COUNTS (train, test_good,
     test_defect per defect type). Samples are rendered at ``render_size`` (default: img_size) on access.
     """
+    aux_kinds = GEOMETRY_AUX_KIND
     AUX_CHOICES, AUX_WHAT = (3, 1, 0, 33), "normals (aux_ch=3), depth (1), FPFH (33) or RGB only (0)"
     has_valid = True
 
@@ -213,10 +214,6 @@ class SyntheticDataset(AnomalyDataset):
 
     def check_files(self, progress: bool = True) -> None:
         """Nothing to check: samples are rendered, not read."""
-
-    @classmethod
-    def aux_kind_for(cls, aux_ch):
-        return GEOMETRY_AUX_KIND[aux_ch]
 
     @classmethod
     def read_aux(cls, path, aux_ch):
