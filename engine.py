@@ -199,7 +199,8 @@ def _pickle_builds_objects(path: str) -> bool:
     import pickletools
     builds = False
     try:
-        with open(path, "rb") as fh:
+        with open(path, "rb") as fh, warnings.catch_warnings():
+            warnings.simplefilter("ignore")      # pickletools warns about escapes in the strings of random bytes
             size = os.fstat(fh.fileno()).st_size
             while fh.tell() < size:          # torch's legacy format is several pickles in a row
                 stopped = False
