@@ -25,8 +25,9 @@ Backends, chosen in one place (:func:`resolve_backend`):
             never exponentiates a positive cumulative sum), so it is exact and stays finite for
             delta*A down to -20 per step and beyond.  It saves its inputs and one state per chunk for
             backward (never a (batch, dim, L, dstate) tensor) and recomputes the states of one chunk at a
-            time in a reverse chunk scan.  Where ``torch.compile`` is unavailable (no C++ compiler) the same
-            chunk functions run eagerly: same numbers, slower.
+            time in a reverse chunk scan.  Scans that would run eagerly (shorter than COMPILE_MIN_CHUNKS chunks,
+            or no C++ compiler for ``torch.compile``) and whose states fit in STEP_SCAN_MAX_BYTES run as
+            :class:`_StepScan` instead: all states in memory, one multiply-add per step (same numbers).
 ``"triton"`` our Triton kernels (``selective_scan_triton.py``): one launch for the forward, one for the backward,
             on any CUDA GPU without mamba-ssm (Triton ships with PyTorch's CUDA wheels); on CPU tensors only
             through Triton's interpreter (``TRITON_INTERPRET=1``), which is how it is tested. Variable B/C only.
@@ -62,6 +63,9 @@ COMPILE_ENV = "MAMBAALIGN_COMPILE"
 # scan (the tiny preset's CMI at 256 px, batch 8; 2 CPU cores): less than it costs for any run under ~1000 steps.
 # A 1024-step scan (PMM at stride 8) saves 130 ms per call, so long scans are compiled.
 COMPILE_MIN_CHUNKS = 16
+# The eager path keeps every state of a scan in memory (``_StepScan``) up to this many bytes of them (backward
+# holds about four such tensors); larger scans run in chunks.
+STEP_SCAN_MAX_BYTES = 64 * 2 ** 20
 
 _MAMBA_INSTALL_HINT = (
     "pip install mamba-ssm --no-build-isolation  (needs a CUDA toolkit matching your PyTorch build; "
@@ -467,6 +471,73 @@ def _bc_from_time_major(dXt, L, const, dim, N):
     return dXt[:L].squeeze(3).permute(1, 2, 3, 0).contiguous()        # (batch, G, N, L)
 
 
+class _StepScan(torch.autograd.Function):
+    """The same recurrence as :class:`_ChunkedScan`, for scans whose states fit in memory at once (``_step_path``):
+    every decay ``exp(dt_t A)`` and input ``dt_t u_t B_t`` is computed for all steps in one batched operation, so
+    the sequential part is ONE multiply-add per step forward (``h_t = a_t h_{t-1} + x_t``) and one backward
+    (the state adjoint ``dh_t = a_{t+1} dh_{t+1} + dy_t C_t``); the gradients are batched operations over the
+    stored states. Run eagerly, a chunk function spends about 6 small operations per step forward and 15
+    backward; at the tiny preset's CMI (64 steps) that per-operation overhead was a third of a training step.
+    Only decays <= 1 are multiplied, as in the chunked scan: exact and finite for any delta*A <= 0.
+
+    Layout: time-major as in the chunked scan, without padding: dt, u (L, b, G, Dg); Bt, Ct (L, b, G, 1, N)
+    variable or (1, 1, G, Dg, N) constant; A (G, Dg, N). Saves the states (L, b, G, Dg, N) for backward."""
+
+    @staticmethod
+    def forward(ctx, u, dt, A, B, C):
+        batch, dim, L = u.shape
+        N = A.shape[1]
+        G = _groups(B, C)
+        dt_t, u_t = _to_time_major(dt, G, L), _to_time_major(u, G, L)
+        A_g = A.reshape(G, dim // G, N)
+        Bt, Ct = _bc_time_major(B, G, L), _bc_time_major(C, G, L)
+        decay = torch.exp(dt_t.unsqueeze(-1) * A_g)                   # (L, b, G, Dg, N), all <= 1
+        states = (dt_t * u_t).unsqueeze(-1) * Bt                      # the inputs x_t, overwritten by h_t
+        for t in range(1, L):
+            torch.addcmul(states[t], decay[t], states[t - 1], out=states[t])
+        y_t = (states * Ct).sum(-1)
+        ctx.save_for_backward(dt_t, u_t, A_g, Bt, Ct, states)
+        ctx.meta = (batch, dim, L, N, G, B.dim() == 2, C.dim() == 2)
+        return _from_time_major(y_t, L), states[-1].reshape(batch, dim, N).clone()
+
+    @staticmethod
+    def backward(ctx, dy, dlast):
+        dt_t, u_t, A_g, Bt, Ct, states = ctx.saved_tensors
+        batch, dim, L, N, G, b_const, c_const = ctx.meta
+        decay = torch.exp(dt_t.unsqueeze(-1) * A_g)
+        dy_t = (_to_time_major(dy.float(), G, L) if dy is not None else torch.zeros_like(u_t)).unsqueeze(-1)
+        adj = dy_t * Ct                                               # dy_t C_t, overwritten by the adjoint dh_t
+        if dlast is not None:
+            adj[-1] += dlast.float().reshape(adj.shape[1:])
+        for t in range(L - 2, -1, -1):
+            torch.addcmul(adj[t], decay[t + 1], adj[t + 1], out=adj[t])
+        prev = torch.cat([torch.zeros_like(states[:1]), states[:-1]])  # h_{t-1}, h_{-1} = 0
+        dt_u = (dt_t * u_t).unsqueeze(-1)
+        g_in = (adj * Bt).sum(-1)                                     # d/d(dt*u)
+        g_dA = adj * prev * decay                                     # d/d(dt*A)
+        ddt = g_in * u_t + (g_dA * A_g).sum(-1)
+        du = g_in * dt_t
+        dA = (g_dA * dt_t.unsqueeze(-1)).sum((0, 1))
+        dBt = _sum_to(adj * dt_u, Bt)
+        dCt = _sum_to(dy_t * states, Ct)
+        return (_from_time_major(du, L), _from_time_major(ddt, L), dA.reshape(dim, N),
+                _bc_from_time_major(dBt, L, b_const, dim, N), _bc_from_time_major(dCt, L, c_const, dim, N))
+
+
+def _sum_to(X, like):
+    """Sum X down to the broadcast shape of ``like`` (the dimensions where ``like`` has size 1)."""
+    dims = tuple(i for i, (a, b) in enumerate(zip(X.shape, like.shape)) if b == 1 and a != 1)
+    return X.sum(dims, keepdim=True) if dims else X
+
+
+def _step_path(batch: int, dim: int, L: int, N: int) -> bool:
+    """Whether a scan runs as :class:`_StepScan` (every state in memory, one operation per step) rather than in
+    chunks: where the chunk functions would run eagerly (short scans, or no compiler) and its states fit in
+    STEP_SCAN_MAX_BYTES. Long scans with torch.compile on keep the compiled chunks (one kernel per chunk)."""
+    compiled = _compile_enabled() and -(-L // CHUNK) >= COMPILE_MIN_CHUNKS
+    return not compiled and batch * dim * L * N * 4 <= STEP_SCAN_MAX_BYTES
+
+
 @torch.compiler.disable
 def _selective_scan_torch(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state):
     dtype_in = u.dtype
@@ -476,7 +547,8 @@ def _selective_scan_torch(u, delta, A, B, C, D, z, delta_bias, delta_softplus, r
     delta = _prepare_delta(delta, delta_bias, delta_softplus)
     B, _, _ = _canonical_bc(B, "B", batch, dim, dstate, L)
     C, _, _ = _canonical_bc(C, "C", batch, dim, dstate, L)
-    y, last = _ChunkedScan.apply(u32, delta, A.float(), B.float(), C.float())
+    scan = _StepScan if _step_path(batch, dim, L, dstate) else _ChunkedScan
+    y, last = scan.apply(u32, delta, A.float(), B.float(), C.float())
     out = _finish(y, u32, D, z, dtype_in)
     return (out, last) if return_last_state else out
 

@@ -57,8 +57,23 @@ CASES = [(L, groups, layout) for L in (1, 7, 100, 257) for groups in (1, 2, 4) f
 CASES += [(L, 1, "var3") for L in (1, 7, 100, 257)] + [(L, 1, "const") for L in (1, 7, 100, 257)]
 
 
+@pytest.fixture(params=["step", "chunked"])
+def scan_path(request, monkeypatch):
+    """Both eager implementations of the `torch` backend: _StepScan (every state in memory, the default for
+    scans that fit) and _ChunkedScan (forced by a zero memory budget for _StepScan)."""
+    if request.param == "chunked":
+        monkeypatch.setattr(selective_scan, "STEP_SCAN_MAX_BYTES", 0)
+    used = []
+    for cls in (selective_scan._StepScan, selective_scan._ChunkedScan):
+        monkeypatch.setattr(cls, "apply", (lambda f, name: lambda *a: used.append(name) or f(*a))(
+            cls.apply, cls.__name__))
+    yield request.param
+    want = "_StepScan" if request.param == "step" else "_ChunkedScan"
+    assert used and set(used) == {want}, f"expected only {want}, ran {used}"
+
+
 @pytest.mark.parametrize("L,groups,layout", CASES)
-def test_torch_matches_ref(L, groups, layout):
+def test_torch_matches_ref(L, groups, layout, scan_path):
     inputs = make_inputs(2, 8, L, 4, groups, layout)
     out_r, last_r, g_r = run(inputs, "ref")
     out_t, last_t, g_t = run(inputs, "torch")
@@ -70,7 +85,7 @@ def test_torch_matches_ref(L, groups, layout):
 
 
 @pytest.mark.parametrize("layout", ["var4", "const"])
-def test_strong_decay_finite_and_exact(layout):
+def test_strong_decay_finite_and_exact(layout, scan_path):
     inputs = make_inputs(2, 8, 300, 16, 4 if layout == "var4" else 1, layout, init="strong")
     step = torch.nn.functional.softplus(inputs["delta"]) * inputs["A"][:, -1][None, :, None]
     assert step.min() < -20, "the case must reach delta*A < -20 per step"
@@ -83,7 +98,7 @@ def test_strong_decay_finite_and_exact(layout):
         assert_same(g_t[name], g_r[name], f"grad {name}")
 
 
-def test_extreme_decay_stays_finite():
+def test_extreme_decay_stays_finite(scan_path):
     # delta*A of -1000 per step: any scheme that divides by a cumulative decay overflows here.
     inputs = make_inputs(1, 4, 64, 4, 1, "var4", init="strong")
     inputs["delta"] = torch.full_like(inputs["delta"], 300.0)
@@ -138,6 +153,18 @@ def test_shape_errors_name_the_argument():
     bad = dict(inputs, C=torch.randn(2, 2, 4, 9))
     with pytest.raises(ValueError, match="variable C"):
         selective_scan_fn(**bad)
+
+
+def test_step_scan_only_where_its_states_fit(monkeypatch):
+    """_StepScan holds every state: a scan whose states exceed STEP_SCAN_MAX_BYTES runs in chunks, and a long scan
+    with torch.compile on keeps the compiled chunks."""
+    monkeypatch.setenv(selective_scan.COMPILE_ENV, "0")
+    n = selective_scan.STEP_SCAN_MAX_BYTES // 4
+    assert selective_scan._step_path(1, 1, n, 1) and not selective_scan._step_path(1, 1, n + 1, 1)
+    monkeypatch.setenv(selective_scan.COMPILE_ENV, "1")
+    long_scan = selective_scan.CHUNK * selective_scan.COMPILE_MIN_CHUNKS
+    assert selective_scan._step_path(1, 1, long_scan - selective_scan.CHUNK, 1)
+    assert not selective_scan._step_path(1, 1, long_scan - selective_scan.CHUNK + 1, 1)
 
 
 def test_ref_backward_is_linear_in_length():
