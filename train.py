@@ -337,13 +337,17 @@ def param_groups(model, weight_decay: float):
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def validate(model, loader, device, args, rank, world, calib_loader=None) -> Dict[str, float]:
+def validate(model, loader, device, args, rank, world, calib_loader=None, full_threshold=None) -> Dict[str, float]:
     """Run the validation set (held-out train normals, each once with a fixed synthetic anomaly and once clean),
     calibrate the model (head-logit statistics on the clean held-out views; the decision threshold at
     ``--target_fpr`` over those and ``calib_loader``'s: up to CALIBRATION_IMAGES bank images, clean, leave-one-out) and score it:
-    image AUROC, AUPRO and their mean, the selection criterion."""
+    image AUROC, AUPRO and their mean, the selection criterion.
+
+    ``full_threshold(criterion) -> bool``: whether this model's threshold needs the bank images too (train.py: a
+    model that becomes the best checkpoint, and the last epoch's). Otherwise ``calib_loader`` is not decoded and
+    the threshold is the held-out views' alone: the criterion does not depend on it (the head-logit statistics
+    come from the held-out views either way), and decoding the bank images was most of a validation's time."""
     res = run_inference(model, loader, device, amp=args.use_amp, progress=False)
-    more = run_inference(model, calib_loader, device, amp=args.use_amp, progress=False) if calib_loader else None
     if world > 1:
         # Each rank ran its own slice of the validation items (a plain list sampler: no padding, no repeats).
         # Gather and put them back in item order. (Not by path: a validation image appears twice, anomalous
@@ -358,14 +362,16 @@ def validate(model, loader, device, args, rank, world, calib_loader=None) -> Dic
         res = {k: (v[order] if k != "path" else [v[i] for i in order]) for k, v in res.items()}
     normal = res["label"] == 0
     head, bank = torch.from_numpy(res["head_logit"]), torch.from_numpy(res["bank_score"])
-    calibration = model.calibrate(head[normal], bank[normal], args.target_fpr,
-                                  *((torch.from_numpy(more["head_logit"]), torch.from_numpy(more["bank_score"]))
-                                    if more else ()))
+    calibration = model.calibrate(head[normal], bank[normal], args.target_fpr)
     score_logit = model.combine(head.to(model.head_stats.device), bank.to(model.head_stats.device)).cpu().numpy()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         m = metrics.compute_metrics(score_logit, res["label"], res["maps"], res["masks"])
     m["criterion"] = m["image_auroc"] if math.isnan(m["aupro"]) else 0.5 * (m["image_auroc"] + m["aupro"])
+    if calib_loader is not None and (full_threshold is None or full_threshold(m["criterion"])):
+        more = run_inference(model, calib_loader, device, amp=args.use_amp, progress=False)
+        calibration = model.calibrate(head[normal], bank[normal], args.target_fpr,
+                                      torch.from_numpy(more["head_logit"]), torch.from_numpy(more["bank_score"]))
     m["calibration"] = calibration
     return m
 
@@ -951,7 +957,9 @@ def main(args):
         else:
             want_val = best["epoch"] is None
         if val_loader is not None and want_val:
-            val = validate(model, val_loader, device, args, rank, world, calib_loader)
+            last = epoch + 1 >= args.epochs or done
+            val = validate(model, val_loader, device, args, rank, world, calib_loader,
+                           full_threshold=lambda criterion: last or criterion > best["criterion"])
             if val["criterion"] > best["criterion"]:
                 best = {"criterion": val["criterion"], "epoch": epoch + 1, "step": state["step"]}
                 if is_main:
