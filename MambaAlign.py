@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from alignment_aware_fusion import AlignmentAwareFusion, conv_norm_act, global_align, warp
 from cross_mamba_cmi import CrossMambaInteraction
-from knn import MemoryBank, pooled_patch_features
+from knn import FPFH_CHANNELS, MemoryBank, fpfh_patches, pooled_patch_features
 from metrics import threshold_at_fpr
 from pmm_qsvss import PerModalMamba
 from rgbx_backbone import RGBXBackbone
@@ -44,6 +44,8 @@ __all__ = ["MambaAlignConfig", "MambaAlign", "mambaalign_tiny", "mambaalign_base
 
 # The stride the model needs H and W to be multiples of (the backbone's deepest stage).
 INPUT_MULTIPLE = 32
+# bank_aux="fpfh": aux is 3 normals channels (the CNN's) then FPFH_DIM FPFH channels (the bank's).
+NORMALS_FPFH_CH = 3 + FPFH_CHANNELS
 
 
 @dataclass
@@ -75,6 +77,8 @@ class MambaAlignConfig:
     bank_size: int = 4096                 # coreset size bound per modality
     bank_sigma: float = 4.0               # Gaussian smoothing of the distance maps, in input pixels
     image_score: str = "head"             # head | head+bank (head logit standardised + bank scores)
+    bank_aux: str = "cnn"                 # cnn: the aux bank holds the aux image's backbone features; fpfh: aux is
+                                          # normals + FPFH (aux_ch 36), the CNN reads the normals, the bank the FPFH
     global_align: str = "none"            # none | shift: per-image translation of aux onto RGB before everything
 
     def __post_init__(self):
@@ -84,7 +88,13 @@ class MambaAlignConfig:
             raise ValueError(f"dims and pmm_depths need 3 entries (stages 3, 4, 5), got {self.dims}, "
                              f"{self.pmm_depths}")
         self.bank_stages = tuple(int(s) for s in self.bank_stages)
-        if self.aux_ch not in (0, 1, 3):
+        if self.bank_aux not in ("cnn", "fpfh"):
+            raise ValueError(f"bank_aux must be 'cnn' or 'fpfh', got {self.bank_aux!r}")
+        if self.bank_aux == "fpfh":
+            if self.aux_ch != NORMALS_FPFH_CH or self.normality != "bank":
+                raise ValueError(f"bank_aux='fpfh' reads normals + FPFH (aux_ch={NORMALS_FPFH_CH}) into a memory bank "
+                                 f"(normality='bank'), got aux_ch={self.aux_ch}, normality={self.normality!r}")
+        elif self.aux_ch not in (0, 1, 3):
             raise ValueError(f"aux_ch must be 0 (RGB-only), 1 (depth/infrared) or 3 (normals), got {self.aux_ch}")
         if self.normality not in ("none", "bank"):
             raise ValueError(f"normality must be 'none' or 'bank', got {self.normality!r}")
@@ -163,7 +173,9 @@ class MambaAlign(nn.Module):
         self.config = cfg
         self.has_aux = cfg.aux_ch > 0
         self.modalities = ("rgb", "aux") if self.has_aux else ("rgb",)
-        self.backbone = RGBXBackbone(cfg.backbone, cfg.aux_ch, pretrained, backbone_weights, cfg.freeze_backbone,
+        # With bank_aux="fpfh" the CNN reads the first 3 aux channels (normals), the aux bank the FPFH after them.
+        self.cnn_aux_ch = 3 if cfg.bank_aux == "fpfh" else cfg.aux_ch
+        self.backbone = RGBXBackbone(cfg.backbone, self.cnn_aux_ch, pretrained, backbone_weights, cfg.freeze_backbone,
                                      stages=(2, 3, 4, 5))
         chans = [self.backbone.out_channels[s] for s in (3, 4, 5)]
         modalities = self.modalities          # short name for the comprehensions below
@@ -241,10 +253,11 @@ class MambaAlign(nn.Module):
             aux = rgb.new_zeros(B, self.config.aux_ch, H, W)
             aux_present = torch.zeros(B, dtype=torch.bool, device=rgb.device)
         aux, shift = self._align(rgb, aux, aux_present)
-        feats = self.backbone(rgb, aux)
+        cnn_aux, fpfh = self._split_aux(aux)
+        feats = self.backbone(rgb, cnn_aux)
         bank_maps = bank_scores = None
         if self.bank is not None:
-            bank_maps, bank_scores = self._normality(feats, (H, W), exclude, aux_present)
+            bank_maps, bank_scores = self._normality(feats, (H, W), exclude, aux_present, fpfh)
             bank_maps = F.avg_pool2d(bank_maps, 8)         # (B, n_mod, H/8, W/8): the decoder's stride
         return {"feats": feats, "bank_maps": bank_maps, "bank_scores": bank_scores, "shift": shift, "size": (H, W)}
 
@@ -288,7 +301,7 @@ class MambaAlign(nn.Module):
         if self.config.global_align == "none":
             return aux, zero
         with torch.no_grad():
-            aligned, shift = global_align(rgb, aux)
+            aligned, shift = global_align(rgb, aux, estimate_channels=self.cnn_aux_ch)
         if aux_present is not None:   # an absent (zero) aux has nothing to align
             shift = shift * aux_present.to(shift.dtype)[:, None]
             aligned = torch.where(aux_present.view(-1, 1, 1, 1), aligned, aux)
@@ -312,11 +325,17 @@ class MambaAlign(nn.Module):
             return head_logit
         return (head_logit - self.head_stats[0]) / self.head_stats[1] + bank_score
 
-    def _normality(self, feats, size, exclude, aux_present):
+    def _split_aux(self, aux):
+        """(the aux the CNN reads, the FPFH the aux bank reads or None): bank_aux="fpfh" splits normals + FPFH."""
+        if aux is None or self.config.bank_aux != "fpfh":
+            return aux, None
+        return aux[:, :self.cnn_aux_ch], aux[:, self.cnn_aux_ch:]
+
+    def _normality(self, feats, size, exclude, aux_present, fpfh=None):
         """Standardised bank distance maps (B, n_mod, H, W) and scores (B, n_mod); an absent aux counts as
         normal (0)."""
         with torch.no_grad():
-            per = self.bank.standardised(self.bank.raw_maps(self._bank_patches(feats), size, exclude))
+            per = self.bank.standardised(self.bank.raw_maps(self._bank_patches(feats, fpfh), size, exclude))
         maps = torch.cat([per[m]["map"] for m in self.modalities], dim=1).to(feats[0][0].dtype)
         scores = torch.stack([per[m]["score"] for m in self.modalities], dim=1).to(maps.dtype)
         if aux_present is not None and self.has_aux:
@@ -329,12 +348,20 @@ class MambaAlign(nn.Module):
     @torch.no_grad()
     def bank_patches(self, rgb: torch.Tensor, aux: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
         """{modality: (B, C, h, w)} the patch features the memory bank holds, for building it."""
-        return self._bank_patches(self.backbone(rgb, self._align(rgb, aux)[0]))
+        cnn_aux, fpfh = self._split_aux(self._align(rgb, aux)[0])
+        return self._bank_patches(self.backbone(rgb, cnn_aux), fpfh)
 
-    def _bank_patches(self, feats):
+    def _bank_patches(self, feats, fpfh=None):
+        """Pooled stage features per modality; with bank_aux="fpfh" the aux patches are the FPFH map's (BTF's
+        geometry features, as the knn baseline's ``--aux_feature fpfh``), on the same grid."""
         by_stage = dict(zip((2, 3, 4, 5), feats))
-        return pooled_patch_features([by_stage[s] for s in self.config.bank_stages], self.config.bank_pool,
-                                     self.modalities)
+        stage_feats = [by_stage[s] for s in self.config.bank_stages]
+        if self.config.bank_aux != "fpfh":
+            return pooled_patch_features(stage_feats, self.config.bank_pool, self.modalities)
+        out = pooled_patch_features(stage_feats, self.config.bank_pool, ("rgb",))
+        if fpfh is not None:
+            out["aux"] = fpfh_patches(fpfh, self.backbone.strides[self.config.bank_stages[0]], self.config.bank_pool)
+        return out
 
     def fit_bank(self, bank_batches, holdout_batches, device=None, seed: int = 0, progress=None) -> Dict[str, dict]:
         """Build the memory bank from normal images and standardise it on other, held-out normal images: batches

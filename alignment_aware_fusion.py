@@ -82,11 +82,12 @@ def estimate_shift(rgb: torch.Tensor, aux: torch.Tensor, max_shift: float = 0.25
     return torch.stack([ix - mx + fx.clamp(-0.5, 0.5), iy - my + fy.clamp(-0.5, 0.5)], dim=1).float()
 
 
-def global_align(rgb: torch.Tensor, aux: torch.Tensor, max_shift: float = 0.25
-                 ) -> Tuple[torch.Tensor, torch.Tensor]:
+def global_align(rgb: torch.Tensor, aux: torch.Tensor, max_shift: float = 0.25,
+                 estimate_channels: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """(aux moved onto rgb, (B, 2) the shift dx, dy in pixels) with the per-image shift of :func:`estimate_shift`
-    (bilinear, border padding)."""
-    shift = estimate_shift(rgb, aux, max_shift)
+    (bilinear, border padding), estimated from aux's first ``estimate_channels`` channels where given (the
+    normals of normals + FPFH: FPFH histograms are no image to find outlines in)."""
+    shift = estimate_shift(rgb, aux[:, :estimate_channels] if estimate_channels else aux, max_shift)
     B, _, H, W = aux.shape
     offset = -shift.to(aux.dtype).view(B, 2, 1, 1).expand(B, 2, H, W)
     return warp(aux, offset), shift

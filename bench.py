@@ -531,17 +531,24 @@ def _compare_knn(args, dataset, root, obj, aux_ch, out):
     return _score_test_split(dataset, root, obj, args.img_size, aux_ch, scorer)
 
 
-def _compare_knn_fpfh(args, obj, out):
-    """BTF's rows on a synthetic object written as an MVTec 3D-AD tree and prepared (FPFH cached): knn on FPFH
-    alone and RGB + FPFH fused (train.py --model knn --aux_feature fpfh)."""
+def _mvtec3d_tree(args, obj, out) -> str:
+    """A synthetic object (dataset seed --data_seed) written as an MVTec 3D-AD tree and prepared (normals and FPFH
+    cached); returns the prepared root."""
     import prepare_data
-    import train as train_script
     from datasets.synthetic import write_mvtec3d_tree
-    from engine import load_checkpoint, load_model
-    raw, prep = os.path.join(out, "mvtec3d_raw"), os.path.join(out, "mvtec3d_prep")
+    raw = os.path.join(out, f"mvtec3d_raw_seed{args.data_seed}")
+    prep = os.path.join(out, f"mvtec3d_prep_seed{args.data_seed}")
     if not os.path.isdir(os.path.join(prep, obj)):
-        write_mvtec3d_tree(raw, obj, args.img_size)
+        write_mvtec3d_tree(raw, obj, args.img_size, seed=args.data_seed)
         prepare_data.prepare_mvtec3d(raw, prep, progress=False, fpfh=True, dist=1.0)
+    return prep
+
+
+def _compare_knn_fpfh(args, obj, out, prep):
+    """BTF's rows on the prepared MVTec 3D-AD tree ``prep`` of a synthetic object: knn on FPFH alone and
+    RGB + FPFH fused (train.py --model knn --aux_feature fpfh)."""
+    import train as train_script
+    from engine import load_checkpoint, load_model
     argv = ["--model", "knn", "--dataset", "mvtec3d", "--data_root", prep, "--object", obj, "--img_size",
             str(args.img_size), "--aux_feature", "fpfh", "--out_dir", os.path.join(out, "knn_fpfh"), "--quiet",
             "--overwrite"]
@@ -555,10 +562,11 @@ def _compare_knn_fpfh(args, obj, out):
     return _score_test_split("mvtec3d", prep, obj, args.img_size, 33, scorer)
 
 
-def _compare_model(args, dataset, root, obj, aux_ch, seed, out):
+def _compare_model(args, dataset, root, obj, model_args, seed, out):
+    """Train MambaAlign (train.py with ``model_args``, e.g. ["--aux_ch", "3"]) and evaluate it on the test split."""
     import eval as eval_script
     import train as train_script
-    argv = ["--dataset", dataset, "--object", obj, "--img_size", str(args.img_size), "--aux_ch", str(aux_ch),
+    argv = ["--dataset", dataset, "--object", obj, "--img_size", str(args.img_size), *model_args,
             "--epochs", str(args.epochs), "--seed", str(seed), "--out_dir", out, "--quiet"] + \
         (["--data_root", root] if root else [])
     train_script.main(train_script.get_args_parser().parse_args(argv))
@@ -572,9 +580,14 @@ def _compare_sets(args):
     """(dataset family, root, object, aux_ch of the data, seeds for trained models) of every compared class."""
     from datasets import default_aux_ch, list_objects
     from datasets.synthetic import OBJECT_TYPES
-    sets = [("synthetic", None, o, 3, args.seeds if i == 0 else 1) for i, o in enumerate(OBJECT_TYPES)]
+    objects = OBJECT_TYPES if not args.objects else [o.strip() for o in args.objects.split(",") if o.strip()]
+    unknown = sorted(set(objects) - set(OBJECT_TYPES))
+    if unknown:
+        raise SystemExit(f"--objects: unknown synthetic object(s) {unknown}; choose from {list(OBJECT_TYPES)}")
+    sets = [("synthetic", None, o, 3, args.seeds if i == 0 or args.rows == "geometry" else 1)
+            for i, o in enumerate(objects)]
     for family, root in (("mulsenad", args.mulsen_root), ("mvtec", args.mvtec_root)):
-        if not root:
+        if not root or args.rows == "geometry":
             continue
         if not os.path.isdir(root):
             raise SystemExit(f"--{family.replace('mulsenad', 'mulsen')}_root {root}: folder not found")
@@ -588,32 +601,45 @@ def bench_compare(args) -> None:
     import statistics as st
     results, rows = {}, []
     t_all = time.time()
+    geometry_only = args.rows == "geometry"
     for dataset, root, obj, aux_ch, n_seeds in _compare_sets(args):
         name = f"{dataset}/{obj}"
         out = os.path.join(args.out_dir, dataset, obj)
         per = {}
-        t0 = time.time()
-        for method, m in _compare_floor(dataset, root, obj, args.img_size).items():
-            per[method] = {"mean": m, "std": None, "seeds": 1, "time_s": time.time() - t0}
-        t0 = time.time()
-        knn = _compare_knn(args, dataset, root, obj, aux_ch, os.path.join(out, "knn"))
-        for method, m in knn.items():
-            per[method] = {"mean": m, "std": None, "seeds": 1, "time_s": time.time() - t0}
-        if dataset == "synthetic" and args.fpfh:
-            t0 = time.time()
-            for method, m in _compare_knn_fpfh(args, obj, out).items():
-                per[method] = {"mean": m, "std": None, "seeds": 1, "time_s": time.time() - t0}
-        for label, ch in (("MambaAlign RGB-only", 0), ("MambaAlign RGB + aux", aux_ch)):
-            if label.endswith("aux") and not aux_ch:
-                continue
+
+        def trained(label, family, data_root, model_args, tag):
             runs, t0 = [], time.time()
             for seed in range(n_seeds):
-                runs.append(_compare_model(args, dataset, root, obj, ch, seed,
-                                           os.path.join(out, f"mambaalign_aux{ch}_seed{seed}")))
+                runs.append(_compare_model(args, family, data_root, obj, model_args, seed,
+                                           os.path.join(out, f"mambaalign_{tag}_seed{seed}")))
             mean = {k: st.mean(r[k] for r in runs) for k in COMPARE_KEYS + DECISION_KEYS}
             std = {k: st.stdev([r[k] for r in runs]) for k in COMPARE_KEYS} if len(runs) > 1 else None
             per[label] = {"mean": mean, "std": std, "seeds": len(runs), "time_s": (time.time() - t0) / len(runs)}
-        results[name] = per
+
+        if not geometry_only:
+            t0 = time.time()
+            for method, m in _compare_floor(dataset, root, obj, args.img_size).items():
+                per[method] = {"mean": m, "std": None, "seeds": 1, "time_s": time.time() - t0}
+            t0 = time.time()
+            knn = _compare_knn(args, dataset, root, obj, aux_ch, os.path.join(out, "knn"))
+            for method, m in knn.items():
+                per[method] = {"mean": m, "std": None, "seeds": 1, "time_s": time.time() - t0}
+        if dataset == "synthetic" and args.fpfh:
+            t0 = time.time()
+            prep = _mvtec3d_tree(args, obj, out)
+            for method, m in _compare_knn_fpfh(args, obj, out, prep).items():
+                per[method] = {"mean": m, "std": None, "seeds": 1, "time_s": time.time() - t0}
+            # The same tree for both: MambaAlign with its CNN bank of the normals image, and with the FPFH bank.
+            trained("MambaAlign normals (3D-AD tree)", "mvtec3d", prep, ["--aux_ch", "3"],
+                    f"tree{args.data_seed}_normals")
+            trained("MambaAlign normals + FPFH bank", "mvtec3d", prep, ["--aux_feature", "fpfh"],
+                    f"tree{args.data_seed}_fpfh")
+        if not geometry_only:
+            trained("MambaAlign RGB-only", dataset, root, ["--aux_ch", "0"], "aux0")
+            if aux_ch:
+                trained("MambaAlign RGB + aux", dataset, root, ["--aux_ch", str(aux_ch)], f"aux{aux_ch}")
+        if per:
+            results[name] = per
         with open(os.path.join(args.out_dir, "compare.json"), "w") as fh:
             json.dump(results, fh, indent=1)
 
@@ -631,8 +657,11 @@ def bench_compare(args) -> None:
         pooled = {k: st.mean(h[k] for h in have) for k in COMPARE_KEYS + DECISION_KEYS}
         rows.append(["mean", method, f"{len(have)} classes"]
                     + [f"{pooled[k]:.3f}" for k in COMPARE_KEYS] + [_flagged_cell(pooled), ""])
+    where = ("on every object" if args.rows == "geometry" else
+             f"on the real classes and synthetic/{_compare_sets(args)[0][2]} (one seed elsewhere)")
+    trees = f"3D-AD trees of dataset seed {args.data_seed}; " if args.fpfh else ""
     print_table(f"compare at {args.img_size}px; trained models: {args.epochs} epochs, seeds 0..{args.seeds - 1} "
-                f"on the real classes and synthetic/disc (one seed elsewhere), mean ± std over seeds; "
+                f"{where}, mean ± std over seeds; {trees}"
                 f"test splits via eval.py; flagged: share of good / anomalous test parts above the stored "
                 f"threshold (mean over seeds; - where a method has none); whole table "
                 f"{(time.time() - t_all) / 60:.1f} min",
@@ -977,6 +1006,12 @@ def get_args_parser():
     g.add_argument("--fpfh", type=int, default=1,
                    help="compare: 1 adds the knn FPFH rows on the synthetic objects (written as MVTec 3D-AD trees, "
                         "prepared with FPFH); 0 leaves them out")
+    g.add_argument("--rows", default="all", choices=("all", "geometry"),
+                   help="compare: all rows, or geometry: only the rows on the synthetic objects written as MVTec "
+                        "3D-AD trees (knn fpfh, knn rgb+fpfh, MambaAlign with the normals' CNN bank and with the "
+                        "FPFH bank; trees of dataset seed --data_seed)")
+    g.add_argument("--objects", default=None,
+                   help="compare: comma-separated synthetic objects (default: all of them)")
     g.add_argument("--seeds", type=int, default=3,
                    help="seeds per trained model (compare: on the real classes and the first synthetic object; "
                         "ablation: per variant)")

@@ -31,7 +31,7 @@ from rgbx_backbone import RGBXBackbone
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["KNNConfig", "PatchKNN", "MemoryBank", "pooled_patch_features", "greedy_coreset", "greedy_coreset_ref",
+__all__ = ["KNNConfig", "PatchKNN", "MemoryBank", "pooled_patch_features", "fpfh_patches", "greedy_coreset", "greedy_coreset_ref",
            "nearest_distance", "gaussian_blur"]
 
 MODEL_TYPE = "knn"
@@ -246,6 +246,13 @@ def pooled_patch_features(stage_feats, pool: int, modalities: Tuple[str, ...]) -
     return out
 
 
+def fpfh_patches(fpfh: torch.Tensor, stride: int, pool: int) -> torch.Tensor:
+    """(B, 33, H, W) FPFH maps -> (B, 33, H / stride, W / stride) patch features: each patch's mean FPFH,
+    averaged over its ``pool`` x ``pool`` neighbourhood as the CNN stages' are (pooled_patch_features)."""
+    patches = F.avg_pool2d(fpfh.float(), stride)
+    return F.avg_pool2d(patches, pool, stride=1, padding=pool // 2, count_include_pad=False)
+
+
 class MemoryBank(nn.Module):
     """Per-modality banks of normal patch features, the image each bank row came from, and the standardisation
     statistics measured on held-out normals. Used by :class:`PatchKNN` (the baseline) and by MambaAlign (its
@@ -425,10 +432,7 @@ class PatchKNN(MemoryBank):
         if self.config.aux_feature == "fpfh":
             out = pooled_patch_features(self.backbone(rgb, None), self.config.pool, ("rgb",))
             if aux is not None:
-                stride = self.backbone.strides[self.config.stages[0]]
-                fpfh = F.avg_pool2d(aux.float(), stride)                # (B, 33, h, w): each patch's mean FPFH
-                out["aux"] = F.avg_pool2d(fpfh, self.config.pool, stride=1, padding=self.config.pool // 2,
-                                          count_include_pad=False)
+                out["aux"] = fpfh_patches(aux, self.backbone.strides[self.config.stages[0]], self.config.pool)
             return out
         if self.config.aux_ch and aux is None:
             feats = self._rgb_only(rgb)

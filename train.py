@@ -44,7 +44,7 @@ from engine import (FeatureCache, HelpFormatter, RunError, autocast_context, ava
                     positive_float, positive_int, prepare_out_dir, probability, resolve_device, run_cli,
                     run_inference, resume_command, save_atomic, workers, WORKERS_HELP, loader_options)
 from knn import FPFH_CHANNELS, KNNConfig, PatchKNN
-from MambaAlign import PRESETS, MambaAlign, MambaAlignConfig
+from MambaAlign import NORMALS_FPFH_CH, PRESETS, MambaAlign, MambaAlignConfig
 from rgbx_backbone import BACKBONES
 from selective_scan import BACKENDS
 
@@ -122,16 +122,18 @@ def get_args_parser():
     g.add_argument("--scan_backend", default="auto", choices=BACKENDS,
                    help="selective-scan implementation (auto: on CUDA mamba-ssm if installed, else our Triton "
                         "kernels, else torch; on CPU torch)")
+    g.add_argument("--aux_feature", default="cnn", choices=("cnn", "fpfh"),
+                   help="what the aux memory bank holds. cnn: the aux image's backbone features; fpfh: FPFH point "
+                        "features of the xyz cloud (open3d; MVTec 3D-AD-style data and synthetic; cached by "
+                        "prepare_data.py). knn: BTF's geometry bank beside the RGB bank (aux_ch 33); MambaAlign: "
+                        "the CNN still reads the normals, the bank the FPFH (aux_ch 36, normals + FPFH), and training "
+                        "anomalies displace the points and recompute their FPFH")
     g.add_argument("--compile", action="store_true", help="torch.compile the whole model")
     g = p.add_argument_group("knn baseline (--model knn)")
     g.add_argument("--coreset_size", type=positive_int, default=KNNConfig.coreset_size,
                    help="memory-bank size bound per modality (greedy coreset of the train normals' patches)")
     g.add_argument("--knn_sigma", type=nonneg_float, default=KNNConfig.sigma,
                    help="Gaussian smoothing of the distance map, in input pixels")
-    g.add_argument("--aux_feature", default="cnn", choices=("cnn", "fpfh"),
-                   help="cnn: the aux image's backbone features; fpfh: FPFH point features of the xyz cloud "
-                        "(open3d; BTF's geometry bank beside the RGB bank; MVTec 3D-AD-style data and synthetic; "
-                        "cached by prepare_data.py)")
     g.add_argument("--pointcloud", default="auto", choices=("auto", "on", "off"),
                    help="MulSen-AD's third sensor: fit an FPFH bank on the train point clouds (Pointcloud/*.stl) "
                         "and store it with the model; eval.py fuses its object scores with the image scores. "
@@ -262,7 +264,7 @@ def _set_rng_state(s):
 # --------------------------------------------------------------------------------------------------------
 
 def build_config(args, aux_ch: int) -> MambaAlignConfig:
-    overrides = dict(aux_ch=aux_ch, use_cmi=not args.no_cmi, use_aaf=not args.no_aaf)
+    overrides = dict(aux_ch=aux_ch, use_cmi=not args.no_cmi, use_aaf=not args.no_aaf, bank_aux=args.aux_feature)
     if args.pmm:
         overrides["use_pmm"] = args.pmm == "on"
     if args.backbone:
@@ -484,12 +486,12 @@ def load_train_split(args, is_main: bool):
     """The train split (every file checked up front) and its aux channel count; data errors become RunError."""
     aux_ch = default_aux_ch(args.dataset) if args.aux_ch is None else args.aux_ch
     if args.aux_feature == "fpfh":
-        if args.model != "knn":
-            raise RunError("--aux_feature fpfh feeds the knn baseline's memory bank (--model knn); MambaAlign reads "
-                           "the geometry as a normals or depth image (--aux_ch 3 or 1)")
-        if args.aux_ch not in (None, FPFH_CHANNELS):
-            raise RunError(f"--aux_feature fpfh reads {FPFH_CHANNELS}-channel FPFH maps; leave --aux_ch out")
-        aux_ch = FPFH_CHANNELS
+        # knn: FPFH maps alone (BTF); MambaAlign: normals for its CNN, then FPFH for its bank.
+        want = FPFH_CHANNELS if args.model == "knn" else NORMALS_FPFH_CH
+        if args.aux_ch not in (None, want):
+            raise RunError(f"--aux_feature fpfh with --model {args.model} reads {want}-channel maps"
+                           f"{'' if args.model == 'knn' else ' (normals + FPFH)'}; leave --aux_ch out")
+        aux_ch = want
     try:
         extra = {"seed": args.data_seed} if args.dataset == "synthetic" else {}
         if args.dataset == "synthetic" and args.synthetic_train:

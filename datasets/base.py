@@ -120,6 +120,18 @@ class AnomalyDataset(Dataset):
         so that predict.py reads new parts' files exactly as training read the dataset's."""
         raise TypeError(f"{cls.__name__} has no aux modality to read")
 
+    def points(self, i: int) -> np.ndarray:
+        """The organised point cloud (H, W, 3) of sample i, zeros = missing (geometry datasets)."""
+        raise TypeError(f"{type(self).__name__} has no point clouds")
+
+    def xyz_at(self, i: int) -> torch.Tensor:
+        """Sample i's points on the training grid, (3, H, W) (AlignedTransform.points): what training anomalies of
+        normals + FPFH displace (datasets.synthesis). Flips are not applied to them, so a flipping dataset refuses."""
+        if self.augment:
+            raise DatasetError(f"{self.name}: random flips are not applied to the points training anomalies "
+                               f"displace; build the dataset without hflip / vflip for normals + FPFH")
+        return self.transform.points(self.points(i))
+
     def _load_aux(self, path: str) -> Tuple[np.ndarray, Optional[np.ndarray]]:
         return self.read_aux(path, self.aux_ch)
 

@@ -6,7 +6,9 @@
     <root>/<class>/<split>/<defect>/{normals,fpfh}/<n>.npz            caches written by prepare_data.py (optional)
 
 aux_ch 3: unit normals from neighbouring points; aux_ch 1: depth (the z coordinate); aux_ch 33: FPFH point features
-on a grid (pointcloud.fpfh_grid, BTF's geometry features: ``train.py --model knn --aux_feature fpfh``). ``valid``
+on a grid (pointcloud.fpfh_grid, BTF's geometry features: ``train.py --model knn --aux_feature fpfh``); aux_ch 36:
+normals then FPFH (MambaAlign with an FPFH memory bank: ``train.py --aux_feature fpfh``; ``xyz_at`` gives the
+training anomalies the points to displace). ``valid``
 is False where points are missing (and, for normals, where a point has no neighbour along an axis). Normals and
 FPFH come from prepare_data.py's caches beside the xyz folder where they exist (a prepared 400x400 sample loads in
 milliseconds), else they are computed from the xyz file on every read (FPFH: about half a second per cloud).
@@ -118,21 +120,32 @@ def _to_image(values: np.ndarray, valid: np.ndarray, H: int, W: int) -> Tuple[np
     return values[rows][:, cols], valid[rows][:, cols]
 
 
-def fpfh_grid_of(xyz: np.ndarray, grid: int = FPFH_GRID) -> Tuple[np.ndarray, np.ndarray]:
+def fpfh_grid_of(xyz: np.ndarray, grid: int = FPFH_GRID, voxel: Optional[float] = None
+                 ) -> Tuple[np.ndarray, np.ndarray]:
     """FPFH of an organised cloud on a grid of at most ``grid`` cells per side (pointcloud.fpfh_grid)."""
     from pointcloud import fpfh_grid
-    return fpfh_grid(xyz, min(grid, *xyz.shape[:2]))
+    return fpfh_grid(xyz, min(grid, *xyz.shape[:2]), voxel)
 
 
-def fpfh_full_res(xyz: np.ndarray, grid: int = FPFH_GRID) -> Tuple[np.ndarray, np.ndarray]:
-    """FPFH of an organised cloud at the cloud's own H x W (each pixel its grid cell's features), valid mask."""
-    f, v = _to_image(*fpfh_grid_of(xyz, grid), *xyz.shape[:2])
+def fpfh_full_res(xyz: np.ndarray, grid: int = FPFH_GRID, voxel: Optional[float] = None
+                  ) -> Tuple[np.ndarray, np.ndarray]:
+    """FPFH of an organised cloud at the cloud's own H x W (each pixel its grid cell's features), valid mask;
+    ``voxel``: pointcloud.fpfh_features' down-sampling voxel (None: from the cloud's extent)."""
+    f, v = _to_image(*fpfh_grid_of(xyz, grid, voxel), *xyz.shape[:2])
     return f, v & np.any(xyz != 0, axis=2)
+
+
+def normals_and_fpfh(read, path: str) -> Tuple[np.ndarray, np.ndarray]:
+    """aux_ch 36: ``read(path, 3)`` (normals) and ``read(path, 33)`` (FPFH) side by side, valid where both are."""
+    n, vn = read(path, 3)
+    f, vf = read(path, 33)
+    return np.concatenate([n, f], axis=2), vn & vf
 
 
 class MVTec3D(AnomalyDataset):
     aux_kinds = GEOMETRY_AUX_KIND
-    AUX_CHOICES, AUX_WHAT = (3, 1, 0, 33), "normals (aux_ch=3), depth (1), FPFH (33) or RGB only (0)"
+    AUX_CHOICES = (3, 1, 0, 33, 36)
+    AUX_WHAT = "normals (aux_ch=3), depth (1), FPFH (33), normals + FPFH (36) or RGB only (0)"
     has_valid = True
     aux_file_channels = 3       # organised xyz point clouds
 
@@ -158,8 +171,13 @@ class MVTec3D(AnomalyDataset):
                                       int(defect != "good"), defect, object_name))
         super().__init__(records, img_size, aux_ch, split, f"{family} {object_name}", **kw)
 
+    def points(self, i: int) -> np.ndarray:
+        return read_xyz(self.records[i].aux)
+
     @classmethod
     def read_aux(cls, path, aux_ch):
+        if aux_ch == 36:
+            return normals_and_fpfh(cls.read_aux, path)
         kind = {3: "normals", 33: "fpfh"}.get(aux_ch, "")
         cached = cache_path(path, kind)
         if cached and os.path.isfile(cached):

@@ -34,8 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from .transforms import (IMAGE_EXTENSIONS, DatasetError, aux_to_image, denormalize_rgb, normalize_rgb,
-                         read_image)
+from .transforms import (IMAGE_EXTENSIONS, NORMALS_KINDS, DatasetError, aux_to_image, denormalize_rgb,
+                         normalize_rgb, read_image)
 
 __all__ = ["perlin_noise", "perlin_mask", "synthesize", "misalign", "AnomalySynthesizer", "SynthesisDataset",
            "TextureSource", "MODES"]
@@ -198,14 +198,42 @@ def _geometry(mask: np.ndarray, rng: np.random.Generator, shape: str,
     raise ValueError(f"geometry shape must be one of {tuple(GEOMETRY_PROBS)}, got {shape!r}")
 
 
+def displaced_fpfh(fpfh: torch.Tensor, xyz: torch.Tensor, lift: np.ndarray) -> torch.Tensor:
+    """The FPFH map (33, H, W) of a surface raised by ``lift`` (H, W; in pixels of height per pixel of width,
+    the field whose gradient bent the normals) on the organised cloud ``xyz`` (3, H, W), zeros = missing.
+
+    The points move against the camera's z by lift x the cloud's point spacing (the median distance between
+    horizontal neighbours), so the normals bent by that field are the displaced surface's. The FPFH of the
+    displaced and of the original cloud are computed on this grid with one down-sampling voxel, and their
+    difference is added to ``fpfh``: the dataset's map may come from another resolution (a prepared 400 x 400
+    cloud), and only what the displacement changed is carried over, not what the resolution changes."""
+    from .mvtec3d import fpfh_full_res
+    from pointcloud import voxel_size
+    pts = xyz.permute(1, 2, 0).numpy().astype(np.float32)
+    ok = np.any(pts != 0, axis=2)
+    if ok.sum() < 10:
+        return fpfh
+    pair = ok[:, 1:] & ok[:, :-1]
+    step = np.linalg.norm(pts[:, 1:] - pts[:, :-1], axis=2)[pair]
+    spacing = float(np.median(step)) if step.size else 0.0
+    moved = pts.copy()
+    moved[..., 2] -= np.where(ok, lift * spacing, 0.0).astype(np.float32)
+    voxel = voxel_size(pts[ok])
+    before, _ = fpfh_full_res(pts, voxel=voxel)
+    after, _ = fpfh_full_res(moved, voxel=voxel)
+    delta = torch.from_numpy(after - before).permute(2, 0, 1)
+    return fpfh + delta * torch.from_numpy(ok.astype(np.float32))[None]
+
+
 def synthesize(rgb: torch.Tensor, aux: Optional[torch.Tensor], rng: np.random.Generator, *,
                aux_kind: Optional[str], mode: str = "mixed", valid: Optional[torch.Tensor] = None,
                texture_source: Optional[TextureSource] = None, restrict_to_foreground: bool = True,
-               blend_range=BLEND_RANGE, geometry: Optional[str] = None
+               blend_range=BLEND_RANGE, geometry: Optional[str] = None, xyz=None
                ) -> Tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor, str]:
     """Inject one anomaly. Returns (rgb, aux, mask (1, H, W) float {0, 1}, the mode used).
     ``geometry`` ("dome" or "plateau") fixes the shape of a depth / normals anomaly; None draws it with
-    ``GEOMETRY_PROBS``."""
+    ``GEOMETRY_PROBS``. ``xyz``: the sample's organised points (3, H, W), or a callable giving them (read only
+    when needed): aux_kind "normals+fpfh" displaces them by the same height field and recomputes the FPFH."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if geometry is not None and geometry not in GEOMETRY_PROBS:
@@ -228,7 +256,7 @@ def synthesize(rgb: torch.Tensor, aux: Optional[torch.Tensor], rng: np.random.Ge
         out_rgb = normalize_rgb(rgb01 * (1 - beta * mt) + tex * beta * mt)
     if mode in ("aux", "both"):
         sign = float(rng.choice([-1.0, 1.0]))
-        if aux_kind in ("depth", "normals"):
+        if aux_kind in ("depth", "normals", "normals+fpfh"):
             shape = geometry or str(rng.choice(list(GEOMETRY_PROBS), p=list(GEOMETRY_PROBS.values())))
             h, label = _geometry(m, rng, shape, BUMP_SIGMA if aux_kind == "depth" else NORMAL_DOME_SIGMA)
             label = torch.from_numpy(label)
@@ -242,17 +270,24 @@ def synthesize(rgb: torch.Tensor, aux: Optional[torch.Tensor], rng: np.random.Ge
                 label = label | (torch.rad2deg(torch.atan(grad * abs(slope))) > GEOMETRY_MIN_TILT)
                 # n / |n_z| = (-h_x, -h_y, -1) for a height field h; adding the bump's (-dh_x, -dh_y, 0) gives
                 # the exact normal of the bumped surface, then renormalise.
-                nz = aux[2:3].abs().clamp_min(1e-3)
-                bent = aux / nz - torch.stack([gx, gy, torch.zeros_like(gx)]) * slope
-                out_aux = bent / bent.norm(dim=0, keepdim=True).clamp_min(1e-8)
-                out_aux = torch.where(aux.norm(dim=0, keepdim=True) > 0, out_aux, aux)
+                n = aux[:3]
+                nz = n[2:3].abs().clamp_min(1e-3)
+                bent = n / nz - torch.stack([gx, gy, torch.zeros_like(gx)]) * slope
+                bent = bent / bent.norm(dim=0, keepdim=True).clamp_min(1e-8)
+                out_aux = torch.where(n.norm(dim=0, keepdim=True) > 0, bent, n)
+                if aux_kind == "normals+fpfh":
+                    if xyz is None:
+                        raise ValueError("aux_kind 'normals+fpfh' needs the sample's points (xyz) to displace")
+                    fpfh = displaced_fpfh(aux[3:], xyz() if callable(xyz) else xyz, h * slope)
+                    out_aux = torch.cat([out_aux, fpfh])
             mt = torch.maximum(mt, label.float()[None])
         elif aux_kind == "intensity":
             # a hot or cold spot: a value offset, which shows at every masked pixel
             spot = _blurred(m, 1.0) * (sign * rng.uniform(*INTENSITY_AMPLITUDE))
             out_aux = aux + torch.from_numpy(spot).float()[None]
         else:
-            raise ValueError(f"aux_kind must be normals, depth or intensity for mode {mode!r}, got {aux_kind!r}")
+            raise ValueError(f"aux_kind must be normals, normals+fpfh, depth or intensity for mode {mode!r}, "
+                             f"got {aux_kind!r}")
     return out_rgb, out_aux, mt, mode
 
 
@@ -269,10 +304,10 @@ def misalign(aux: torch.Tensor, rng: np.random.Generator, max_px: float, max_deg
                           [-sin * W / H, cos, 2 * dx / W * sin * W / H - 2 * dy / H * cos]], dtype=torch.float32)
     grid = F.affine_grid(theta[None], (1, C, H, W), align_corners=False)
     out = F.grid_sample(aux[None], grid, mode="bilinear", padding_mode="border", align_corners=False)[0]
-    if aux_kind == "normals" and ang:
+    if aux_kind in NORMALS_KINDS and ang:
         x, y = out[0] * cos - out[1] * sin, out[0] * sin + out[1] * cos
-        out = torch.stack([x, y, out[2]])
-        out = out / out.norm(dim=0, keepdim=True).clamp_min(1e-8)
+        n = torch.stack([x, y, out[2]])
+        out = torch.cat([n / n.norm(dim=0, keepdim=True).clamp_min(1e-8), out[3:]])
     return out
 
 
@@ -296,14 +331,14 @@ class AnomalySynthesizer:
         self.aux_dropout = aux_dropout
 
     def __call__(self, sample: Dict[str, object], rng: np.random.Generator,
-                 inject: Optional[bool] = None) -> Dict[str, object]:
+                 inject: Optional[bool] = None, xyz=None) -> Dict[str, object]:
         """Apply to one sample. ``inject`` forces (True) or forbids (False) an anomaly; None draws with
-        synth_prob. Misalignment applies either way."""
+        synth_prob. Misalignment applies either way. ``xyz``: see ``synthesize``."""
         sample = dict(sample)
         aux = sample.get("aux")
         if inject if inject is not None else rng.random() < self.synth_prob:
             rgb, aux, mask, used = synthesize(sample["rgb"], aux, rng, aux_kind=self.aux_kind, mode=self.mode,
-                                              valid=sample.get("valid"), texture_source=self.textures)
+                                              valid=sample.get("valid"), texture_source=self.textures, xyz=xyz)
             sample.update(rgb=rgb, mask=mask, label=int(mask.sum() > 0), defect=f"synthetic_{used}")
         else:
             sample.update(mask=torch.zeros_like(sample["mask"]), label=0, defect="good")
@@ -340,12 +375,11 @@ class SynthesisDataset(Dataset):
         return len(self.indices) * (2 if self.fixed else 1)
 
     def __getitem__(self, i: int):
-        if self.fixed:
-            j = self.indices[i // 2]
-            sample = self.synth(self.base[j], np.random.default_rng((self.seed, 0, j)), inject=(i % 2 == 0))
-        else:
-            j = self.indices[i]
-            sample = self.synth(self.base[j], np.random.default_rng((self.seed, self.epoch, j)), inject=None)
+        j = self.indices[i // 2] if self.fixed else self.indices[i]
+        # Geometry that is recomputed from displaced points (aux_kind normals+fpfh) reads them when needed.
+        xyz = (lambda: self.base.xyz_at(j)) if self.synth.aux_kind == "normals+fpfh" else None
+        rng = np.random.default_rng((self.seed, 0 if self.fixed else self.epoch, j))
+        sample = self.synth(self.base[j], rng, inject=(i % 2 == 0) if self.fixed else None, xyz=xyz)
         sample["index"] = j
         return sample
 

@@ -193,7 +193,8 @@ class SyntheticDataset(AnomalyDataset):
     test_defect per defect type). Samples are rendered at ``render_size`` (default: img_size) on access.
     """
     aux_kinds = GEOMETRY_AUX_KIND
-    AUX_CHOICES, AUX_WHAT = (3, 1, 0, 33), "normals (aux_ch=3), depth (1), FPFH (33) or RGB only (0)"
+    AUX_CHOICES = (3, 1, 0, 33, 36)
+    AUX_WHAT = "normals (aux_ch=3), depth (1), FPFH (33), normals + FPFH (36) or RGB only (0)"
     has_valid = True
 
     def __init__(self, root: Optional[str] = None, object_name: str = "disc", split: str = "train", img_size=128,
@@ -238,6 +239,9 @@ class SyntheticDataset(AnomalyDataset):
                 self._raw_bytes -= sum(a.nbytes for a in self._raw.pop(first) if a is not None)
         return self._raw[i]
 
+    def points(self, i: int) -> np.ndarray:
+        return depth_to_xyz(self.render(i)["depth"])
+
     def _load_raw(self, i: int):
         s = self.render(i)
         aux = valid = None
@@ -245,9 +249,11 @@ class SyntheticDataset(AnomalyDataset):
             aux = s["normals"]
         elif self.aux_ch == 1:
             aux = s["depth"][..., None]
-        elif self.aux_ch == 33:
+        elif self.aux_ch in (33, 36):
             from .mvtec3d import fpfh_full_res
             aux, valid = fpfh_full_res(depth_to_xyz(s["depth"]))
+            if self.aux_ch == 36:
+                aux = np.concatenate([s["normals"], aux], axis=2)
             return s["rgb"], aux, s["mask"], valid
         if self.aux_ch:
             valid = np.ones(s["mask"].shape, bool)

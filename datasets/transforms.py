@@ -9,6 +9,8 @@ All modalities of a sample go through the same resize / centre crop / flip, so t
   * infrared / intensity ("intensity"): values in [0, 1] mapped to (x - 0.5) / 0.25;
   * FPFH ("fpfh", 33 channels: point-feature histograms of the cloud, pointcloud.py): resized with the valid mask
     as weights, kept as they are (histogram percentages; the memory bank compares them as they come);
+  * normals + FPFH ("normals+fpfh", 36 channels: 3 normals then 33 FPFH; MambaAlign with an FPFH memory bank,
+    ``train.py --aux_feature fpfh``): each part as above;
   * masks: binarised with ``> 0`` (some official masks store 253..255 or class ids, not 255), resized nearest.
 
 Normals convention: camera frame (x right, y down, z forward), unit vectors pointing towards the camera.
@@ -24,15 +26,17 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "AUX_KINDS", "DatasetError", "read_image", "read_mask", "translate",
-           "probe_file", "GEOMETRY_AUX_KIND",
+           "probe_file", "GEOMETRY_AUX_KIND", "NORMALS_KINDS",
            "read_tiff", "to_hw", "AlignedTransform", "normals_from_xyz", "decode_normals_png",
            "normalize_rgb", "denormalize_rgb", "aux_to_image", "colormap"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-AUX_KINDS = {"normals": 3, "depth": 1, "intensity": 1, "fpfh": 33}
+AUX_KINDS = {"normals": 3, "depth": 1, "intensity": 1, "fpfh": 33, "normals+fpfh": 36}
 # What aux_ch means for a geometric sensor (normals or depth; 0 = RGB only).
-GEOMETRY_AUX_KIND = {3: "normals", 1: "depth", 0: None, 33: "fpfh"}
+GEOMETRY_AUX_KIND = {3: "normals", 1: "depth", 0: None, 33: "fpfh", 36: "normals+fpfh"}
+# Aux kinds whose first three channels are unit normals (flips and rotations turn them).
+NORMALS_KINDS = ("normals", "normals+fpfh")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 
@@ -239,10 +243,10 @@ def denormalize_rgb(rgb: torch.Tensor) -> torch.Tensor:
 
 
 def aux_to_image(aux: torch.Tensor) -> np.ndarray:
-    """An aux map (C, H, W) as a (H, W, 3) uint8 picture: unit normals as colours (n * 0.5 + 0.5), one-channel
-    modalities (depth, infrared) min-max scaled to grey."""
-    if aux.shape[0] == 3:
-        return ((aux.permute(1, 2, 0).numpy() * 0.5 + 0.5).clip(0, 1) * 255).astype(np.uint8)
+    """An aux map (C, H, W) as a (H, W, 3) uint8 picture: unit normals (the first 3 of normals + FPFH's 36) as
+    colours (n * 0.5 + 0.5), other modalities (depth, infrared; FPFH's first bin) min-max scaled to grey."""
+    if aux.shape[0] in (3, AUX_KINDS["normals+fpfh"]):
+        return ((aux[:3].permute(1, 2, 0).numpy() * 0.5 + 0.5).clip(0, 1) * 255).astype(np.uint8)
     a = aux[0].numpy()
     a = (a - a.min()) / (a.max() - a.min() + 1e-8)
     return np.repeat((a * 255).astype(np.uint8)[..., None], 3, axis=2)
@@ -321,11 +325,11 @@ class AlignedTransform:
         if rng is not None:
             if self.hflip and rng.random() < self.hflip:
                 out = {k: v.flip(-1) for k, v in out.items()}
-                if self.aux_kind == "normals":
+                if self.aux_kind in NORMALS_KINDS:
                     out["aux"][0] = -out["aux"][0]
             if self.vflip and rng.random() < self.vflip:
                 out = {k: v.flip(-2) for k, v in out.items()}
-                if self.aux_kind == "normals":
+                if self.aux_kind in NORMALS_KINDS:
                     out["aux"][1] = -out["aux"][1]
         if "aux" in out:
             out["aux"] = self._normalize_aux(out["aux"], out.get("valid"))
@@ -334,10 +338,22 @@ class AlignedTransform:
         out["mask"] = (out["mask"] > 0.5).float()
         return out
 
+    def points(self, xyz: np.ndarray) -> torch.Tensor:
+        """An organised cloud (H, W, 3), zeros = missing, on this transform's grid: (3, h, w), resized with its
+        valid mask as weights as aux is, centre-cropped, zeros where missing. For geometry that training anomalies
+        displace and FPFH is recomputed from (datasets.synthesis); flips are not applied (see its callers)."""
+        t = torch.from_numpy(np.ascontiguousarray(xyz, dtype=np.float32)).permute(2, 0, 1)
+        v = (t != 0).any(0, keepdim=True).float()
+        den = _resize(v, self.size, "bilinear")
+        out = _resize(t * v, self.size, "bilinear") / den.clamp_min(1e-6) * (den > 0.5).float()
+        return _center_crop(out, self.crop) if self.crop else out
+
     def _normalize_aux(self, aux: torch.Tensor, valid: Optional[torch.Tensor]) -> torch.Tensor:
-        if self.aux_kind == "normals":
-            norm = aux.norm(dim=0, keepdim=True)
-            return torch.where(norm > 1e-6, aux / norm.clamp_min(1e-6), torch.zeros_like(aux))
+        if self.aux_kind in NORMALS_KINDS:
+            n = aux[:3]
+            norm = n.norm(dim=0, keepdim=True)
+            n = torch.where(norm > 1e-6, n / norm.clamp_min(1e-6), torch.zeros_like(n))
+            return torch.cat([n, aux[3:]]) if aux.shape[0] > 3 else n
         if self.aux_kind == "depth":
             v = valid if valid is not None else torch.ones_like(aux[:1])
             n = v.sum()

@@ -183,3 +183,101 @@ def test_knn_fpfh_bank_on_a_prepared_tree_reads_the_cache(tmp_path, capsys, monk
     assert np.isfinite(summary["overall"]["image_auroc"])
     ds = build_dataset("mvtec3d", str(tmp_path / "prep"), "disc", "train", 64, 33)
     assert ds[0]["aux"].shape == (33, 64, 64) and ds[0]["valid"].sum() > 0
+
+
+# --------------------------------------------------------------------------------------------------------
+# MambaAlign with an FPFH bank (aux_ch 36: normals for the CNN, FPFH for the bank)
+# --------------------------------------------------------------------------------------------------------
+
+def test_normals_plus_fpfh_is_the_two_modalities_side_by_side(tmp_path):
+    write_mvtec3d_tree(str(tmp_path / "t"), "disc", 64, counts={"train": 2, "test_good": 1, "test_defect": 1})
+    both, normals, fpfh = (build_dataset("mvtec3d", str(tmp_path / "t"), "disc", "train", 64, ch)[0]
+                           for ch in (36, 3, 33))
+    assert both["aux"].shape == (36, 64, 64)
+    inside = (both["valid"][0] > 0) & (normals["valid"][0] > 0) & (fpfh["valid"][0] > 0)
+    assert inside.sum() > 100
+    assert torch.allclose(both["aux"][:3][:, inside], normals["aux"][:, inside], atol=1e-5)
+    assert torch.allclose(both["aux"][3:][:, inside], fpfh["aux"][:, inside], atol=1e-4)
+    ds = build_dataset("mvtec3d", str(tmp_path / "t"), "disc", "train", 64, 36)
+    xyz = ds.xyz_at(0)
+    assert xyz.shape == (3, 64, 64) and (xyz[2] > 0).float().mean() > 0.5
+    from datasets import DatasetError
+    flipping = build_dataset("mvtec3d", str(tmp_path / "t"), "disc", "train", 64, 36, hflip=0.5)
+    with pytest.raises(DatasetError, match="flips"):
+        flipping.xyz_at(0)
+
+
+def test_a_geometry_anomaly_changes_the_fpfh_where_the_surface_moved():
+    """Training anomalies of normals + FPFH displace the points by the height field that bends the normals and
+    recompute the FPFH there: inside the labelled region the FPFH changes, far from it they do not (a test that
+    fails if the FPFH stayed as it was, or changed everywhere)."""
+    from datasets.synthesis import AnomalySynthesizer, SynthesisDataset, misalign
+    ds = build_dataset("synthetic", None, "disc", "train", 96, 36)
+    synth = AnomalySynthesizer("normals+fpfh", mode="aux", synth_prob=1.0)
+    clean = ds[0]["aux"]
+    changed = 0
+    for seed in range(3):
+        s = SynthesisDataset(ds, synth, seed=seed)[0]
+        m = s["mask"][0] > 0.5
+        assert m.sum() > 0
+        far = ~(torch.nn.functional.max_pool2d(m[None, None].float(), 25, 1, 12)[0, 0] > 0)
+        d = (s["aux"][3:] - clean[3:]).abs().sum(0)
+        assert d[far].mean() < 0.02 * d[m].mean(), (d[far].mean(), d[m].mean())
+        changed += d[m].mean() > 1.0                                   # FPFH bins are percentages
+        assert (s["aux"][:3] - clean[:3]).norm(dim=0)[m].mean() > 0.05    # the normals bend there too
+    assert changed == 3
+    with pytest.raises(ValueError, match="xyz"):
+        synth({**ds[0]}, np.random.default_rng(0), inject=True)
+    turned = misalign(clean, np.random.default_rng(0), 2.0, 5.0, aux_kind="normals+fpfh")
+    assert turned.shape == clean.shape and torch.allclose(turned[:3].norm(dim=0)[20:-20, 20:-20],
+                                                          torch.ones(56, 56), atol=1e-4)
+
+
+def test_mambaalign_fpfh_bank_holds_fpfh_patches_and_the_cnn_reads_the_normals():
+    from knn import fpfh_patches
+    from MambaAlign import MambaAlign, MambaAlignConfig
+    with pytest.raises(ValueError, match="bank_aux='fpfh'"):
+        MambaAlignConfig.preset("tiny", aux_ch=3, bank_aux="fpfh")
+    torch.manual_seed(0)
+    model = MambaAlign(MambaAlignConfig.preset("tiny", aux_ch=36, bank_aux="fpfh")).eval()
+    assert model.backbone.aux_ch == 3
+    rgb = torch.randn(2, 3, 64, 64)
+    aux = torch.cat([torch.nn.functional.normalize(torch.randn(2, 3, 64, 64), dim=1), 10 * torch.rand(2, 33, 64, 64)], 1)
+    patches = model.bank_patches(rgb, aux)
+    assert torch.allclose(patches["aux"], fpfh_patches(aux[:, 3:], 8, model.config.bank_pool))
+    model.fit_bank([{"rgb": rgb, "aux": aux, "index": torch.arange(2)}], [{"rgb": rgb, "aux": aux}])
+    assert model.bank.bank_aux.shape[1] == 33 and model.bank.bank_rgb.shape[1] != 33
+    # the CNN's features do not depend on the FPFH channels; the bank's aux map does
+    other = torch.cat([aux[:, :3], torch.rand(2, 33, 64, 64)], 1)
+    a, b = model.encode(rgb, aux), model.encode(rgb, other)
+    assert all(torch.equal(x[1], y[1]) for x, y in zip(a["feats"], b["feats"]))
+    assert torch.equal(a["bank_maps"][:, 0], b["bank_maps"][:, 0])
+    assert not torch.allclose(a["bank_maps"][:, 1], b["bank_maps"][:, 1])
+
+
+@pytest.mark.slow
+def test_mambaalign_with_the_fpfh_bank_trains_evaluates_and_predicts(tmp_path, capsys):
+    import predict as predict_script
+    write_mvtec3d_tree(str(tmp_path / "raw"), "disc", 64, counts={"train": 8, "test_good": 2, "test_defect": 1})
+    prepare_data.prepare_mvtec3d(str(tmp_path / "raw"), str(tmp_path / "prep"), progress=False, fpfh=True, dist=1.0)
+    out = tmp_path / "ma"
+    argv = ["--dataset", "mvtec3d", "--data_root", str(tmp_path / "prep"), "--object", "disc", "--img_size", "64",
+            "--aux_feature", "fpfh", "--epochs", "1", "--batch_size", "4", "--val_fraction", "0.25", "--quiet",
+            "--out_dir", str(out)]
+    code, _, err = _cli(train_script, argv, capsys)
+    assert code == 0, err
+    ckpt = torch.load(out / "best_checkpoint.pth", weights_only=True)
+    assert ckpt["config"]["bank_aux"] == "fpfh" and ckpt["config"]["aux_ch"] == 36
+    assert ckpt["model"]["bank.bank_aux"].shape[1] == pointcloud.FPFH_DIM
+    code, _, err = _cli(eval_script, ["--checkpoint", str(out / "best_checkpoint.pth"), "--out_dir",
+                                      str(out / "eval"), "--quiet"], capsys)
+    assert code == 0, err
+    assert np.isfinite(json.loads((out / "eval" / "summary.json").read_text())["overall"]["image_auroc"])
+    test = tmp_path / "prep" / "disc" / "test" / "good"
+    code, _, err = _cli(predict_script, ["--checkpoint", str(out / "best_checkpoint.pth"), "--input", str(test / "rgb"),
+                                         "--aux_dir", str(test / "xyz"), "--out_dir", str(out / "pred"), "--quiet"],
+                        capsys)
+    assert code == 0, err
+    assert len((out / "pred" / "predictions.csv").read_text().strip().splitlines()) == 1 + 2
+    code, _, err = _cli(train_script, argv[:-1] + [str(tmp_path / "bad"), "--aux_ch", "3"], capsys)
+    assert code == 2 and "36" in err and "Traceback" not in err
