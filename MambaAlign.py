@@ -15,7 +15,9 @@ decoder beside the fused features and their maxima enter the image head, so the 
 from normal" instead of learning normality from synthetic anomalies alone. During training each image's
 distances skip the bank rows that image contributed (leave-one-out), so a training image looks like an unseen
 normal one. With ``image_score="head+bank"`` the image score is the head's logit standardised on held-out
-normals plus the bank's standardised scores.
+normals plus the bank's standardised scores. With ``bank_aux="fpfh"`` (aux = normals + FPFH, 36 channels) the aux
+bank holds FPFH patches while the CNN reads the normals (``train.py --aux_feature fpfh``; measured against the CNN
+bank in docs/results.md: no gain beyond the seed spread, so it is an option).
 
 Notebook entry points: ``mambaalign_tiny(**overrides)``, ``mambaalign_base(**overrides)``,
 ``MambaAlign.from_checkpoint(path)``, ``model.predict(rgb, aux)``.

@@ -31,8 +31,8 @@ from rgbx_backbone import RGBXBackbone
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["KNNConfig", "PatchKNN", "MemoryBank", "pooled_patch_features", "fpfh_patches", "greedy_coreset", "greedy_coreset_ref",
-           "nearest_distance", "gaussian_blur"]
+__all__ = ["KNNConfig", "PatchKNN", "MemoryBank", "pooled_patch_features", "fpfh_patches", "greedy_coreset",
+           "greedy_coreset_ref", "nearest_distance", "gaussian_blur"]
 
 MODEL_TYPE = "knn"
 FPFH_CHANNELS = 33           # the fpfh aux modality (pointcloud.FPFH_DIM, datasets' aux_ch 33)
