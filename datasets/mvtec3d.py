@@ -135,11 +135,16 @@ def fpfh_full_res(xyz: np.ndarray, grid: int = FPFH_GRID, voxel: Optional[float]
     return f, v & np.any(xyz != 0, axis=2)
 
 
-def normals_and_fpfh(read, path: str) -> Tuple[np.ndarray, np.ndarray]:
-    """aux_ch 36: ``read(path, 3)`` (normals) and ``read(path, 33)`` (FPFH) side by side, valid where both are."""
-    n, vn = read(path, 3)
-    f, vf = read(path, 33)
-    return np.concatenate([n, f], axis=2), vn & vf
+def _current_cache(path: str, kind: str) -> Optional[Tuple[np.ndarray, np.ndarray]]:
+    """prepare_data.py's cache of ``kind`` for the xyz file ``path`` where it exists and is current, else None
+    (a stale one is warned about once per folder)."""
+    cached = cache_path(path, kind)
+    if not os.path.isfile(cached):
+        return None
+    if cache_is_current(cached, kind):
+        return read_cache(cached, path)
+    _warn_stale_cache(cached, kind)
+    return None
 
 
 class MVTec3D(AnomalyDataset):
@@ -176,18 +181,17 @@ class MVTec3D(AnomalyDataset):
 
     @classmethod
     def read_aux(cls, path, aux_ch):
-        if aux_ch == 36:
-            return normals_and_fpfh(cls.read_aux, path)
-        kind = {3: "normals", 33: "fpfh"}.get(aux_ch, "")
-        cached = cache_path(path, kind)
-        if cached and os.path.isfile(cached):
-            if cache_is_current(cached, kind):
-                return read_cache(cached, path)
-            _warn_stale_cache(cached, kind)
-        xyz = read_xyz(path)
-        if aux_ch == 33:
-            return fpfh_full_res(xyz)
-        if aux_ch == 3:
-            return normals_from_xyz(xyz, path)
-        z = xyz[..., 2]
-        return z[..., None], z > 0
+        kinds = {3: ("normals",), 33: ("fpfh",), 36: ("normals", "fpfh")}.get(aux_ch, ())
+        parts = {k: _current_cache(path, k) for k in kinds}
+        # The xyz file is read once, and only when a part has no current cache.
+        xyz = read_xyz(path) if not kinds or any(v is None for v in parts.values()) else None
+        if "normals" in parts and parts["normals"] is None:
+            parts["normals"] = normals_from_xyz(xyz, path)
+        if "fpfh" in parts and parts["fpfh"] is None:
+            parts["fpfh"] = fpfh_full_res(xyz)
+        if not kinds:
+            z = xyz[..., 2]
+            return z[..., None], z > 0
+        values, valids = zip(*(parts[k] for k in kinds))
+        # normals + FPFH (36): side by side, valid where both are
+        return np.concatenate(values, axis=2), np.logical_and.reduce(valids)
