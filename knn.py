@@ -179,15 +179,19 @@ def greedy_coreset(x: torch.Tensor, k: int, projection_dim: int = 64, seed: int 
 
 def _refresh(z, zn, u, new):
     """Lower every row's u (in place) to its exact distance to the chosen rows ``new`` where that is smaller."""
-    nn_ = (new * new).sum(1)
     # The product form's float32 rounding error is at most about 2 * d * eps * (|z|^2 + |c|^2) (eps = 2^-24, d
-    # terms per dot product, in any summation order): the margin is twice that.
+    # terms per dot product, in any summation order): a pair is recomputed where the product form is below u by
+    # less than a margin of twice that (plus 1e-6 u), i.e. where
+    #   |z|^2 + |c|^2 - 2 z.c < u + slack (|z|^2 + |c|^2) + 1e-6 u  <=>  z.c > (row_r + col_c) / 2
+    # with row_r = (1 - slack) |z|^2 - (1 + 1e-6) u and col_c = (1 - slack) |c|^2: one product and one comparison
+    # per block, no further (rows x chosen) temporaries. The rounding of row_r and col_c (a few eps of |z|^2 + u)
+    # is far inside the margin.
     slack = (4 * z.shape[1] + 16) * 2.0 ** -24
+    col = (0.5 * (1 - slack)) * (new * new).sum(1)
     for s in range(0, z.shape[0], CORESET_ROW_BLOCK):
-        zb, ub, znb = z[s:s + CORESET_ROW_BLOCK], u[s:s + CORESET_ROW_BLOCK], zn[s:s + CORESET_ROW_BLOCK, None]
-        approx = torch.addmm(znb + nn_[None], zb, new.T, alpha=-2)
-        margin = slack * (znb + nn_[None]) + 1e-6 * ub[:, None]
-        rows, cols = (approx < ub[:, None] + margin).nonzero(as_tuple=True)
+        zb, ub = z[s:s + CORESET_ROW_BLOCK], u[s:s + CORESET_ROW_BLOCK]
+        row = (0.5 * (1 - slack)) * zn[s:s + CORESET_ROW_BLOCK] - (0.5 * (1 + 1e-6)) * ub
+        rows, cols = (zb @ new.T > row[:, None] + col[None]).nonzero(as_tuple=True)
         if rows.numel():
             ub.scatter_reduce_(0, rows, ((zb[rows] - new[cols]) ** 2).sum(-1), reduce="amin")
 
