@@ -676,7 +676,8 @@ def bench_compare(args) -> None:
 
 def _backbone_floor(args, datasets, device) -> float:
     """Seconds of the bare two-branch backbone (stages 2-5, frozen, eval) over every image of ``datasets``, the
-    images already in memory: the floor no method on these features can beat."""
+    images already in memory: the floor no method on these features can beat. The median of 3 passes after a
+    warm-up: one pass moved by up to 2x between runs on a shared machine, and every ratio with it."""
     from torch.utils.data import DataLoader
     from rgbx_backbone import RGBXBackbone
     aux_ch = datasets[0].aux_ch
@@ -685,7 +686,7 @@ def _backbone_floor(args, datasets, device) -> float:
     batches = [b for ds in datasets for b in DataLoader(ds, batch_size=8)]
     run = lambda: [backbone(b["rgb"].to(device), b["aux"].to(device) if aux_ch else None) for b in batches]
     with torch.no_grad():
-        return time_it(run, repeats=1, warmup=1, device=device)
+        return time_it(run, repeats=3, warmup=1, device=device)
 
 
 def bench_fit(args) -> None:
@@ -1040,4 +1041,6 @@ def main(args) -> None:
 
 
 if __name__ == "__main__":
+    from engine import keep_freed_memory
+    keep_freed_memory()
     main(get_args_parser().parse_args())
