@@ -35,9 +35,9 @@ from rgbx_backbone import BackboneWeightsError
 __all__ = ["resolve_device", "autocast_context", "run_inference", "FeatureCache", "available_memory",
            "git_revision", "dist_info", "load_model",
            "save_atomic", "make_checkpoint", "plain", "load_checkpoint", "prepare_out_dir", "MODEL_TYPES",
-           "RunError", "HelpFormatter", "keep_freed_memory", "positive_int", "nonneg_int", "positive_float", "nonneg_float",
-           "probability", "fraction", "fpr_limit", "image_size", "workers", "resolve_workers", "loader_options",
-           "WORKERS_HELP", "run_cli", "vis_names", "write_visualisation",
+           "RunError", "HelpFormatter", "keep_freed_memory", "positive_int", "nonneg_int", "positive_float",
+           "nonneg_float", "probability", "fraction", "fpr_limit", "image_size", "workers", "resolve_workers",
+           "loader_options", "WORKERS_HELP", "run_cli", "vis_names", "write_visualisation",
            "OnnxModel", "ONNX_FORMAT", "ONNX_META_KEYS", "Terminated", "resume_command", "write_text_atomic",
            "write_atomic"]
 

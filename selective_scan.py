@@ -482,9 +482,10 @@ class _StepScan(torch.autograd.Function):
 
     The reductions over the state axis N (the output ``C_t . h_t``, the input gradient ``B_t . dh_t``) and, for
     variable B and C, over a group's channels (their gradients) are batched matrix products, and backward
-    forms ``dh_t h_{t-1} a_t`` in the buffer of the decays it recomputes: elementwise products broadcast along
-    the innermost axis, each into a fresh (L, b, G, Dg, N) tensor, were most of a training step of the tiny
-    preset (about 100 ms of a 200 ms step at batch 8, 256 px).
+    forms ``dh_t h_{t-1} a_t`` in the buffer of the decays it recomputes: three (L, b, G, Dg, N) tensors in
+    backward where there were about eleven, several of them products broadcast along the innermost axis (which
+    TensorIterator runs about 4x slower than the same product without the broadcast). A few percent of a
+    training step of the tiny preset, more where fresh allocations fault pages in (docs/profile.md).
 
     Layout: time-major as in the chunked scan, without padding: dt, u (L, b, G, Dg); Bt, Ct (L, b, G, 1, N)
     variable or (1, 1, G, Dg, N) constant; A (G, Dg, N). Saves the states (L, b, G, Dg, N) for backward."""
