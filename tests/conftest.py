@@ -24,6 +24,12 @@ if str(ROOT) not in sys.path:
 
 torch.set_num_threads(2)
 
+# As the scripts do (engine.run_cli): glibc keeps freed memory for the next tensors, so tests run as the scripts
+# would, whichever test first goes through run_cli.
+import engine  # noqa: E402
+
+engine.keep_freed_memory()
+
 SHARED_DATA = ROOT.parent / "shared" / "data"
 
 
