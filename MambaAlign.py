@@ -218,8 +218,7 @@ class MambaAlign(nn.Module):
                 "scores, sigmoid(score_logit)")
 
     def train(self, mode: bool = True):
-        super().train(mode)
-        self.backbone.train(mode)   # a frozen backbone keeps its norms in eval mode
+        super().train(mode)         # reaches RGBXBackbone.train: a frozen backbone keeps its norms in eval mode
         return self
 
     # ------------------------------------------------------------------------------------------------

@@ -111,7 +111,10 @@ def summarise(res: Dict, fpr_limit: float) -> Dict[str, object]:
     for d in sorted(set(defects) - {"good"}):
         summary["per_defect"][d] = _metrics(res, np.nonzero(good | (defects == d))[0], fpr_limit)
     for o in sorted(set(objects)):
-        summary["per_object"][o] = _metrics(res, np.nonzero(objects == o)[0], fpr_limit)
+        idx = np.nonzero(objects == o)[0]
+        # one object (a class's test split): its row is the overall one, not computed twice
+        summary["per_object"][o] = dict(summary["overall"]) if len(idx) == len(objects) else \
+            _metrics(res, idx, fpr_limit)
     summary["mean_over_objects"] = {k: metrics.nanmean(v[k] for v in summary["per_object"].values())
                                     for k in metrics.METRIC_KEYS}
     summary["counts"] = {"images": int(len(objects)), "anomalous": int(res["label"].sum()),

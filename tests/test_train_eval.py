@@ -46,19 +46,25 @@ def test_short_run_writes_checkpoints_and_logs(tmp_path):
     assert model.config.aux_ch == 3
 
 
-def test_bank_images_join_the_threshold_only_where_a_checkpoint_keeps_it(tmp_path):
-    """Validation decodes the bank images for the threshold only for a model that becomes the best checkpoint and
-    for the last epoch's; other epochs' thresholds come from the held-out views (the criterion never needs them).
-    A learning rate of ~0 keeps the criterion flat, so epochs 2 and 3 are not better than epoch 1."""
+def test_bank_images_join_the_threshold_at_the_last_validation_and_in_the_best_checkpoint(tmp_path):
+    """Validation decodes the bank images for the threshold only at the run's last validation; the best checkpoint,
+    saved mid-run with the held-out views' threshold, then gets the full one (complete_best_threshold). A learning
+    rate of ~0 leaves the weights unchanged (the updates round away) and the criterion flat, so epoch 1 stays the
+    best and its completed calibration must equal the last epoch's own, number for number."""
     _train(tmp_path, "--epochs", "4", "--synthetic_train", "12", "--val_fraction", "0.25", "--lr", "1e-12",
            "--min_lr", "0", "--batch_size", "4")
     rows = [json.loads(l) for l in (tmp_path / "log.jsonl").read_text().splitlines()]
     rows = [r for r in rows if r.get("val")]
-    assert [r["epoch"] for r in rows] == [1, 2, 3, 4]
+    assert [r["epoch"] for r in rows] == [1, 2, 3, 4] and rows[-1]["best"]["epoch"] == 1
     full = [r["val"]["calibration"]["normals"] > r["val"]["calibration"]["held_out"] for r in rows]
-    assert full == [True, False, False, True]
-    best = torch.load(tmp_path / "best_checkpoint.pth", weights_only=True)["metrics"]["calibration"]
+    assert full == [False, False, False, True]
+    ckpt = torch.load(tmp_path / "best_checkpoint.pth", weights_only=True)
+    best = ckpt["metrics"]["calibration"]
     assert best["normals"] > best["held_out"]
+    assert best == rows[-1]["val"]["calibration"] == rows[-1]["best_calibration"]
+    assert float(ckpt["model"]["threshold"]) == best["threshold"] and ckpt["epoch"] == 1
+    last = torch.load(tmp_path / "last.pth", weights_only=True)
+    assert last["epoch"] == 4 and float(last["model"]["threshold"]) == rows[-1]["val"]["calibration"]["threshold"]
 
 
 def test_resume_continues_exactly(tmp_path):
