@@ -342,14 +342,16 @@ class MemoryBank(nn.Module):
 
     @torch.no_grad()
     def fit(self, patch_features, bank_batches: Iterable[dict], holdout_batches: Iterable[dict], device=None,
-            seed: int = 0, progress=None, loo_scores: bool = True) -> Dict[str, object]:
+            seed: int = 0, progress=None, loo_scores: bool = True,
+            loo_images: Optional[Iterable[int]] = None) -> Dict[str, object]:
         """Build the banks from ``bank_batches`` and the standardisation statistics from ``holdout_batches``:
         batches of sample dicts with ``rgb``, ``aux`` where the model has it, and optionally ``index`` (the image
         indices the bank remembers for leave-one-out; default: their order). ``patch_features(rgb, aux)`` gives
         {m: (B, C, h, w)}; ``progress`` wraps an iterable (tqdm). Returns {"stats": the statistics per modality,
         "normal_scores": {"holdout": (n_held,), "bank_loo": (n_bank,)}}: the bank's image score (standardised,
         summed over modalities) of every held-out normal and, leave-one-out (``loo_scores``), of every normal in
-        the bank: scores of good parts the bank has not seen, for a decision threshold from all train normals."""
+        the bank (or of those whose image index is in ``loo_images``): scores of good parts the bank has not
+        seen, for a decision threshold from the train normals."""
         device = device or torch.device("cpu")
         wrap = progress or (lambda it, **k: it)
 
@@ -377,9 +379,16 @@ class MemoryBank(nn.Module):
         stats = self.set_stats(held)
         holdout = self._image_scores({m: torch.cat(v) for m, v in held.items()})
         loo = [torch.zeros(0)]
-        for s in wrap(range(0, n if loo_scores else 0, LOO_BLOCK), desc="memory bank: leave-one-out scores"):
-            part = {m: f[s:s + LOO_BLOCK].to(device) for m, f in features.items()}
-            loo.append(self._image_scores(self.raw_maps(part, size, exclude=owners[s:s + LOO_BLOCK].to(device))))
+        if not loo_scores:
+            scored = torch.zeros(0, dtype=torch.long)
+        elif loo_images is None:
+            scored = torch.arange(n)
+        else:
+            scored = torch.nonzero(torch.isin(owners, torch.as_tensor(list(loo_images), dtype=owners.dtype)))[:, 0]
+        for s in wrap(range(0, len(scored), LOO_BLOCK), desc="memory bank: leave-one-out scores"):
+            rows = scored[s:s + LOO_BLOCK]
+            part = {m: f[rows].to(device) for m, f in features.items()}
+            loo.append(self._image_scores(self.raw_maps(part, size, exclude=owners[rows].to(device))))
         return {"stats": stats, "normal_scores": {"holdout": holdout, "bank_loo": torch.cat(loo)}}
 
     def _image_scores(self, raw: Dict[str, torch.Tensor]) -> torch.Tensor:
@@ -461,11 +470,15 @@ class PatchKNN(MemoryBank):
 
     # ------------------------------------------------------------------------------------------------
     def fit(self, bank_batches: Iterable[dict], holdout_batches: Iterable[dict], device=None, seed: int = 0,
-            progress=None, target_fpr: float = 0.05) -> Dict[str, object]:
+            progress=None, target_fpr: float = 0.05, loo_images: Optional[Iterable[int]] = None
+            ) -> Dict[str, object]:
         """Build the banks from ``bank_batches``, standardise on ``holdout_batches`` (see MemoryBank.fit) and set
-        the decision threshold: the score_logit that ``target_fpr`` of ALL train normals exceed (the held-out ones
-        and, leave-one-out, every one in the bank). Returns MemoryBank.fit's dict plus "calibration"."""
-        res = super().fit(self.patch_features, bank_batches, holdout_batches, device, seed, progress)
+        the decision threshold: the score_logit that ``target_fpr`` of the train normals exceed: the held-out
+        ones and, leave-one-out, every one in the bank, or those whose image index is in ``loo_images``
+        (train.py: the same up to 64 bank images MambaAlign's threshold takes, train.CALIBRATION_IMAGES).
+        Returns MemoryBank.fit's dict plus "calibration"."""
+        res = super().fit(self.patch_features, bank_batches, holdout_batches, device, seed, progress,
+                          loo_images=loo_images)
         scores = torch.cat([res["normal_scores"]["holdout"], res["normal_scores"]["bank_loo"]])
         self.threshold.fill_(threshold_at_fpr(scores.numpy(), target_fpr))
         res["calibration"] = {"threshold": float(self.threshold), "target_fpr": target_fpr,

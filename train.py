@@ -449,7 +449,8 @@ def fit_knn(args, base, aux_ch: int, device, bank_idx, hold_idx, stale=()) -> Di
     print(f"backbone {cfg.backbone} (ImageNet weights, frozen), stages {cfg.stages}; bank from {len(bank_idx)} "
           f"train normals, standardisation on {len(hold_idx)} held-out train normals")
     fit = model.fit(_normals_loader(base, bank_idx, args, device), _normals_loader(base, hold_idx, args, device),
-                    device, seed=args.seed, progress=_progress(args), target_fpr=args.target_fpr)
+                    device, seed=args.seed, progress=_progress(args), target_fpr=args.target_fpr,
+                    loo_images=calibration_images(bank_idx, args.seed))
     stats = fit["stats"]
     extra = {"pointcloud": fit_cloud_bank(args, base, bank_idx, hold_idx, print)} if with_clouds else {}
     ckpt = make_checkpoint(model, cfg.to_dict(), vars(args), {"holdout_stats": stats,
@@ -463,7 +464,8 @@ def fit_knn(args, base, aux_ch: int, device, bank_idx, hold_idx, stale=()) -> Di
                              "holdout_stats": stats, "time_s": round(time.time() - t0, 2)}) + "\n")
     cal = fit["calibration"]
     print(f"decision threshold {cal['threshold']:.4f}: the score_logit that {cal['target_fpr']:g} of the "
-          f"{cal['normals']} train normals exceed ({len(hold_idx)} held out, the rest leave-one-out from the bank)")
+          f"{cal['normals']} train normals exceed ({len(hold_idx)} held out, {cal['normals'] - len(hold_idx)} of the "
+          f"{len(bank_idx)} bank images leave-one-out)")
     print(f"\nknn checkpoint: {best_path} (fitted in {time.time() - t0:.1f} s)")
     print(f"evaluate it with:\n  python eval.py --checkpoint {best_path} --out_dir "
           f"{os.path.join(args.out_dir, 'eval')}")
@@ -803,9 +805,9 @@ class SyntheticPool:
 
 
 def calibration_images(bank_idx, seed: int) -> list:
-    """The bank images whose leave-one-out scores join the held-out normals in the threshold: all of them, or a
-    seeded CALIBRATION_IMAGES of them (they are decoded at every validation: enough for a 95 % quantile, not a
-    cost that grows with the train split)."""
+    """The bank images whose leave-one-out scores join the held-out normals in the threshold, MambaAlign's and the
+    knn's: all of them, or a seeded CALIBRATION_IMAGES of them (enough for a 95 % quantile, not a cost that grows
+    with the train split)."""
     if len(bank_idx) <= CALIBRATION_IMAGES:
         return list(bank_idx)
     pick = np.random.default_rng(seed).choice(len(bank_idx), CALIBRATION_IMAGES, replace=False)

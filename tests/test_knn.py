@@ -149,3 +149,34 @@ def test_unfitted_knn_says_so():
     model = PatchKNN(KNNConfig(aux_ch=0), pretrained=False)
     with pytest.raises(RuntimeError, match="fit it first"):
         model(torch.randn(1, 3, 64, 64))
+
+
+def test_leave_one_out_scores_of_a_subset_are_those_images_scores():
+    """MemoryBank.fit(loo_images=...) scores only those bank images, each exactly as the full leave-one-out pass
+    scores it (train.py gives the knn the same <= 64 images MambaAlign's threshold takes)."""
+    from knn import MemoryBank
+    torch.manual_seed(0)
+    feats = torch.randn(40, 8, 4, 4)        # 40 images of 4x4 patches, 8 channels: image i's features are feats[i]
+    patch = lambda rgb, aux: {"rgb": feats[rgb[:, 0, 0, 0].long()]}
+    batch = lambda idx: {"rgb": torch.tensor(idx, dtype=torch.float32).view(-1, 1, 1, 1).expand(-1, 3, 16, 16),
+                         "index": torch.tensor(idx) + 100}
+    bank_batches = [batch(list(range(s, s + 8))) for s in range(0, 32, 8)]
+    held = [batch(list(range(32, 40)))]
+
+    def fit(**kw):
+        bank = MemoryBank(("rgb",), 8, coreset_size=64, projection_dim=0, sigma=1.0)
+        return bank.fit(patch, bank_batches, held, **kw)["normal_scores"]["bank_loo"]
+
+    every = fit()
+    some = fit(loo_images=[131, 102, 117, 103])
+    assert every.shape == (32,) and some.shape == (4,)
+    assert torch.equal(some, every[[2, 3, 17, 31]])          # in bank order
+    assert fit(loo_scores=False).numel() == 0
+
+
+def test_knn_threshold_takes_the_calibration_images_of_a_large_bank(knn_run):
+    out, _ = knn_run
+    splits = json.loads((out / "splits.json").read_text())
+    cal = torch.load(out / "best_checkpoint.pth", weights_only=True)["metrics"]["calibration"]
+    assert len(splits["bank"]) > train_script.CALIBRATION_IMAGES
+    assert cal["normals"] == len(splits["holdout"]) + train_script.CALIBRATION_IMAGES
