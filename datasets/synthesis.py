@@ -78,9 +78,9 @@ def perlin_noise(shape: Tuple[int, int], res: Tuple[int, int], rng: np.random.Ge
     yi, xi = np.floor(y).astype(int), np.floor(x).astype(int)
     yf, xf = (y - yi)[:, None], (x - xi)[None, :]
 
-    def corner(dy, dx):
-        g = grads[(yi + dy)[:, None], (xi + dx)[None, :]]
-        return g[..., 0] * (yf - dy) + g[..., 1] * (xf - dx)
+    def corner(dy, dx):   # the lattice gradients at each pixel's corner, gathered rows first, then columns
+        gy, gx = (np.take(grads[yi + dy, :, k], xi + dx, axis=1) for k in (0, 1))
+        return gy * (yf - dy) + gx * (xf - dx)
 
     fade = lambda t: t * t * t * (t * (t * 6 - 15) + 10)
     u, v = fade(yf), fade(xf)

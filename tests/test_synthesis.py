@@ -285,3 +285,25 @@ def test_anomalies_stay_on_a_small_object():
     for seed in range(5):
         _, _, mask, _ = synthesize(normalize_rgb(img), None, np.random.default_rng(seed), aux_kind=None, mode="rgb")
         assert mask.sum() > 0 and not (mask[0].bool() & ~part).any()
+
+
+@pytest.mark.parametrize("shape, res", [((256, 256), (4, 8)), ((96, 128), (16, 2)), ((33, 17), (1, 1))])
+def test_perlin_noise_is_the_lattice_interpolation_pixel_by_pixel(shape, res):
+    """perlin_noise gathers each pixel's corner gradients in two steps (rows, then columns); the noise must be the
+    textbook one bit for bit: per pixel, the dot products of its four corner gradients with its offsets,
+    blended by the quintic fade (a per-pixel loop on a few pixels, with the same random gradients)."""
+    import math
+    from datasets.synthesis import perlin_noise
+    noise = perlin_noise(shape, res, np.random.default_rng(7))
+    (H, W), (ry, rx) = shape, res
+    angles = np.random.default_rng(7).uniform(0, 2 * np.pi, (ry + 1, rx + 1))
+    y, x = np.linspace(0, ry, H, endpoint=False), np.linspace(0, rx, W, endpoint=False)
+    fade = lambda t: t * t * t * (t * (t * 6 - 15) + 10)
+    for i, j in [(0, 0), (H - 1, W - 1), (H // 2, W // 3), (H // 3 + 1, W - 2), (1, W // 2)]:
+        yi, xi = int(np.floor(y[i])), int(np.floor(x[j]))
+        fy, fx = y[i] - yi, x[j] - xi
+        dot = lambda dy, dx: (np.cos(angles[yi + dy, xi + dx]) * (fy - dy) + np.sin(angles[yi + dy, xi + dx]) * (fx - dx))
+        u, v = fade(fy), fade(fx)
+        n0 = dot(0, 0) * (1 - v) + dot(0, 1) * v
+        n1 = dot(1, 0) * (1 - v) + dot(1, 1) * v
+        assert noise[i, j] == (n0 * (1 - u) + n1 * u) * math.sqrt(2), (i, j)
