@@ -994,13 +994,15 @@ def main(args):
         # then (saved with the held-out views' threshold until here: complete_best_threshold).
         final = epoch + 1 >= args.epochs or done
         best_path = os.path.join(args.out_dir, "best_checkpoint.pth")
+        new_best = False
         if val_loader is not None and want_val:
             val = validate(model, val_loader, device, args, rank, world, calib_loader, full_threshold=final)
-            if val["criterion"] > best["criterion"]:
+            new_best = val["criterion"] > best["criterion"]
+            if new_best:
                 best = {"criterion": val["criterion"], "epoch": epoch + 1, "step": state["step"]}
                 if is_main:
                     save_atomic(checkpoint(epoch + 1, 0, val), best_path)
-        if final and calib_loader is not None and best["epoch"] is not None:
+        if final and calib_loader is not None and best["epoch"] is not None and not new_best:
             completed = complete_best_threshold(model, val_loader, calib_loader, best_path, device, args, rank,
                                                 world)
             if completed is not None:

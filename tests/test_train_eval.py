@@ -67,6 +67,17 @@ def test_bank_images_join_the_threshold_at_the_last_validation_and_in_the_best_c
     assert last["epoch"] == 4 and float(last["model"]["threshold"]) == rows[-1]["val"]["calibration"]["threshold"]
 
 
+def test_a_run_stopped_by_max_steps_mid_epoch_completes_the_best_threshold(tmp_path):
+    """--max_steps ends the run inside epoch 2 (no validation there: the best checkpoint of epoch 1 stays): the
+    best checkpoint still leaves with the threshold over the bank images."""
+    _train(tmp_path, "--epochs", "4", "--synthetic_train", "12", "--val_fraction", "0.25", "--batch_size", "4",
+           "--max_steps", "3")
+    rows = [json.loads(l) for l in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert rows[-1]["epoch"] == 2 and not rows[-1]["complete"] and rows[-1]["val"] is None
+    best = torch.load(tmp_path / "best_checkpoint.pth", weights_only=True)["metrics"]["calibration"]
+    assert best["normals"] > best["held_out"] and best == rows[-1]["best_calibration"]
+
+
 def test_resume_continues_exactly(tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     _train(a, "--epochs", "2", "--max_steps", "3")
