@@ -117,12 +117,13 @@ def _raise_terminated(signum, frame):
     raise Terminated()
 
 
-# glibc mallopt parameters and the values keep_freed_memory sets: blocks up to 32 MiB (glibc's upper bound for
-# this threshold on 64-bit) come from the heap, not from a fresh mapping each; freed memory stays in the process
-# up to 1 GiB at the heap's top; the heap grows 256 MiB at a time.
-_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
-MALLOC_SETTINGS = {_M_MMAP_THRESHOLD: 32 << 20, _M_TRIM_THRESHOLD: 1 << 30, _M_TOP_PAD: 256 << 20}
-_MALLOC_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_")
+# glibc mallopt parameters and the values keep_freed_memory sets: no block comes from a fresh mapping of its own
+# (M_MMAP_MAX 0: every block from the heap, whatever its size; the threshold below only matters where a later
+# call allows mappings again); freed memory stays in the process up to 1 GiB at the heap's top; the heap grows
+# 256 MiB at a time.
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -2, -3, -4
+MALLOC_SETTINGS = {_M_MMAP_THRESHOLD: 32 << 20, _M_MMAP_MAX: 0, _M_TRIM_THRESHOLD: 1 << 30, _M_TOP_PAD: 256 << 20}
+_MALLOC_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_")
 
 
 def keep_freed_memory() -> bool:
@@ -132,9 +133,19 @@ def keep_freed_memory() -> bool:
     forward and backward pass that frees and allocates activations of a few MiB then faults each new page in
     again. The cost is the kernel's: on the project's 2-core VM, `bench.py fit` on MulSen-AD capsule spent 58 s
     of 250 s CPU time in the kernel without this and 13 s with it, and the bare backbone pass ran 2.7x faster;
-    results do not change (the same arithmetic on the same values). The price is that the process keeps up to
-    about 1 GiB of freed memory for reuse. The scripts call it at start; a notebook can too. A no-op (False)
-    outside glibc, and where the environment sets glibc's own MALLOC_*_ variables (the user's choice wins)."""
+    results do not change (the same arithmetic on the same values).
+
+    Blocks over 32 MiB (glibc's upper bound for the mapping threshold) used to keep their own mappings: the
+    backbone's stage-2 activations at batch 8 and 256 px are 50 MB each (and timm's "same" padding copies them),
+    so the bare backbone pass over 64 images still faulted 0.2-0.7 M pages in each time (3.6-9.5 s of system time
+    over 5 passes). M_MMAP_MAX 0 serves those from the heap too: the pass ran in 1.2 s instead of 1.6-2.4 s, with
+    no page faults once the heap had grown, and `bench.py fit` on capsule spent 4.0 s in the kernel instead of
+    16.6 s (docs/profile.md). Where the heap cannot grow (no room beside it) glibc still maps memory as its
+    fallback, so no allocation fails for it.
+
+    The price is that the process keeps up to about 1 GiB of freed memory at the heap's top (and freed blocks
+    below the top) for reuse. The scripts call it at start; a notebook can too. A no-op (False) outside glibc, and
+    where the environment sets glibc's own MALLOC_*_ variables (the user's choice wins)."""
     if not sys.platform.startswith("linux") or any(v in os.environ for v in _MALLOC_ENV):
         return False
     try:
