@@ -20,6 +20,7 @@ import glob
 import math
 import os
 import pickle
+import shutil
 import subprocess
 import sys
 import warnings
@@ -39,7 +40,7 @@ __all__ = ["resolve_device", "autocast_context", "run_inference", "FeatureCache"
            "nonneg_float", "probability", "fraction", "fpr_limit", "image_size", "workers", "resolve_workers",
            "loader_options", "WORKERS_HELP", "run_cli", "vis_names", "write_visualisation",
            "OnnxModel", "ONNX_FORMAT", "ONNX_META_KEYS", "Terminated", "resume_command", "write_text_atomic",
-           "write_atomic"]
+           "write_atomic", "link_atomic"]
 
 # The model families a checkpoint can hold; its "model_type" entry names one (absent: a MambaAlign checkpoint
 # or a raw MambaAlign state dict).
@@ -326,6 +327,19 @@ def write_atomic(path: str, write: Callable[[str], object]) -> None:
 def save_atomic(obj, path: str) -> None:
     """torch.save through ``write_atomic``: checkpoints are whole or not there."""
     write_atomic(path, lambda tmp: torch.save(obj, tmp))
+
+
+def link_atomic(src: str, path: str) -> None:
+    """``path`` becomes a second name of the file ``src`` (a hard link: the bytes are not written again), or a copy
+    of it where the file system has no hard links; through ``write_atomic``, so ``path`` is whole or unchanged.
+    Safe beside ``save_atomic``: a later save to either name renames a new file over that name and leaves the
+    other one's bytes as they were."""
+    def write(tmp):
+        try:
+            os.link(src, tmp)
+        except OSError:
+            shutil.copyfile(src, tmp)
+    write_atomic(path, write)
 
 
 def _free_space(path: str) -> str:

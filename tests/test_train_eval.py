@@ -78,6 +78,38 @@ def test_a_run_stopped_by_max_steps_mid_epoch_completes_the_best_threshold(tmp_p
     assert best["normals"] > best["held_out"] and best == rows[-1]["best_calibration"]
 
 
+def _record(epoch):
+    return {"epoch": epoch, "train_loss": 1.0, "val": None, "best": {"criterion": 0.5, "epoch": epoch}}
+
+
+def test_the_best_checkpoint_of_a_complete_epoch_is_last_pth_linked_and_stays_when_last_moves_on(tmp_path):
+    """_end_of_epoch writes last.pth once and gives best_checkpoint.pth the same file; the next epoch's last.pth
+    is a new file, and the best checkpoint keeps its bytes."""
+    args = train_script.get_args_parser().parse_args(FAST + ["--out_dir", str(tmp_path)])
+    log_path, lines = tmp_path / "log.jsonl", []
+    train_script._end_of_epoch(args, {"w": torch.arange(4.0)}, True, lines.append, str(log_path), _record(1))
+    last, best = tmp_path / "last.pth", tmp_path / "best_checkpoint.pth"
+    assert best.read_bytes() == last.read_bytes()
+    assert os.stat(best).st_ino == os.stat(last).st_ino        # a link: the bytes were written once
+    train_script._end_of_epoch(args, {"w": torch.ones(4)}, False, lines.append, str(log_path), _record(2))
+    assert torch.equal(torch.load(best, weights_only=True)["w"], torch.arange(4.0))
+    assert torch.equal(torch.load(last, weights_only=True)["w"], torch.ones(4))
+    assert len(lines) == 2 and len(log_path.read_text().splitlines()) == 2
+    assert not [f for f in os.listdir(tmp_path) if ".tmp." in f]
+
+
+def test_link_atomic_copies_where_the_file_system_has_no_hard_links(tmp_path, monkeypatch):
+    import engine
+
+    def no_links(src, dst):
+        raise PermissionError(1, "Operation not permitted")
+    src, dst = tmp_path / "last.pth", tmp_path / "best_checkpoint.pth"
+    torch.save({"w": torch.arange(3.0)}, src)
+    monkeypatch.setattr(engine.os, "link", no_links)
+    engine.link_atomic(str(src), str(dst))
+    assert dst.read_bytes() == src.read_bytes() and os.stat(dst).st_ino != os.stat(src).st_ino
+
+
 def test_resume_continues_exactly(tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     _train(a, "--epochs", "2", "--max_steps", "3")
