@@ -689,31 +689,14 @@ def _backbone_floor(args, datasets, device) -> float:
         return time_it(run, repeats=3, warmup=1, device=device)
 
 
-def bench_fit(args) -> None:
-    """One class, one run: the knn fit and eval, MambaAlign's bank fit, epochs and eval, each beside the bare
-    backbone pass over the same images; then the ratios the speed goals are stated in."""
+def _fit_once(args, train_ds, test_ds, common: List[str], out: str) -> dict:
+    """One interleaved run of every phase bench_fit reports: the bare backbone floor over the train and the test
+    images, the knn's fit and eval, MambaAlign's train.py and eval.py. -> seconds per phase and the eval summary."""
     import json
     import eval as eval_script
     import train as train_script
-    from datasets import build_dataset, default_aux_ch
     dev = args.device
-    aux_ch = default_aux_ch(args.dataset) if args.aux_ch is None else args.aux_ch
-    kw = {"seed": args.data_seed} if args.dataset == "synthetic" else {}
-    if args.dataset == "synthetic" and args.train_images:
-        kw["counts"] = {"train": args.train_images}
-    train_ds = build_dataset(args.dataset, args.data_root, args.object, "train", args.img_size, aux_ch, **kw)
-    test_ds = build_dataset(args.dataset, args.data_root, args.object, "test", args.img_size, aux_ch, **kw)
-    floor_train = _backbone_floor(args, [train_ds], dev)
-    floor_test = _backbone_floor(args, [test_ds], dev)
-    floor = floor_train + floor_test
-    common = ["--dataset", args.dataset, "--object", args.object, "--img_size", str(args.img_size), "--aux_ch",
-              str(aux_ch), "--quiet", "--device", str(dev), "--overwrite"]
-    common += ["--data_root", args.data_root] if args.data_root else []
-    common += ["--data_seed", str(args.data_seed)] if args.dataset == "synthetic" else []
-    if args.dataset == "synthetic" and args.train_images:
-        common += ["--synthetic_train", str(args.train_images)]
-    out = os.path.join(args.out_dir, f"{args.dataset}_{args.object}")
-    timed = {}
+    timed = {"floor train": _backbone_floor(args, [train_ds], dev), "floor test": _backbone_floor(args, [test_ds], dev)}
 
     def run(name, fn):
         t0 = time.perf_counter()
@@ -733,34 +716,89 @@ def bench_fit(args) -> None:
         ["--checkpoint", os.path.join(ma_dir, "best_checkpoint.pth"), "--out_dir", os.path.join(ma_dir, "eval"),
          "--quiet", "--device", str(dev)])))
     rows = [json.loads(l) for l in open(os.path.join(ma_dir, "log.jsonl"))]
-    bank_s = next(r["memory_bank"]["time_s"] for r in rows if "memory_bank" in r)
     epochs = [r for r in rows if "epoch" in r]
-    epoch_s = statistics.mean(r["time_s"] for r in epochs)
-    pool_s = max((r.get("pool_encode_s_total", 0.0) for r in epochs), default=0.0)
+    timed["bank fit"] = next(r["memory_bank"]["time_s"] for r in rows if "memory_bank" in r)
+    timed["epoch"] = statistics.mean(r["time_s"] for r in epochs)
+    timed["n epochs"] = len(epochs)
+    timed["pool"] = max((r.get("pool_encode_s_total", 0.0) for r in epochs), default=0.0)
+    timed["floor"] = timed["floor train"] + timed["floor test"]
+    timed["knn total"] = timed["knn fit"] + timed["knn eval"]
+    timed["MambaAlign total"] = timed["MambaAlign train"] + timed["MambaAlign eval"]
+    timed["knn ratio"] = timed["knn total"] / timed["floor"]
+    timed["MambaAlign ratio"] = timed["MambaAlign total"] / timed["knn total"]
+    timed["summary"] = summary
+    return timed
+
+
+def _spread(values: List[float], fmt: str, unit: str = "") -> str:
+    """The median of ``values``, with their range where there is more than one: "4.00x (2.50-5.00x)"."""
+    med = format(statistics.median(values), fmt) + unit
+    if len(values) == 1:
+        return med
+    return f"{med} ({format(min(values), fmt)}-{format(max(values), fmt)}{unit})"
+
+
+def bench_fit(args) -> None:
+    """One class: the knn fit and eval, MambaAlign's bank fit, epochs and eval, each beside the bare backbone pass
+    over the same images; then the ratios the speed goals are stated in. ``--fit_runs N`` repeats the whole
+    sequence N times, interleaved (floor, knn, MambaAlign, then again), and shows each phase's median with its
+    range, each run's own ratios, and their median: on a shared machine one run's ratios move by 10-15 %."""
+    from datasets import build_dataset, default_aux_ch
+    if args.fit_runs < 1:
+        raise SystemExit(f"--fit_runs must be at least 1, got {args.fit_runs}")
+    dev = args.device
+    aux_ch = default_aux_ch(args.dataset) if args.aux_ch is None else args.aux_ch
+    kw = {"seed": args.data_seed} if args.dataset == "synthetic" else {}
+    if args.dataset == "synthetic" and args.train_images:
+        kw["counts"] = {"train": args.train_images}
+    train_ds = build_dataset(args.dataset, args.data_root, args.object, "train", args.img_size, aux_ch, **kw)
+    test_ds = build_dataset(args.dataset, args.data_root, args.object, "test", args.img_size, aux_ch, **kw)
+    common = ["--dataset", args.dataset, "--object", args.object, "--img_size", str(args.img_size), "--aux_ch",
+              str(aux_ch), "--quiet", "--device", str(dev), "--overwrite"]
+    common += ["--data_root", args.data_root] if args.data_root else []
+    common += ["--data_seed", str(args.data_seed)] if args.dataset == "synthetic" else []
+    if args.dataset == "synthetic" and args.train_images:
+        common += ["--synthetic_train", str(args.train_images)]
+    out = os.path.join(args.out_dir, f"{args.dataset}_{args.object}")
+    runs = []
+    for r in range(args.fit_runs):
+        if args.fit_runs > 1:
+            print(f"run {r + 1} of {args.fit_runs} ...", flush=True)
+        runs.append(_fit_once(args, train_ds, test_ds, common, out))
     n_train, n_test = len(train_ds), len(test_ds)
-    knn_total = timed["knn fit"] + timed["knn eval"]
-    ma_total = timed["MambaAlign train"] + timed["MambaAlign eval"]
+    col = lambda key, fmt=".1f": _spread([t[key] for t in runs], fmt)
+    per = lambda key, n: _spread([n / t[key] for t in runs], ".1f")
+    vs = lambda key, base, what: f"{_spread([t[key] / t[base] for t in runs], '.2f', 'x')} {what}"
     table = [
-        ["bare backbone pass (train + test images)", f"{floor:.1f}", f"{(n_train + n_test) / floor:.1f}", "1.00x"],
-        ["knn fit (train.py --model knn)", f"{timed['knn fit']:.1f}", f"{n_train / timed['knn fit']:.1f}",
-         f"{timed['knn fit'] / floor_train:.2f}x train pass"],
-        ["knn eval (eval.py)", f"{timed['knn eval']:.1f}", f"{n_test / timed['knn eval']:.1f}",
-         f"{timed['knn eval'] / floor_test:.2f}x test pass"],
-        ["MambaAlign bank fit", f"{bank_s:.1f}", "", f"{bank_s / floor_train:.2f}x train pass"],
-        ["MambaAlign synthetic views encoded (all)", f"{pool_s:.1f}", "", ""],
-        [f"MambaAlign epoch (mean of {len(epochs)})", f"{epoch_s:.2f}",
-         f"{n_train / epoch_s:.1f}", f"{epoch_s / floor_train:.2f}x train pass"],
-        ["MambaAlign train.py (all)", f"{timed['MambaAlign train']:.1f}", "", ""],
-        ["MambaAlign eval (eval.py)", f"{timed['MambaAlign eval']:.1f}", f"{n_test / timed['MambaAlign eval']:.1f}",
-         f"{timed['MambaAlign eval'] / floor_test:.2f}x test pass"],
+        ["bare backbone pass (train + test images)", col("floor"), per("floor", n_train + n_test), "1.00x"],
+        ["knn fit (train.py --model knn)", col("knn fit"), per("knn fit", n_train),
+         vs("knn fit", "floor train", "train pass")],
+        ["knn eval (eval.py)", col("knn eval"), per("knn eval", n_test), vs("knn eval", "floor test", "test pass")],
+        ["MambaAlign bank fit", col("bank fit"), "", vs("bank fit", "floor train", "train pass")],
+        ["MambaAlign synthetic views encoded (all)", col("pool"), "", ""],
+        [f"MambaAlign epoch (mean of {runs[-1]['n epochs']})", col("epoch", ".2f"), per("epoch", n_train),
+         vs("epoch", "floor train", "train pass")],
+        ["MambaAlign train.py (all)", col("MambaAlign train"), "", ""],
+        ["MambaAlign eval (eval.py)", col("MambaAlign eval"), per("MambaAlign eval", n_test),
+         vs("MambaAlign eval", "floor test", "test pass")],
     ]
+    how = "one run" if len(runs) == 1 else f"median (range) of {len(runs)} interleaved runs"
     print_table(f"fit on {args.dataset}/{args.object} at {args.img_size}px on {_where(dev)}: {n_train} train and "
-                f"{n_test} test images, MambaAlign {args.epochs} epochs (train.py defaults otherwise); one run",
+                f"{n_test} test images, MambaAlign {args.epochs} epochs (train.py defaults otherwise); {how}",
                 ["phase", "seconds", "images/s", "vs bare backbone"], table)
-    print(f"knn fit + eval = {knn_total:.1f} s = {knn_total / floor:.2f}x the bare backbone pass over the same "
-          f"train and test images ({floor:.1f} s)")
-    print(f"MambaAlign train + eval = {ma_total:.1f} s = {ma_total / knn_total:.2f}x the knn fit + eval "
-          f"(image AUROC {summary['overall']['image_auroc']:.4f}, AUPRO 0.05 {summary['overall']['aupro_0.05']:.4f})")
+    if len(runs) > 1:
+        print_table("each run's own ratios", ["run", "floor s", "knn fit + eval s", "knn / floor",
+                                              "MambaAlign train + eval s", "MambaAlign / knn"],
+                    [[str(i + 1), f"{t['floor']:.1f}", f"{t['knn total']:.1f}", f"{t['knn ratio']:.2f}x",
+                      f"{t['MambaAlign total']:.1f}", f"{t['MambaAlign ratio']:.2f}x"] for i, t in enumerate(runs)])
+    s = runs[-1]["summary"]["overall"]
+    same = all(t["summary"]["overall"] == runs[0]["summary"]["overall"] for t in runs)
+    print(f"knn fit + eval = {col('knn total')} s = {_spread([t['knn ratio'] for t in runs], '.2f', 'x')} the bare "
+          f"backbone pass over the same train and test images: {col('floor')} s")
+    print(f"MambaAlign train + eval = {col('MambaAlign total')} s = "
+          f"{_spread([t['MambaAlign ratio'] for t in runs], '.2f', 'x')} the knn fit + eval (image AUROC "
+          f"{s['image_auroc']:.4f}, AUPRO 0.05 {s['aupro_0.05']:.4f}"
+          + ("" if same else ", the last run's; the runs' results differ") + ")")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -999,6 +1037,9 @@ def get_args_parser():
                    help="pointcloud: side of the written clouds (MVTec 3D-AD: 400)")
     g.add_argument("--train_images", type=int, default=0,
                    help="fit, synthetic data: this many train images (0: the dataset's default)")
+    g.add_argument("--fit_runs", type=int, default=1,
+                   help="fit: run every phase this many times, interleaved, and show medians, ranges and each "
+                        "run's own ratios (the machine's speed drifts between runs minutes apart)")
     g = p.add_argument_group("compare (bench.py compare; also uses --img_size, --epochs, --seeds, --out_dir)")
     g.add_argument("--mulsen_root", default="../shared/data/MulSen_AD_mini",
                    help="a MulSen-AD tree: every class in it is compared (empty string: none)")

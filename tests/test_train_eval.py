@@ -267,6 +267,35 @@ def test_bench_fixes_the_mmap_threshold_only_for_memory_benchmarks(monkeypatch, 
         bench.main(args)
 
 
+def test_bench_fit_runs_show_each_runs_ratios_and_their_median(monkeypatch, capsys):
+    """bench.py fit --fit_runs 3: every phase's median and range over the interleaved runs, and each run's own
+    ratios (computed within that run), with the median of those."""
+    import bench
+    calls = []
+
+    def fake_run(args, train_ds, test_ds, common, out):
+        r = len(calls)
+        calls.append(common)
+        floor, knn, ma = (2.0, 3.0, 4.0)[r], (8.0, 15.0, 10.0)[r], (40.0, 90.0, 50.0)[r]
+        return {"floor train": floor / 2, "floor test": floor / 2, "floor": floor, "knn fit": knn / 2,
+                "knn eval": knn / 2, "knn total": knn, "MambaAlign train": ma - 1, "MambaAlign eval": 1.0,
+                "MambaAlign total": ma, "knn ratio": knn / floor, "MambaAlign ratio": ma / knn, "bank fit": 1.0,
+                "epoch": 1.0, "n epochs": 2, "pool": 3.0,
+                "summary": {"overall": {"image_auroc": 0.9, "aupro_0.05": 0.5}}}
+    monkeypatch.setattr(bench, "_fit_once", fake_run)
+    args = bench.get_args_parser().parse_args(["fit", "--object", "ring", "--img_size", "64", "--fit_runs", "3",
+                                                "--epochs", "2", "--out_dir", "unused"])
+    args.device = torch.device("cpu")
+    bench.bench_fit(args)
+    out = capsys.readouterr().out
+    assert len(calls) == 3 and "median (range) of 3 interleaved runs" in out
+    # knn / floor per run: 4.00, 5.00, 2.50 -> median 4.00; MambaAlign / knn: 5.00, 6.00, 5.00 -> median 5.00
+    assert "knn fit + eval = 10.0 (8.0-15.0) s = 4.00x (2.50-5.00x) the bare backbone pass over the same train and test images: 3.0 (2.0-4.0) s" in out
+    assert "= 5.00x (5.00-6.00x) the knn fit + eval (image AUROC 0.9000, AUPRO 0.05 0.5000)" in out
+    rows = [l for l in out.splitlines() if l.startswith("| 1 ") or l.startswith("| 2 ") or l.startswith("| 3 ")]
+    assert [r.split("|")[4].strip() for r in rows] == ["4.00x", "5.00x", "2.50x"]
+
+
 def test_model_flags_reach_the_config():
     parse = lambda *extra: train_script.get_args_parser().parse_args(FAST + ["--out_dir", "x", *extra])
     default = train_script.build_config(parse(), 3)
