@@ -141,7 +141,7 @@ def keep_freed_memory() -> bool:
     so the bare backbone pass over 64 images still faulted 0.2-0.7 M pages in each time (3.6-9.5 s of system time
     over 5 passes). M_MMAP_MAX 0 serves those from the heap too: the pass ran in 1.2 s instead of 1.6-2.4 s, with
     no page faults once the heap had grown, and `bench.py fit` on capsule spent 4.0 s in the kernel instead of
-    16.6 s (docs/profile.md). Where the heap cannot grow (no room beside it) glibc still maps memory as its
+    16.2-16.6 s (docs/profile.md). Where the heap cannot grow (no room beside it) glibc still maps memory as its
     fallback, so no allocation fails for it.
 
     The price is that the process keeps up to about 1 GiB of freed memory at the heap's top (and freed blocks
