@@ -795,8 +795,8 @@ def encode_views(model, loaders, n: int, device, args, exclude: bool,
     backbone pass and a bank search: the same inputs give the same encoding, to float rounding where a batch of
     another size rounds a sample's features differently (seen at 64 px; on MulSen-AD capsule at 256 px a whole
     run's checkpoint came out bit for bit the same). About 3 in 10 train views are clean (--synth_prob 0.7), and
-    the calibration views are the bank images as they are: on capsule the 4 views' encoding took 9.0 s instead
-    of 14.5 s."""
+    the calibration views are the bank images as they are: on capsule the 4 views' encoding took 9.7-12.3 s
+    instead of 14.2-16.0 s (docs/profile.md)."""
     from tqdm import tqdm
     fits = device.type == "cuda" and pool_bytes(model, n, args.img_size) < 0.5 * available_memory(device)
     store = device if device.type == "cpu" or fits else torch.device("cpu")
