@@ -329,7 +329,8 @@ def test_bench_fit_runs_show_each_runs_ratios_and_their_median(monkeypatch, caps
     out = capsys.readouterr().out
     assert len(calls) == 3 and "median (range) of 3 interleaved runs" in out
     # knn / floor per run: 4.00, 5.00, 2.50 -> median 4.00; MambaAlign / knn: 5.00, 6.00, 5.00 -> median 5.00
-    assert "knn fit + eval = 10.0 (8.0-15.0) s = 4.00x (2.50-5.00x) the bare backbone pass over the same train and test images: 3.0 (2.0-4.0) s" in out
+    assert ("knn fit + eval = 10.0 (8.0-15.0) s = 4.00x (2.50-5.00x) the bare backbone pass over the same train "
+            "and test images: 3.0 (2.0-4.0) s") in out
     assert "= 5.00x (5.00-6.00x) the knn fit + eval (image AUROC 0.9000, AUPRO 0.05 0.5000)" in out
     rows = [l for l in out.splitlines() if l.startswith("| 1 ") or l.startswith("| 2 ") or l.startswith("| 3 ")]
     assert [r.split("|")[4].strip() for r in rows] == ["4.00x", "5.00x", "2.50x"]
