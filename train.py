@@ -760,8 +760,8 @@ def _encode_batch(model, batch, device, args, exclude: bool, rows: Optional[List
                             pick(aux).to(device, non_blocking=True) if aux is not None else None, **kw)
 
 
-def _merge_encodings(B: int, fresh: Optional[Dict[str, object]], fresh_rows: List[int], stored: Dict[int, dict],
-                     size) -> Dict[str, object]:
+def _merge_encodings(B: int, fresh: Optional[Dict[str, object]], fresh_rows: List[int], stored: Dict[int, dict]
+                     ) -> Dict[str, object]:
     """One batch's encoding from the rows encoded now (``fresh`` at positions ``fresh_rows``) and rows taken from
     a FeatureCache (``stored``: position -> ``FeatureCache.batch`` of one row), in float32: the cache stores
     features in float16, and float16 -> float32 -> float16 gives back the same bits."""
@@ -780,7 +780,8 @@ def _merge_encodings(B: int, fresh: Optional[Dict[str, object]], fresh_rows: Lis
     n_pairs = len(first["feats"])
     feats = [tuple(merged(lambda e, i=i, m=m: e["feats"][i][m]) for m in (0, 1)) for i in range(n_pairs)]
     return {"feats": feats, "bank_maps": merged(lambda e: e["bank_maps"]),
-            "bank_scores": merged(lambda e: e["bank_scores"]), "shift": merged(lambda e: e["shift"]), "size": size}
+            "bank_scores": merged(lambda e: e["bank_scores"]), "shift": merged(lambda e: e["shift"]),
+            "size": first["size"]}
 
 
 @torch.no_grad()
@@ -816,11 +817,7 @@ def encode_views(model, loaders, n: int, device, args, exclude: bool,
                 todo = [b for b in range(B) if b not in stored]
                 fresh = _encode_batch(model, batch, device, args, exclude, todo) if todo else None
                 row0 = cache.filled
-                if stored:
-                    size = fresh["size"] if fresh is not None else next(iter(stored.values()))["enc"]["size"]
-                    cache.add(_merge_encodings(B, fresh, todo, stored, size), batch)
-                else:
-                    cache.add(fresh, batch)
+                cache.add(_merge_encodings(B, fresh, todo, stored) if stored else fresh, batch)
                 for b in plain:
                     reuse.setdefault(index[b], (cache, row0 + b))
     finally:
