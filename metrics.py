@@ -48,16 +48,40 @@ def _degenerate(what: str) -> float:
     return float("nan")
 
 
-def _descending(scores: np.ndarray) -> np.ndarray:
-    """Indices that sort scores in descending order. The order inside a group of tied scores does not matter:
-    every curve is read only at the last index of each tie group, where cumulative sums are order-free."""
-    return np.argsort(scores)[::-1]
+# Below this many scores an argsort is as fast as packing keys.
+PACKED_SORT_MIN = 1 << 14
+
+
+def _descending(scores: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """(order, sorted): indices that sort scores in descending order, and the scores in that order. The order
+    inside a group of tied scores does not matter: every curve is read only at the last index of each tie group,
+    where counts are order-free (PRO's weights are summed in the pixels' order there, so the rounding of its last
+    bits is the order's).
+
+    float32 scores (every map of this repo) are sorted as one uint64 key per score: the float's bits mapped to
+    an order-preserving unsigned integer in the high half, the index in the low half. numpy sorts plain integers
+    with its vectorised sort, and the sorted scores come back from the keys without a gather; 3.8 M scores (58
+    maps of 256 x 256) take 40-65 ms that way against 170-220 ms for ``argsort`` and a gather, which were most of
+    a summary's metrics."""
+    if scores.dtype != np.float32 or not PACKED_SORT_MIN <= scores.size < 1 << 32:
+        order = np.argsort(scores)[::-1]
+        return order, scores[order]
+    bits = np.ascontiguousarray(scores).view(np.uint32)
+    sign = np.uint32(1 << 31)
+    # negative floats: every bit flipped (larger magnitude, smaller key); others: the sign bit set
+    key = np.where(bits >= sign, ~bits, bits | sign).astype(np.uint64)
+    key <<= np.uint64(32)
+    key |= np.arange(scores.size, dtype=np.uint64)
+    key.sort()
+    key = key[::-1]
+    mapped = (key >> np.uint64(32)).astype(np.uint32)
+    ordered = np.where(mapped >= sign, mapped ^ sign, ~mapped).view(np.float32)
+    return (key & np.uint64(0xFFFFFFFF)).astype(np.intp), ordered
 
 
 def _ranked_counts(scores: np.ndarray, labels: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Sort by descending score and return, per distinct score, the cumulative TP and FP counts and the score."""
-    order = _descending(scores)
-    s = scores[order]
+    order, s = _descending(scores)
     y = labels[order].astype(np.float64)
     tp = np.cumsum(y)
     fp = np.cumsum(1.0 - y)
@@ -177,15 +201,14 @@ class _PixelRanking:
         if not np.isfinite(scores).all():
             raise ValueError(f"{what}: maps contain NaN or inf")
         self.labels = masks.ravel()
-        self.order = _descending(scores)
-        s = scores[self.order]
-        self.last = np.r_[np.diff(s) != 0, True]         # last index of each group of tied scores
-        self.thr = s[self.last]
-        y = self.labels[self.order]
+        self.order, s = _descending(scores)
+        last = np.append(np.flatnonzero(s[1:] != s[:-1]), s.size - 1)   # last index of each tie group
+        self.thr = s[last]
+        y = self.ranked_labels = self.labels[self.order]
         self.P = int(y.sum())
         self.N = y.size - self.P
-        self.tp = np.cumsum(y, dtype=np.float64)[self.last]
-        self.fp = np.cumsum(~y, dtype=np.float64)[self.last]
+        self.tp = np.cumsum(y, dtype=np.float64)[last]
+        self.fp = (last + 1) - self.tp                   # integers: exact in float64
 
     def pro_curve(self):
         """(fpr, pro) from (0, 0), one point per distinct score; None when there are no regions or no normal
@@ -193,10 +216,10 @@ class _PixelRanking:
         to the PRO."""
         from scipy import ndimage
         structure = np.ones((3, 3), dtype=bool)                  # 8-connectivity
-        region_ids = np.zeros(self.masks.shape, dtype=np.int64)
-        sizes = [0]
+        region_ids = np.zeros(self.masks.shape, dtype=np.int32)
+        sizes = []
         n_regions = 0
-        for i in range(self.masks.shape[0]):
+        for i in np.flatnonzero(self.masks.reshape(self.masks.shape[0], -1).any(1)):
             lab, n = ndimage.label(self.masks[i], structure=structure)
             if n:
                 region_ids[i] = np.where(lab > 0, lab + n_regions, 0)
@@ -204,9 +227,13 @@ class _PixelRanking:
                 n_regions += n
         if n_regions == 0 or self.N == 0:
             return None, (n_regions, self.N)
-        inv = np.zeros(len(sizes))
-        inv[1:] = 1.0 / (np.asarray(sizes[1:], dtype=np.float64) * n_regions)
-        pro = np.cumsum(inv[region_ids.ravel()[self.order]])[self.last]
+        inv = 1.0 / (np.asarray(sizes, dtype=np.float64) * n_regions)
+        # Only anomalous pixels carry weight: their weights in ranked order, summed; a normal pixel would add 0.0,
+        # which leaves a float sum as it is, so PRO at a tie group's end is this sum after its tp-th anomalous
+        # pixel, the same bits as a running sum over every pixel.
+        ranked_anomalous = self.order[np.flatnonzero(self.ranked_labels)]
+        running = np.cumsum(inv[region_ids.ravel()[ranked_anomalous] - 1])
+        pro = np.r_[0.0, running][self.tp.astype(np.int64)]
         fpr = np.clip(np.r_[0.0, self.fp / self.N], 0.0, 1.0)
         return fpr, np.clip(np.r_[0.0, pro], 0.0, 1.0)
 

@@ -139,6 +139,37 @@ def test_compute_metrics_strict_aupro_limits_equal_slow_reference(seed):
     assert out["pixel_f1_max"] == pytest.approx(metrics.pixel_f1_max(maps, masks), abs=1e-12)
 
 
+def test_descending_sorts_float32_keys_exactly():
+    """The packed-key sort of float32 scores: a permutation whose scores are numpy's descending sort bit for bit,
+    through negatives, signed zeros, subnormals, the extremes and ties."""
+    rng = np.random.default_rng(0)
+    special = np.array([0.0, -0.0, 1e-45, -1e-45, 1e-40, -1e-40, 3.4e38, -3.4e38, 1.0, -1.0], np.float32)
+    scores = np.concatenate([special.repeat(50), rng.standard_normal(metrics.PACKED_SORT_MIN).astype(np.float32),
+                             np.round(rng.random(3000), 2).astype(np.float32)])
+    rng.shuffle(scores)
+    order, ordered = metrics._descending(scores)
+    assert np.array_equal(np.sort(order), np.arange(scores.size))
+    assert np.array_equal(scores[order].view(np.uint32), ordered.view(np.uint32))
+    assert np.array_equal(ordered, np.sort(scores)[::-1])
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_compute_metrics_on_float32_maps_large_enough_for_packed_keys(seed):
+    """float32 maps of more pixels than PACKED_SORT_MIN, with ties and negative scores: the slow AUPRO reference
+    and scikit-learn's pixel metrics."""
+    maps, masks = _toy_set(seed, n=4, size=72, decimals=2)
+    maps = (maps - 0.5).astype(np.float32)
+    assert maps.size >= metrics.PACKED_SORT_MIN
+    labels = masks.reshape(len(masks), -1).any(1).astype(int)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        out = metrics.compute_metrics(maps.max(axis=(1, 2)), labels, maps, masks)
+    for key, limit in (("aupro", 0.3), ("aupro_0.05", 0.05), ("aupro_0.01", 0.01)):
+        assert out[key] == pytest.approx(ref_aupro(maps, masks, limit), abs=1e-9), key
+    assert out["pixel_auroc"] == pytest.approx(roc_auc_score(masks.ravel(), maps.ravel()), abs=1e-12)
+    assert out["pixel_ap"] == pytest.approx(average_precision_score(masks.ravel(), maps.ravel()), abs=1e-12)
+
+
 def test_strict_limits_separate_an_outline_from_a_detector():
     """A map that marks the whole object (here: a disc around the defect) scores high at FPR 0.3 and low at 0.01."""
     yy, xx = np.mgrid[:64, :64]
