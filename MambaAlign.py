@@ -374,7 +374,7 @@ class MambaAlign(nn.Module):
         self.eval()
         try:
             return self.bank.fit(self.bank_patches, bank_batches, holdout_batches, device, seed, progress,
-                                 loo_scores=False)["stats"]
+                                 loo_images=())["stats"]
         finally:
             self.train(was_training)
 

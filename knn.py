@@ -358,15 +358,14 @@ class MemoryBank(nn.Module):
 
     @torch.no_grad()
     def fit(self, patch_features, bank_batches: Iterable[dict], holdout_batches: Iterable[dict], device=None,
-            seed: int = 0, progress=None, loo_scores: bool = True,
-            loo_images: Optional[Iterable[int]] = None) -> Dict[str, object]:
+            seed: int = 0, progress=None, loo_images: Optional[Iterable[int]] = None) -> Dict[str, object]:
         """Build the banks from ``bank_batches`` and the standardisation statistics from ``holdout_batches``:
         batches of sample dicts with ``rgb``, ``aux`` where the model has it, and optionally ``index`` (the image
         indices the bank remembers for leave-one-out; default: their order). ``patch_features(rgb, aux)`` gives
         {m: (B, C, h, w)}; ``progress`` wraps an iterable (tqdm). Returns {"stats": the statistics per modality,
         "normal_scores": {"holdout": (n_held,), "bank_loo": (n_bank,)}}: the bank's image score (standardised,
-        summed over modalities) of every held-out normal and, leave-one-out (``loo_scores``), of every normal in
-        the bank (or of those whose image index is in ``loo_images``): scores of good parts the bank has not
+        summed over modalities) of every held-out normal and, leave-one-out, of every normal in the bank (or of
+        those whose image index is in ``loo_images``; none for ``()``): scores of good parts the bank has not
         seen, for a decision threshold from the train normals."""
         device = device or torch.device("cpu")
         wrap = progress or (lambda it, **k: it)
@@ -395,9 +394,7 @@ class MemoryBank(nn.Module):
         stats = self.set_stats(held)
         holdout = self._image_scores({m: torch.cat(v) for m, v in held.items()})
         loo = [torch.zeros(0)]
-        if not loo_scores:
-            scored = torch.zeros(0, dtype=torch.long)
-        elif loo_images is None:
+        if loo_images is None:
             scored = torch.arange(n)
         else:
             scored = torch.nonzero(torch.isin(owners, torch.as_tensor(list(loo_images), dtype=owners.dtype)))[:, 0]

@@ -171,7 +171,7 @@ def test_leave_one_out_scores_of_a_subset_are_those_images_scores():
     some = fit(loo_images=[131, 102, 117, 103])
     assert every.shape == (32,) and some.shape == (4,)
     assert torch.equal(some, every[[2, 3, 17, 31]])          # in bank order
-    assert fit(loo_scores=False).numel() == 0
+    assert fit(loo_images=()).numel() == 0
 
 
 def test_knn_threshold_takes_the_calibration_images_of_a_large_bank(knn_run):
