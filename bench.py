@@ -399,7 +399,7 @@ def bench_ablation(args) -> None:
     import train as train_script
     # Everything not listed here is train.py's default, as in `make demo`.
     common = ["--dataset", args.dataset, "--object", args.object, "--img_size", str(args.img_size),
-              "--epochs", str(args.epochs), "--data_seed", str(args.data_seed), "--quiet"]
+              "--epochs", str(args.epochs), "--data_seed", str(args.data_seed), "--quiet", "--overwrite"]
     if args.data_root:
         common += ["--data_root", args.data_root]
     variants = args.variants.split(",") if args.variants else list(ABLATIONS)
@@ -518,7 +518,8 @@ def _compare_knn(args, dataset, root, obj, aux_ch, out):
     import train as train_script
     from engine import load_checkpoint, load_model
     argv = ["--model", "knn", "--dataset", dataset, "--object", obj, "--img_size", str(args.img_size),
-            "--aux_ch", str(aux_ch), "--out_dir", out, "--quiet"] + (["--data_root", root] if root else [])
+            "--aux_ch", str(aux_ch), "--out_dir", out, "--quiet", "--overwrite"] + \
+        (["--data_root", root] if root else [])
     train_script.main(train_script.get_args_parser().parse_args(argv))
     model = load_model(load_checkpoint(os.path.join(out, "best_checkpoint.pth")))
 
@@ -567,7 +568,7 @@ def _compare_model(args, dataset, root, obj, model_args, seed, out):
     import eval as eval_script
     import train as train_script
     argv = ["--dataset", dataset, "--object", obj, "--img_size", str(args.img_size), *model_args,
-            "--epochs", str(args.epochs), "--seed", str(seed), "--out_dir", out, "--quiet"] + \
+            "--epochs", str(args.epochs), "--seed", str(seed), "--out_dir", out, "--quiet", "--overwrite"] + \
         (["--data_root", root] if root else [])
     train_script.main(train_script.get_args_parser().parse_args(argv))
     summary = eval_script.main(eval_script.get_args_parser().parse_args(
@@ -1017,6 +1018,7 @@ def get_args_parser():
     p.add_argument("--scan_backend", default="auto", choices=BACKENDS,
                    help="block, model: the selective-scan backend (auto: on CUDA mamba-ssm where it imports, "
                         "else our Triton kernels, else torch)")
+    p.add_argument("--debug", action="store_true", help="show the traceback of a data, checkpoint or file error")
     p.add_argument("--device", default="cpu",
                    help="scan, block, model: cpu, cuda or cuda:N (on CUDA the scan table adds mamba-ssm's kernel "
                         "where it imports; times are taken between device synchronisations)")
@@ -1032,7 +1034,8 @@ def get_args_parser():
                    help="seed of the synthetic dataset (1: the dev split that design choices are made on)")
     g.add_argument("--variants", default=None, help=f"comma-separated subset of: {', '.join(ABLATIONS)}")
     g.add_argument("--out_dir", default=None,
-                   help="where each run and eval go (default: runs/ablation or runs/compare)")
+                   help="where each run and eval go (default: runs/<command>); a benchmark run again into the "
+                        "same folder replaces its runs")
     g.add_argument("--cloud_size", type=int, default=400,
                    help="pointcloud: side of the written clouds (MVTec 3D-AD: 400)")
     g.add_argument("--train_images", type=int, default=0,
@@ -1082,6 +1085,5 @@ def main(args) -> None:
 
 
 if __name__ == "__main__":
-    from engine import keep_freed_memory
-    keep_freed_memory()
-    main(get_args_parser().parse_args())
+    from engine import run_cli
+    run_cli(main, get_args_parser())

@@ -380,6 +380,37 @@ def test_bench_compare_reports_the_decision_beside_every_auroc(tmp_path, monkeyp
     assert set(saved["MambaAlign RGB + aux"]["mean"]) >= set(bench.COMPARE_KEYS + bench.DECISION_KEYS)
 
 
+@pytest.mark.slow
+def test_bench_runs_again_into_its_own_folders(tmp_path, capsys):
+    """A second bench.py ablation or compare into the same --out_dir replaces its runs (train.py would refuse a
+    folder that holds one without --overwrite) and prints what the first printed."""
+    import bench
+    args = bench.get_args_parser().parse_args(["ablation", "--object", "ring", "--img_size", "64", "--epochs", "1",
+                                               "--seeds", "1", "--variants", "full", "--out_dir",
+                                               str(tmp_path / "ablation")])
+    tables = []
+    for _ in range(2):
+        bench.bench_ablation(args)
+        tables.append([l for l in capsys.readouterr().out.splitlines() if l.startswith("| full")])
+    assert tables[0] == tables[1] and len(tables[0]) == 1
+    args = bench.get_args_parser().parse_args(["compare", "--img_size", "64", "--epochs", "1"])
+    for _ in range(2):
+        knn = bench._compare_knn(args, "synthetic", None, "ring", 3, str(tmp_path / "compare" / "knn"))
+        model = bench._compare_model(args, "synthetic", None, "ring", ["--aux_ch", "3"], 0,
+                                     str(tmp_path / "compare" / "seed0"))
+    assert "knn fused" in knn and 0 <= model["image_auroc"] <= 1
+
+
+def test_bench_errors_are_one_line():
+    """A data error in a benchmark is one line on stderr and exit status 2, as in the other scripts."""
+    proc = subprocess.run([sys.executable, "bench.py", "fit", "--dataset", "mulsenad", "--data_root",
+                           os.path.join(ROOT, "no_such_root"), "--object", "capsule"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines() == [f"bench.py: error: data root not found: "
+                                                f"{os.path.join(ROOT, 'no_such_root')}"]
+
+
 def test_bench_decision_rates_count_scores_above_the_threshold(tmp_path):
     import bench
     rows = [("a", 0, 1.0), ("b", 0, 3.0), ("c", 0, 0.5), ("d", 0, 2.5), ("e", 1, 2.0), ("f", 1, 4.0)]
