@@ -321,6 +321,11 @@ def compute_metrics(image_scores: ArrayLike, image_labels: ArrayLike, maps: Opti
         maps, masks = maps[None], masks[None]
     keep = pixel_images_kept(image_labels, masks)
     out["pixel_images_excluded"] = int((~keep).sum())
+    if not keep.any():     # every image anomalous and without a mask: no pixel to rank
+        _degenerate("pixel metrics need an image with a mask or a good image (every image is anomalous without "
+                    "a mask)")
+        out.update({k: float("nan") for k in pixel_keys})
+        return out
     ranking = _PixelRanking(maps[keep], masks[keep], "pixel metrics")
     r = _ranking_metrics(ranking, "pixel metrics")
     out.update(pixel_auroc=r["auroc"], pixel_ap=r["ap"], pixel_f1_max=r["f1_max"])

@@ -1,4 +1,5 @@
 """Metrics against scikit-learn, brute-force loops and a slow, obviously-correct AUPRO reference."""
+import math
 import warnings
 
 import numpy as np
@@ -168,6 +169,19 @@ def test_compute_metrics_on_float32_maps_large_enough_for_packed_keys(seed):
         assert out[key] == pytest.approx(ref_aupro(maps, masks, limit), abs=1e-9), key
     assert out["pixel_auroc"] == pytest.approx(roc_auc_score(masks.ravel(), maps.ravel()), abs=1e-12)
     assert out["pixel_ap"] == pytest.approx(average_precision_score(masks.ravel(), maps.ravel()), abs=1e-12)
+
+
+def test_pixel_metrics_are_nan_when_no_image_enters_them():
+    """Every image anomalous and without a mask: no pixel enters the pixel metrics, which are NaN with a warning,
+    as for any degenerate set (this raised an IndexError before)."""
+    rng = np.random.default_rng(0)
+    maps, masks = rng.random((3, 8, 8)).astype(np.float32), np.zeros((3, 8, 8), bool)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")        # the image metrics warn too: one class only
+        out = metrics.compute_metrics(maps.max(axis=(1, 2)), np.ones(3, int), maps, masks)
+    assert any("pixel metrics need" in str(w.message) for w in caught)
+    assert out["pixel_images_excluded"] == 3
+    assert all(math.isnan(out[k]) for k in ("pixel_auroc", "pixel_ap", "pixel_f1_max", "aupro", "aupro_0.01"))
 
 
 def test_strict_limits_separate_an_outline_from_a_detector():
