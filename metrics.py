@@ -79,14 +79,19 @@ def _descending(scores: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
     return (key & np.uint64(0xFFFFFFFF)).astype(np.intp), ordered
 
 
-def _ranked_counts(scores: np.ndarray, labels: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Sort by descending score and return, per distinct score, the cumulative TP and FP counts and the score."""
+def _ranked(scores: np.ndarray, labels: np.ndarray):
+    """Sort by descending score -> (order, the boolean labels in that order, and per distinct score: the
+    cumulative TP and FP counts at its tie group's last index, and the score)."""
     order, s = _descending(scores)
-    y = labels[order].astype(np.float64)
-    tp = np.cumsum(y)
-    fp = np.cumsum(1.0 - y)
-    last = np.r_[np.diff(s) != 0, True]          # last index of each group of tied scores
-    return tp[last], fp[last], s[last]
+    y = labels[order]
+    last = np.append(np.flatnonzero(s[1:] != s[:-1]), s.size - 1)   # last index of each tie group
+    tp = np.cumsum(y, dtype=np.float64)[last]
+    return order, y, tp, (last + 1) - tp, s[last]                  # fp: integers, exact in float64
+
+
+def _ranked_counts(scores: np.ndarray, labels: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per distinct score (descending): the cumulative TP and FP counts and the score."""
+    return _ranked(scores, labels)[2:]
 
 
 def _flat(scores, labels, what):
@@ -200,15 +205,9 @@ class _PixelRanking:
         scores = maps.ravel() if maps.dtype in (np.float32, np.float64) else maps.astype(np.float64).ravel()
         if not np.isfinite(scores).all():
             raise ValueError(f"{what}: maps contain NaN or inf")
-        self.labels = masks.ravel()
-        self.order, s = _descending(scores)
-        last = np.append(np.flatnonzero(s[1:] != s[:-1]), s.size - 1)   # last index of each tie group
-        self.thr = s[last]
-        y = self.ranked_labels = self.labels[self.order]
-        self.P = int(y.sum())
-        self.N = y.size - self.P
-        self.tp = np.cumsum(y, dtype=np.float64)[last]
-        self.fp = (last + 1) - self.tp                   # integers: exact in float64
+        self.order, self.ranked_labels, self.tp, self.fp, self.thr = _ranked(scores, masks.ravel())
+        self.P = int(self.ranked_labels.sum())
+        self.N = self.ranked_labels.size - self.P
 
     def pro_curve(self):
         """(fpr, pro) from (0, 0), one point per distinct score; None when there are no regions or no normal
