@@ -391,15 +391,21 @@ ABLATIONS = {"full": [], "RGB-only": ["--aux_ch", "0"], "no bank": ["--no_bank"]
 ABLATION_KEYS = ("image_auroc", "aupro", "aupro_0.05", "aupro_0.01")
 
 
+def _train(argv: List[str]):
+    """train.py's main on ``argv`` plus ``--overwrite``: every benchmark trains into folders of its own
+    ``--out_dir``, so running a benchmark again replaces its earlier runs there."""
+    import train as train_script
+    return train_script.main(train_script.get_args_parser().parse_args(list(argv) + ["--overwrite"]))
+
+
 def bench_ablation(args) -> None:
     """Train and evaluate every variant with the same budget and seeds; one table of mean ± std over seeds."""
     import json
     import statistics as st
     import eval as eval_script
-    import train as train_script
     # Everything not listed here is train.py's default, as in `make demo`.
     common = ["--dataset", args.dataset, "--object", args.object, "--img_size", str(args.img_size),
-              "--epochs", str(args.epochs), "--data_seed", str(args.data_seed), "--quiet", "--overwrite"]
+              "--epochs", str(args.epochs), "--data_seed", str(args.data_seed), "--quiet"]
     if args.data_root:
         common += ["--data_root", args.data_root]
     variants = args.variants.split(",") if args.variants else list(ABLATIONS)
@@ -413,8 +419,7 @@ def bench_ablation(args) -> None:
         runs, t0 = [], time.time()
         for seed in range(args.seed, args.seed + args.seeds):
             out = os.path.join(args.out_dir, f"{name.replace(' ', '_').lower()}_seed{seed}")
-            train_script.main(train_script.get_args_parser().parse_args(
-                common + extra + ["--seed", str(seed), "--out_dir", out]))
+            _train(common + extra + ["--seed", str(seed), "--out_dir", out])
             summary = eval_script.main(eval_script.get_args_parser().parse_args(
                 ["--checkpoint", os.path.join(out, "best_checkpoint.pth"), "--out_dir", os.path.join(out, "eval"),
                  "--quiet"]))
@@ -515,12 +520,10 @@ def _compare_floor(dataset, root, obj, img_size):
 
 def _compare_knn(args, dataset, root, obj, aux_ch, out):
     """Fit one knn checkpoint through train.py, then score the test split with each modality and fused."""
-    import train as train_script
     from engine import load_checkpoint, load_model
     argv = ["--model", "knn", "--dataset", dataset, "--object", obj, "--img_size", str(args.img_size),
-            "--aux_ch", str(aux_ch), "--out_dir", out, "--quiet", "--overwrite"] + \
-        (["--data_root", root] if root else [])
-    train_script.main(train_script.get_args_parser().parse_args(argv))
+            "--aux_ch", str(aux_ch), "--out_dir", out, "--quiet"] + (["--data_root", root] if root else [])
+    _train(argv)
     model = load_model(load_checkpoint(os.path.join(out, "best_checkpoint.pth")))
 
     def scorer(b):
@@ -548,12 +551,10 @@ def _mvtec3d_tree(args, obj, out) -> str:
 def _compare_knn_fpfh(args, obj, out, prep):
     """BTF's rows on the prepared MVTec 3D-AD tree ``prep`` of a synthetic object: knn on FPFH alone and
     RGB + FPFH fused (train.py --model knn --aux_feature fpfh)."""
-    import train as train_script
     from engine import load_checkpoint, load_model
     argv = ["--model", "knn", "--dataset", "mvtec3d", "--data_root", prep, "--object", obj, "--img_size",
-            str(args.img_size), "--aux_feature", "fpfh", "--out_dir", os.path.join(out, "knn_fpfh"), "--quiet",
-            "--overwrite"]
-    train_script.main(train_script.get_args_parser().parse_args(argv))
+            str(args.img_size), "--aux_feature", "fpfh", "--out_dir", os.path.join(out, "knn_fpfh"), "--quiet"]
+    _train(argv)
     model = load_model(load_checkpoint(os.path.join(out, "knn_fpfh", "best_checkpoint.pth")))
 
     def scorer(b):
@@ -566,11 +567,10 @@ def _compare_knn_fpfh(args, obj, out, prep):
 def _compare_model(args, dataset, root, obj, model_args, seed, out):
     """Train MambaAlign (train.py with ``model_args``, e.g. ["--aux_ch", "3"]) and evaluate it on the test split."""
     import eval as eval_script
-    import train as train_script
     argv = ["--dataset", dataset, "--object", obj, "--img_size", str(args.img_size), *model_args,
-            "--epochs", str(args.epochs), "--seed", str(seed), "--out_dir", out, "--quiet", "--overwrite"] + \
+            "--epochs", str(args.epochs), "--seed", str(seed), "--out_dir", out, "--quiet"] + \
         (["--data_root", root] if root else [])
-    train_script.main(train_script.get_args_parser().parse_args(argv))
+    _train(argv)
     summary = eval_script.main(eval_script.get_args_parser().parse_args(
         ["--checkpoint", os.path.join(out, "best_checkpoint.pth"), "--out_dir", os.path.join(out, "eval"),
          "--quiet"]))
@@ -695,7 +695,7 @@ def _fit_once(args, train_ds, test_ds, common: List[str], out: str) -> dict:
     images, the knn's fit and eval, MambaAlign's train.py and eval.py. -> seconds per phase and the eval summary."""
     import json
     import eval as eval_script
-    import train as train_script
+    import train  # noqa: F401  (imported before anything is timed: _train imports it again for free)
     dev = args.device
     timed = {"floor train": _backbone_floor(args, [train_ds], dev), "floor test": _backbone_floor(args, [test_ds], dev)}
 
@@ -706,13 +706,11 @@ def _fit_once(args, train_ds, test_ds, common: List[str], out: str) -> dict:
         return res
 
     knn_dir, ma_dir = os.path.join(out, "knn"), os.path.join(out, "mambaalign")
-    run("knn fit", lambda: train_script.main(train_script.get_args_parser().parse_args(
-        common + ["--model", "knn", "--out_dir", knn_dir])))
+    run("knn fit", lambda: _train(common + ["--model", "knn", "--out_dir", knn_dir]))
     run("knn eval", lambda: eval_script.main(eval_script.get_args_parser().parse_args(
         ["--checkpoint", os.path.join(knn_dir, "best_checkpoint.pth"), "--out_dir", os.path.join(knn_dir, "eval"),
          "--quiet", "--device", str(dev)])))
-    run("MambaAlign train", lambda: train_script.main(train_script.get_args_parser().parse_args(
-        common + ["--epochs", str(args.epochs), "--out_dir", ma_dir])))
+    run("MambaAlign train", lambda: _train(common + ["--epochs", str(args.epochs), "--out_dir", ma_dir]))
     summary = run("MambaAlign eval", lambda: eval_script.main(eval_script.get_args_parser().parse_args(
         ["--checkpoint", os.path.join(ma_dir, "best_checkpoint.pth"), "--out_dir", os.path.join(ma_dir, "eval"),
          "--quiet", "--device", str(dev)])))
@@ -755,7 +753,7 @@ def bench_fit(args) -> None:
     train_ds = build_dataset(args.dataset, args.data_root, args.object, "train", args.img_size, aux_ch, **kw)
     test_ds = build_dataset(args.dataset, args.data_root, args.object, "test", args.img_size, aux_ch, **kw)
     common = ["--dataset", args.dataset, "--object", args.object, "--img_size", str(args.img_size), "--aux_ch",
-              str(aux_ch), "--quiet", "--device", str(dev), "--overwrite"]
+              str(aux_ch), "--quiet", "--device", str(dev)]
     common += ["--data_root", args.data_root] if args.data_root else []
     common += ["--data_seed", str(args.data_seed)] if args.dataset == "synthetic" else []
     if args.dataset == "synthetic" and args.train_images:
@@ -885,7 +883,6 @@ def bench_decision(args) -> None:
     parts (measured on the other good parts and every anomalous one)."""
     import json
     import eval as eval_script
-    import train as train_script
     from datasets import list_objects
     root = args.mulsen_root
     if not root or not os.path.isdir(root):
@@ -895,10 +892,9 @@ def bench_decision(args) -> None:
     for obj in list_objects("mulsenad", root):
         for seed in range(args.seeds):
             out = os.path.join(args.out_dir, obj, f"seed{seed}")
-            train_script.main(train_script.get_args_parser().parse_args(
-                ["--dataset", "mulsenad", "--data_root", root, "--object", obj, "--aux_ch", "1", "--img_size",
-                 str(args.img_size), "--epochs", str(args.epochs), "--seed", str(seed), "--out_dir", out,
-                 "--quiet", "--overwrite"]))
+            _train(["--dataset", "mulsenad", "--data_root", root, "--object", obj, "--aux_ch", "1", "--img_size",
+                    str(args.img_size), "--epochs", str(args.epochs), "--seed", str(seed), "--out_dir", out,
+                    "--quiet"])
             ckpt = os.path.join(out, "best_checkpoint.pth")
             summary = eval_script.main(eval_script.get_args_parser().parse_args(
                 ["--checkpoint", ckpt, "--out_dir", os.path.join(out, "eval"), "--quiet"]))
