@@ -1,5 +1,6 @@
 """The memory-bank baseline: coreset, nearest-neighbour search, and train.py --model knn -> eval.py."""
 import json
+import math
 
 import pytest
 import torch
@@ -7,7 +8,9 @@ import torch
 import eval as eval_script
 import train as train_script
 from engine import load_model
-from knn import KNNConfig, PatchKNN, gaussian_blur, greedy_coreset, nearest_distance
+import knn
+from knn import (BankSearch, KNNConfig, PatchKNN, gaussian_blur, greedy_coreset, nearest_distance,
+                 nearest_distance_ref, search_dtype)
 
 
 def test_greedy_coreset_is_k_center_greedy():
@@ -70,12 +73,89 @@ def test_coreset_covers_every_cluster():
     assert sorted((idx // 200).tolist()) == [0, 1, 2, 3, 4]
 
 
-def test_nearest_distance_matches_brute_force():
+def _search_cases():
+    """(name, queries, bank): data on which a loose product picks the wrong row or a too tight bound misses the
+    nearest one."""
     g = torch.Generator().manual_seed(2)
-    q, bank = torch.randn(1000, 12, generator=g), torch.randn(77, 12, generator=g)
-    want = torch.stack([((bank - v) ** 2).sum(1).sqrt().min() for v in q])
-    assert torch.allclose(nearest_distance(q, bank, block=128), want, atol=1e-5)
-    assert torch.allclose(nearest_distance(q, bank), want, atol=1e-5)
+    yield "gaussian", torch.randn(1000, 12, generator=g), torch.randn(77, 12, generator=g)
+    # a large common offset (norms ~ 300) and near ties: many bank rows at almost the same distance from each query,
+    # 1e-4 apart, far below a bfloat16 product's resolution there
+    q = torch.randn(40, 152, generator=g) + 25
+    dirs = torch.nn.functional.normalize(torch.randn(40, 50, 152, generator=g), dim=-1)
+    radii = 3 + 1e-4 * torch.randperm(50, generator=g).float()
+    yield "near ties", q, (q[:, None] + radii[None, :, None] * dirs).reshape(-1, 152)
+    # exact duplicates of query rows (distance 0), repeated bank rows, a bank size that is not a multiple of 8
+    b = torch.randn(203, 33, generator=g).abs() * 10
+    yield "duplicates", torch.cat([b[:50], torch.randn(300, 33, generator=g).abs() * 10]), torch.cat([b, b[:20]])
+    # rows one float32 step apart
+    b = torch.randn(64, 16, generator=g) * 40
+    yield "float32 steps", b + 0.5, torch.cat([b, torch.nextafter(b, torch.full_like(b, math.inf))])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", ["gaussian", "near ties", "duplicates", "float32 steps"])
+def test_nearest_distance_is_the_brute_force_minimum_bit_for_bit(case, dtype):
+    q, bank = next((qq, bb) for name, qq, bb in _search_cases() if name == case)
+    want = nearest_distance_ref(q, bank)
+    assert torch.equal(want, torch.stack([((bank - v) ** 2).sum(1).min() for v in q]).sqrt())
+    for block in (None, 7, 128):
+        assert torch.equal(nearest_distance(q, bank, block=block, dtype=dtype), want), (case, dtype, block)
+    # a strided query (as a permuted feature map is) gives the same bits
+    assert torch.equal(nearest_distance(q.T.contiguous().T, bank, dtype=dtype), want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_bank_search_skips_rows_and_leaves_non_finite_queries_to_the_plain_way(dtype):
+    g = torch.Generator().manual_seed(3)
+    q, bank = torch.randn(300, 20, generator=g) + 5, torch.randn(500, 20, generator=g) + 5
+    search = BankSearch(bank, dtype)
+    skip = torch.rand(500, generator=g) < 0.3
+    assert torch.equal(search(q, skip=skip), nearest_distance_ref(q, bank[~skip]))
+    with pytest.raises(ValueError, match="empty"):
+        search(q, skip=torch.ones(500, dtype=torch.bool))
+    bad = q.clone()
+    bad[3, 4], bad[7, 0] = float("nan"), float("inf")
+    got, want = search(bad), nearest_distance_ref(bad, bank)
+    assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got[~want.isnan()], want[~want.isnan()])
+    assert got[3].isnan() and got[7].isinf()
+
+
+def test_search_bounds_leave_few_candidates_and_catch_a_too_tight_bound(monkeypatch):
+    """The bounds are what make the search exact: zeroing the bfloat16 error term must make it miss nearest rows
+    on the near ties (so the exactness test above can fail), and the proper bound keeps few candidates on data
+    without ties."""
+    _, q, bank = list(_search_cases())[1]
+    search = BankSearch(bank, torch.bfloat16)
+    monkeypatch.setattr(search, "alpha", 0.0)
+    monkeypatch.setattr(search, "out_round", 0.0)
+    assert not torch.equal(search(q), nearest_distance_ref(q, bank))
+    g = torch.Generator().manual_seed(4)
+    q, bank = torch.randn(500, 64, generator=g), torch.randn(2000, 64, generator=g)
+    for dtype, most in ((torch.bfloat16, 40), (torch.float32, 2)):
+        search = BankSearch(bank, dtype)
+        qc = q - search.mu
+        mask, plain = search._candidates(qc, (qc * qc).sum(1), None)
+        assert not plain.any() and 1 <= mask.sum(1).float().mean() <= most, dtype
+
+
+def test_split3_and_true_positions_are_exact():
+    g = torch.Generator().manual_seed(6)
+    x = torch.cat([torch.randn(1000, generator=g) * 10 ** torch.randint(-25, 25, (1000,), generator=g).float(),
+                   torch.tensor([0.0, 1.0, 3.3e38, 2.0 ** -100, 123456.789])])
+    hi, mid, lo = knn._split3(x)
+    assert torch.equal(hi.double() + mid.double() + lo.double(), x.double())
+    mask = torch.rand(37, 64, generator=g) < 0.05
+    rows, cols = knn._true_positions(mask)
+    want = mask.nonzero(as_tuple=True)
+    assert torch.equal(rows, want[0]) and torch.equal(cols, want[1])
+
+
+def test_search_dtype_is_bfloat16_only_on_cpus_with_bfloat16_units(monkeypatch):
+    monkeypatch.setattr(knn, "_cpu_has_bf16_units", lambda: True)
+    assert search_dtype("cpu") == torch.bfloat16 and search_dtype(torch.device("cpu")) == torch.bfloat16
+    assert search_dtype("cuda") == torch.float32
+    monkeypatch.setattr(knn, "_cpu_has_bf16_units", lambda: False)
+    assert search_dtype("cpu") == torch.float32
 
 
 def test_gaussian_blur_keeps_mass_and_constants():
