@@ -134,7 +134,7 @@ def test_search_bounds_leave_few_candidates_and_catch_a_too_tight_bound(monkeypa
     for dtype, most in ((torch.bfloat16, 40), (torch.float32, 2)):
         search = BankSearch(bank, dtype)
         qc = q - search.mu
-        mask, plain = search._candidates(qc, (qc * qc).sum(1), None)
+        mask, plain = search._candidates(qc, (qc * qc).sum(1), search._columns(None))
         assert not plain.any() and 1 <= mask.sum(1).float().mean() <= most, dtype
 
 
