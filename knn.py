@@ -368,8 +368,7 @@ class BankSearch:
     def _candidates(self, qc: torch.Tensor, qq: torch.Tensor, cols: torch.Tensor):
         """(B, n) bool: the bank rows that can be each centred query's nearest (``cols`` from ``_columns``);
         (B,) bool: the queries whose bounds are not finite (NaN or inf in the data), to be computed the plain way."""
-        B, c = qc.shape
-        n = self.bank.shape[0]
+        B = qc.shape[0]
         eps = 1.01 * (2 * self.kappa + 3 * self.gamma) * (qq + self.bsq_max)
         if self.dtype == torch.bfloat16:
             side = (self.alpha * qq.sqrt())[:, None]
@@ -396,7 +395,7 @@ class BankSearch:
             # with the products as 16-bit integers: the same order for values >= 0, and every negative value
             # (sign bit set) below it. Comparing bfloat16 with float32 converted a copy first (3x the time).
             thr = (thr.clamp_min(0).masked_fill(plain, 0) * (1 + 2.0 ** -7)).bfloat16()
-            mask = g[:B].view(torch.int16) <= thr.view(torch.int16)[:, None]
+            mask = g.view(torch.int16) <= thr.view(torch.int16)[:, None]
         else:
             mask = g <= thr.masked_fill(plain, -math.inf)[:, None]
         return mask, plain
