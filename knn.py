@@ -93,6 +93,21 @@ def _sq_dist(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return ((a[:, None, :] - b[None]) ** 2).sum(-1)
 
 
+def _lower_by_pairs(target: torch.Tensor, a: torch.Tensor, rows: torch.Tensor, b: torch.Tensor,
+                    cols: torch.Tensor) -> torch.Tensor:
+    """Lower ``target[rows[i]]`` (in place) to the difference formula's squared distance of the pair
+    (a[rows[i]], b[cols[i]]) where that is smaller; returns target."""
+    if rows.numel():
+        d2 = (a.index_select(0, rows) - b.index_select(0, cols)).pow(2).sum(1)
+        target.scatter_reduce_(0, rows, d2, reduce="amin")
+    return target
+
+
+def _min_sq_dist(query: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
+    """Every pair's difference formula, the smallest per query row, in blocks of 16 queries (contiguous rows)."""
+    return torch.cat([_sq_dist(q, bank).amin(1) for q in query.contiguous().split(16)])
+
+
 def greedy_coreset_ref(x: torch.Tensor, k: int, projection_dim: int = 64, seed: int = 0) -> torch.Tensor:
     """The reference greedy k-center selection (the test oracle of :func:`greedy_coreset`, same signature and
     result): one pass over every row per chosen row."""
@@ -210,8 +225,7 @@ def _refresh(z, zn, u, new):
         zb, ub = z[s:s + CORESET_ROW_BLOCK], u[s:s + CORESET_ROW_BLOCK]
         row = (0.5 * (1 - slack)) * zn[s:s + CORESET_ROW_BLOCK] - (0.5 * (1 + 1e-6)) * ub
         rows, cols = _true_positions(torch.addmm(-col[None], zb, new.T) > row[:, None])
-        if rows.numel():
-            ub.scatter_reduce_(0, rows, ((zb[rows] - new[cols]) ** 2).sum(-1), reduce="amin")
+        _lower_by_pairs(ub, zb, rows, new, cols)
 
 
 # Bank images per block of the leave-one-out scoring after a fit.
@@ -298,7 +312,7 @@ def nearest_distance_ref(query: torch.Tensor, bank: torch.Tensor) -> torch.Tenso
     """The test oracle of :func:`nearest_distance`: every pair's difference formula, the smallest per query. The
     rows are made contiguous first: a strided query (a feature map's permuted view) is summed in another order,
     which moves the last bit."""
-    return torch.cat([_sq_dist(q, bank).amin(1) for q in query.float().contiguous().split(64)]).sqrt()
+    return _min_sq_dist(query.float(), bank).sqrt()
 
 
 class BankSearch:
@@ -416,12 +430,10 @@ class BankSearch:
             qc = q - self.mu
             mask, plain = self._candidates(qc, (qc * qc).sum(1), cols)
             rows, at = _true_positions(mask)
-            d2 = (q.index_select(0, rows) - bank.index_select(0, at)).pow(2).sum(1)
-            best = q.new_full((q.shape[0],), math.inf).scatter_reduce_(0, rows, d2, reduce="amin")
+            best = _lower_by_pairs(q.new_full((q.shape[0],), math.inf), q, rows, bank, at)
             odd = plain | ~torch.isfinite(best)    # NaN or inf in the data: the plain way
             if bool(odd.any()):
-                kept = bank if skip is None else bank[~skip]
-                best[odd] = torch.cat([_sq_dist(x, kept).amin(1) for x in q[odd].split(16)])
+                best[odd] = _min_sq_dist(q[odd], bank if skip is None else bank[~skip])
             out[s:s + q.shape[0]] = best
         return out.sqrt()
 
