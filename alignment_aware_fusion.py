@@ -30,6 +30,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from knn import separable_filter
+
 __all__ = ["AlignmentAwareFusion", "warp", "conv_norm_act", "estimate_shift", "global_align"]
 
 
@@ -47,9 +49,7 @@ def _edge_strength(x: torch.Tensor, sigma: float = 2.0) -> torch.Tensor:
     t = torch.arange(-r, r + 1, dtype=torch.float32, device=x.device)
     k = torch.exp(-0.5 * (t / sigma) ** 2)
     k = k / k.sum()
-    y = x.float().reshape(B * C, 1, H, W)
-    y = F.conv2d(F.pad(y, (r, r, 0, 0), mode="replicate"), k.view(1, 1, 1, -1))
-    y = F.conv2d(F.pad(y, (0, 0, r, r), mode="replicate"), k.view(1, 1, -1, 1)).reshape(B, C, H, W)
+    y = separable_filter(x.float(), k, "replicate")
     gx = F.pad(y[..., :, 2:] - y[..., :, :-2], (1, 1, 0, 0))
     gy = F.pad(y[..., 2:, :] - y[..., :-2, :], (0, 0, 1, 1))
     g = (gx ** 2 + gy ** 2).sum(1).sqrt()

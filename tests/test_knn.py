@@ -10,7 +10,7 @@ import train as train_script
 from engine import load_model
 import knn
 from knn import (BankSearch, KNNConfig, PatchKNN, gaussian_blur, greedy_coreset, nearest_distance,
-                 nearest_distance_ref, search_dtype)
+                 nearest_distance_ref, search_dtype, separable_filter)
 
 
 def test_greedy_coreset_is_k_center_greedy():
@@ -164,6 +164,51 @@ def test_gaussian_blur_keeps_mass_and_constants():
     y = gaussian_blur(x, 2.0)
     assert y.sum() == pytest.approx(1.0, abs=1e-5) and y.max() < 0.1
     assert torch.allclose(gaussian_blur(torch.full((1, 1, 20, 20), 3.0), 4.0), torch.tensor(3.0))
+
+
+def _filter_ref(x: torch.Tensor, k: torch.Tensor, mode: str) -> torch.Tensor:
+    """Each map filtered in float64 from the definition: the 1-D kernel k along W, then along H, with reflected
+    or clamped (replicate) indices at the borders."""
+    H, W = x.shape[-2:]
+    r = (k.numel() - 1) // 2
+    k = k.double()
+
+    def index(n):
+        i = torch.arange(n)[:, None] + torch.arange(-r, r + 1)[None]                  # (n, taps)
+        if mode == "replicate":
+            return i.clamp(0, n - 1)
+        return torch.where(i < 0, -i, torch.where(i >= n, 2 * (n - 1) - i, i))
+    y = (x.double()[..., index(W)] * k).sum(-1)                                        # along W
+    return (y[..., index(H), :] * k[:, None]).sum(-2)                                 # along H
+
+
+@pytest.mark.parametrize("shape,sigma", [((1, 1, 40, 56), 4.0), ((17, 1, 32, 32), 2.0), ((3, 2, 24, 20), 1.5),
+                                         ((2, 1, 7, 5), 4.0)])
+def test_gaussian_blur_is_the_definition_per_map(shape, sigma):
+    """Every map of a batch blurred on its own (the maps are the channels of one depthwise convolution): the
+    float64 definition to float32 rounding, with the radius 4 sigma clipped to small maps; strided inputs as
+    contiguous ones; an empty batch stays empty."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(shape, generator=g) * 50
+    y = gaussian_blur(x, sigma)
+    r = min(math.ceil(4 * sigma), shape[-1] - 1, shape[-2] - 1)
+    t = torch.arange(-r, r + 1, dtype=torch.float64)
+    k = torch.exp(-0.5 * (t / sigma) ** 2)
+    assert y.shape == x.shape and y.dtype == x.dtype
+    assert torch.allclose(y.double(), _filter_ref(x, k / k.sum(), "reflect"), rtol=1e-6, atol=1e-5)
+    strided = torch.rand((shape[0], shape[1], shape[3], shape[2]), generator=g).transpose(-1, -2)
+    assert torch.equal(gaussian_blur(strided, sigma), gaussian_blur(strided.contiguous(), sigma))
+    assert gaussian_blur(x[:0], sigma).shape == (0,) + shape[1:]
+
+
+def test_separable_filter_replicate_and_odd_kernels():
+    """The padding mode global alignment's edge strength uses (replicate), an asymmetric kernel (so W and H
+    must each get it the right way round), several channels per image."""
+    x = torch.rand((2, 3, 19, 23), generator=torch.Generator().manual_seed(1)) * 10
+    k = torch.tensor([0.1, 0.5, 0.2, 0.15, 0.05])
+    for mode in ("replicate", "reflect"):
+        y = separable_filter(x, k, mode)
+        assert torch.allclose(y.double(), _filter_ref(x, k, mode), rtol=1e-6, atol=1e-5), mode
 
 
 @pytest.fixture(scope="module")
