@@ -155,6 +155,25 @@ PRESETS: Dict[str, dict] = {
 }
 
 
+class _IndexedBatches:
+    """Batches as they come, with ``index``: the image indices of the batch last handed out (a list; empty before
+    the first and after the last). ``len`` is the batches' (progress bars keep their total)."""
+
+    def __init__(self, batches):
+        self.batches, self.index = batches, []
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self):
+        for batch in self.batches:
+            if "index" not in batch:
+                raise ValueError("fit_bank(keep=...) needs batches with the images' 'index'")
+            self.index = [int(i) for i in batch["index"]]
+            yield batch
+        self.index = []
+
+
 class MambaAlign(nn.Module):
     """forward(rgb, aux=None) -> dict with
     ``seg_logits`` (B, 1, H, W), ``anomaly_map`` = sigmoid(seg_logits), ``score_logit`` (B,), ``score`` (B,),
@@ -237,12 +256,14 @@ class MambaAlign(nn.Module):
         return self.decode(enc)
 
     def encode(self, rgb: torch.Tensor, aux: Optional[torch.Tensor] = None, exclude: Optional[torch.Tensor] = None,
-               aux_present: Optional[torch.Tensor] = None) -> Dict[str, object]:
+               aux_present: Optional[torch.Tensor] = None, feats: Optional[list] = None) -> Dict[str, object]:
         """The part of ``forward`` that a frozen backbone makes fixed for a given input: global alignment,
         backbone features and the memory bank's signal. Returns a dict ``decode`` takes: ``feats`` (a list over
         stages 2..5 of (rgb, aux or None) features), ``bank_maps`` (B, n_mod, H/8, W/8) standardised distance maps
         at the decoder's stride 8 (or None without a bank), ``bank_scores`` (B, n_mod), ``shift`` (B, 2) and
-        ``size`` (H, W). train.py caches it for the fixed synthetic views it trains on (``--synth_pool``)."""
+        ``size`` (H, W). train.py caches it for the fixed synthetic views it trains on (``--synth_pool``).
+        ``feats``: the backbone's output for these inputs where it was computed already (the bank images' from
+        :meth:`fit_bank`'s ``keep``): then the backbone does not run again."""
         if rgb.dim() != 4 or rgb.shape[1] != 3:
             hint = " (channels last? the model takes channels first)" if rgb.shape[-1] == 3 else ""
             raise ValueError(f"rgb must be (B, 3, H, W), got {tuple(rgb.shape)}{hint}")
@@ -255,7 +276,11 @@ class MambaAlign(nn.Module):
             aux_present = torch.zeros(B, dtype=torch.bool, device=rgb.device)
         aux, shift = self._align(rgb, aux, aux_present)
         cnn_aux, fpfh = self._split_aux(aux)
-        feats = self.backbone(rgb, cnn_aux)
+        if feats is None:
+            feats = self.backbone(rgb, cnn_aux)
+        elif len(feats) != len(self.backbone.stages) or feats[0][0].shape[0] != B:
+            raise ValueError(f"feats must be the backbone's output for these {B} inputs: a list over stages "
+                             f"{tuple(self.backbone.stages)}, got {len(feats)} entries")
         bank_maps = bank_scores = None
         if self.bank is not None:
             bank_maps, bank_scores = self._normality(feats, (H, W), exclude, aux_present, fpfh)
@@ -364,17 +389,32 @@ class MambaAlign(nn.Module):
             out["aux"] = fpfh_patches(fpfh, self.backbone.strides[self.config.bank_stages[0]], self.config.bank_pool)
         return out
 
-    def fit_bank(self, bank_batches, holdout_batches, device=None, seed: int = 0, progress=None) -> Dict[str, dict]:
+    def fit_bank(self, bank_batches, holdout_batches, device=None, seed: int = 0, progress=None,
+                 keep: Optional[Dict[int, Optional[list]]] = None) -> Dict[str, dict]:
         """Build the memory bank from normal images and standardise it on other, held-out normal images: batches
         of sample dicts with ``rgb``, ``aux`` (models with aux) and optionally ``index`` (see
-        ``knn.MemoryBank.fit``). train.py does this before training; a notebook can too."""
+        ``knn.MemoryBank.fit``). train.py does this before training; a notebook can too.
+
+        ``keep``: {image index: None} for bank images whose backbone features should come back (the batches
+        need ``index``): each value becomes that image's features, a list over stages 2..5 of (rgb, aux or None)
+        tensors without the batch axis, on the model's device. Stacked in the batches they came in, they are
+        what :meth:`encode` takes as ``feats``: train.py encodes the bank images for the decision threshold
+        (leave-one-out) from them instead of running the frozen backbone over the same images a second time."""
         if self.bank is None:
             raise ValueError("this model has no memory bank (config normality='none')")
+        batches = _IndexedBatches(bank_batches) if keep else bank_batches
+
+        def patches(rgb, aux):
+            cnn_aux, fpfh = self._split_aux(self._align(rgb, aux)[0])
+            feats = self.backbone(rgb, cnn_aux)
+            for b, i in enumerate(batches.index if keep else ()):
+                if i in keep:
+                    keep[i] = [(r[b], None if a is None else a[b]) for r, a in feats]
+            return self._bank_patches(feats, fpfh)
         was_training = self.training
         self.eval()
         try:
-            return self.bank.fit(self.bank_patches, bank_batches, holdout_batches, device, seed, progress,
-                                 loo_images=())["stats"]
+            return self.bank.fit(patches, batches, holdout_batches, device, seed, progress, loo_images=())["stats"]
         finally:
             self.train(was_training)
 

@@ -421,13 +421,14 @@ def _progress(args):
     return None if args.quiet else (lambda it, **k: tqdm(it, leave=False, **k))
 
 
-def fit_bank(model, base, bank_idx, hold_idx, device, args) -> Dict[str, object]:
+def fit_bank(model, base, bank_idx, hold_idx, device, args, keep=None) -> Dict[str, object]:
     """Build MambaAlign's memory bank from the clean train normals ``bank_idx`` (each row remembers its image for
-    leave-one-out distances) and standardise it on the held-out train normals ``hold_idx``."""
+    leave-one-out distances) and standardise it on the held-out train normals ``hold_idx``. ``keep``:
+    ``MambaAlign.fit_bank``'s (the calibration images' backbone features come back in it)."""
     t0 = time.time()
     stats = model.fit_bank(_normals_loader(base, bank_idx, args, device),
                            _normals_loader(base, hold_idx, args, device), device, seed=args.seed,
-                           progress=_progress(args))
+                           progress=_progress(args), keep=keep)
     sizes = {m: int(getattr(model.bank, f"bank_{m}").shape[0]) for m in model.modalities}
     return {"bank_sizes": sizes, "stats": stats, "time_s": round(time.time() - t0, 2)}
 
@@ -746,10 +747,12 @@ def _plain_rows(batch) -> List[int]:
     return [b for b, d in enumerate(batch["defect"]) if d == "good" and (present is None or bool(present[b]))]
 
 
-def _encode_batch(model, batch, device, args, exclude: bool, rows: Optional[List[int]] = None) -> Dict[str, object]:
-    """``model.encode`` of a loader's batch (of its ``rows`` only, where given)."""
+def _encode_batch(model, batch, device, args, exclude: bool, rows: Optional[List[int]] = None,
+                  feats: Optional[list] = None) -> Dict[str, object]:
+    """``model.encode`` of a loader's batch (of its ``rows`` only, where given; ``feats``: the backbone's output
+    for the whole batch, computed before)."""
     pick = (lambda t: t) if rows is None else (lambda t: t[torch.as_tensor(rows)])
-    kw = {}
+    kw = {} if feats is None else {"feats": feats}
     if exclude and model.bank is not None:
         kw["exclude"] = pick(batch["index"]).to(device)
     if "aux_present" in batch:
@@ -784,9 +787,22 @@ def _merge_encodings(B: int, fresh: Optional[Dict[str, object]], fresh_rows: Lis
             "size": first["size"]}
 
 
+def _known_features(known: Optional[Dict[int, Optional[list]]], batch) -> Optional[list]:
+    """The backbone's output for a batch of images as they are, stacked from ``known`` (image index -> features,
+    ``MambaAlign.fit_bank``'s ``keep``), or None where an image of the batch is not there."""
+    if not known:
+        return None
+    rows = [known.get(int(i)) for i in batch["index"]]
+    if any(r is None for r in rows):
+        return None
+    return [tuple(None if rows[0][s][m] is None else torch.stack([r[s][m] for r in rows]) for m in (0, 1))
+            for s in range(len(rows[0]))]
+
+
 @torch.no_grad()
 def encode_views(model, loaders, n: int, device, args, exclude: bool,
-                 reuse: Optional[Dict[int, tuple]] = None) -> FeatureCache:
+                 reuse: Optional[Dict[int, tuple]] = None, known: Optional[Dict[int, Optional[list]]] = None
+                 ) -> FeatureCache:
     """A FeatureCache of ``model.encode`` over every batch of the ``(loader, description)`` pairs of ``loaders``
     (``n`` samples in all): the frozen backbone's features and the bank's maps, leave-one-out when ``exclude``
     (images that are in the bank). It lives on the GPU where it fits in half the free memory, else on the host.
@@ -797,7 +813,12 @@ def encode_views(model, loaders, n: int, device, args, exclude: bool,
     another size rounds a sample's features differently (seen at 64 px; on MulSen-AD capsule at 256 px a whole
     run's checkpoint came out bit for bit the same). About 3 in 10 train views are clean (--synth_prob 0.7), and
     the calibration views are the bank images as they are: on capsule the 4 views' encoding took 9.7-12.3 s
-    instead of 14.2-16.0 s (docs/profile.md)."""
+    instead of 14.2-16.0 s (docs/profile.md).
+
+    ``known`` (loaders of images as they are): image index -> that image's backbone features (``MambaAlign.
+    fit_bank``'s ``keep``); a batch whose every image is there is encoded from them, without a backbone pass (the
+    bank's maps and scores are computed as usual). Stacked in the batches the bank fit ran, they are the very
+    tensors a backbone pass over the batch gives."""
     from tqdm import tqdm
     fits = device.type == "cuda" and pool_bytes(model, n, args.img_size) < 0.5 * available_memory(device)
     store = device if device.type == "cpu" or fits else torch.device("cpu")
@@ -808,7 +829,8 @@ def encode_views(model, loaders, n: int, device, args, exclude: bool,
         for loader, desc in loaders:
             for batch in tqdm(loader, desc=desc, leave=False, disable=args.quiet):
                 if reuse is None:
-                    cache.add(_encode_batch(model, batch, device, args, exclude), batch)
+                    cache.add(_encode_batch(model, batch, device, args, exclude,
+                                            feats=_known_features(known, batch)), batch)
                     continue
                 B, plain = len(batch["index"]), _plain_rows(batch)
                 index = [int(i) for i in batch["index"]]
@@ -880,11 +902,12 @@ def calibration_images(bank_idx, seed: int) -> list:
     return sorted(bank_idx[i] for i in pick)
 
 
-def cached_calibration_views(model, base, idx, device, args) -> CachedBatches:
+def cached_calibration_views(model, base, idx, device, args, known=None) -> CachedBatches:
     """Bank images ``idx`` (``calibration_images``), clean, encoded once with leave-one-out distances (each
-    without its own patches): normals for the decision threshold beside the held-out ones (MambaAlign.calibrate)."""
+    without its own patches): normals for the decision threshold beside the held-out ones (MambaAlign.calibrate).
+    ``known``: their backbone features from the bank fit (``encode_views``)."""
     loader = _normals_loader(base, idx, args, device)
-    cache = encode_views(model, [(loader, "calibration views")], len(idx), device, args, exclude=True)
+    cache = encode_views(model, [(loader, "calibration views")], len(idx), device, args, exclude=True, known=known)
     return CachedBatches(cache, list(range(len(idx))), args.batch_size, device, rows=lambda p: p)
 
 
@@ -991,8 +1014,13 @@ def main(args):
             _keep_jsonl_rows(steps_path, lambda r: r["step"] <= state["step"])
             _keep_jsonl_rows(log_path, lambda r: r.get("epoch", 0) <= start_epoch)
         _write_splits(args.out_dir, base, train=train_idx, validation=val_idx)
+    calibrate = model.bank is not None and val_loader is not None and model.config.freeze_backbone
+    calib_idx = calibration_images(train_idx, args.seed) if calibrate else []
+    # The calibration images are bank images as they are: the bank fit's backbone pass over them is kept for
+    # their encoding below (not on a resumed run, which does not fit the bank).
+    known = {int(i): None for i in calib_idx}
     if model.bank is not None and ckpt is None:
-        info = fit_bank(model, base, train_idx, val_idx, device, args)
+        info = fit_bank(model, base, train_idx, val_idx, device, args, keep=known)
         log(f"memory bank: {info['bank_sizes']} patches per modality from {len(train_idx)} train normals, "
             f"standardised on {len(val_idx)} held-out ones ({info['time_s']} s)")
         if is_main:
@@ -1008,10 +1036,10 @@ def main(args):
             log(f"validation views encoded once ({time.time() - t0:.1f} s); training cycles through "
                 f"{args.synth_pool} synthetic views per train image, each encoded when an epoch first needs it")
     calib_loader = None
-    if model.bank is not None and val_loader is not None and model.config.freeze_backbone:
+    if calibrate:
         t0 = time.time()
-        calib_idx = calibration_images(train_idx, args.seed)
-        calib_loader = cached_calibration_views(model, base, calib_idx, device, args)
+        calib_loader = cached_calibration_views(model, base, calib_idx, device, args, known)
+        known.clear()
         if isinstance(train_loader, SyntheticPool):
             train_loader.share(calib_loader.cache, calib_idx)
         log(f"calibration: the threshold at --target_fpr {args.target_fpr:g} is taken over the {len(val_idx)} "

@@ -149,6 +149,53 @@ def test_train_views_that_are_their_image_as_it_is_reuse_its_encoding_and_train_
         assert [k for k in a if not torch.allclose(a[k].float(), b[k].float(), rtol=1e-5, atol=1e-6)] == []
 
 
+def test_calibration_views_take_the_bank_fits_backbone_features_and_train_the_same(tmp_path, monkeypatch):
+    """The calibration views are the bank images as they are, and the bank fit has run the frozen backbone over
+    them already: their encoding takes those features (one backbone pass fewer per calibration image) and the
+    run is bit for bit the one that encodes them again (the same batches, so the very same tensors)."""
+    from rgbx_backbone import RGBXBackbone
+    rows = []
+    real_forward = RGBXBackbone.forward
+
+    def counting(self, rgb, *a, **k):
+        rows.append(rgb.shape[0])
+        return real_forward(self, rgb, *a, **k)
+    monkeypatch.setattr(RGBXBackbone, "forward", counting)
+    run = ["--epochs", "2", "--synthetic_train", "10", "--val_fraction", "0.2", "--batch_size", "4"]
+    _train(tmp_path / "kept", *run)
+    kept, rows[:] = sum(rows), []
+    with monkeypatch.context() as m:
+        m.setattr(train_script, "_known_features", lambda known, batch: None)
+        _train(tmp_path / "again", *run)
+    again = sum(rows)
+    calibration_images = json.load(open(tmp_path / "kept" / "splits.json"))["train"]
+    assert again - kept == len(calibration_images) == 8, (kept, again)
+    a = torch.load(tmp_path / "kept" / "last.pth", weights_only=True)
+    b = torch.load(tmp_path / "again" / "last.pth", weights_only=True)
+    assert [k for k in b["model"] if not torch.equal(a["model"][k], b["model"][k])] == []
+    assert a["metrics"]["calibration"] == b["metrics"]["calibration"]
+
+
+def test_fit_bank_keeps_the_backbone_features_it_computed():
+    """MambaAlign.fit_bank(keep=...) hands back each kept image's backbone output, the rows of the batch it ran
+    in; it needs the batches' image indices."""
+    model = mambaalign_tiny(aux_ch=1).eval()
+    g = torch.Generator().manual_seed(0)
+    batches = [{"rgb": torch.randn(3, 3, 64, 64, generator=g), "aux": torch.randn(3, 1, 64, 64, generator=g),
+                "index": torch.arange(3 * k, 3 * k + 3)} for k in range(2)]
+    held = [{"rgb": torch.randn(2, 3, 64, 64, generator=g), "aux": torch.randn(2, 1, 64, 64, generator=g)}]
+    keep = {1: None, 4: None}
+    model.fit_bank(batches, held, keep=keep)
+    with torch.no_grad():
+        for i, (k, b) in ((1, (0, 1)), (4, (1, 1))):
+            feats = model.backbone(batches[k]["rgb"], batches[k]["aux"])
+            assert len(keep[i]) == len(feats)
+            for (r, a), (fr, fa) in zip(keep[i], feats):
+                assert torch.equal(r, fr[b]) and torch.equal(a, fa[b])
+    with pytest.raises(ValueError, match="index"):
+        model.fit_bank([{k: v for k, v in batches[0].items() if k != "index"}], held, keep={0: None})
+
+
 def test_resume_continues_exactly(tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     _train(a, "--epochs", "2", "--max_steps", "3")
