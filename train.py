@@ -818,7 +818,8 @@ def encode_views(model, loaders, n: int, device, args, exclude: bool,
     ``known`` (loaders of images as they are): image index -> that image's backbone features (``MambaAlign.
     fit_bank``'s ``keep``); a batch whose every image is there is encoded from them, without a backbone pass (the
     bank's maps and scores are computed as usual). Stacked in the batches the bank fit ran, they are the very
-    tensors a backbone pass over the batch gives."""
+    tensors a backbone pass over the batch gives (in float32, as the bank's own: with --use_amp a second pass
+    would have run in reduced precision)."""
     from tqdm import tqdm
     fits = device.type == "cuda" and pool_bytes(model, n, args.img_size) < 0.5 * available_memory(device)
     store = device if device.type == "cpu" or fits else torch.device("cpu")
