@@ -110,18 +110,23 @@ def test_link_atomic_copies_where_the_file_system_has_no_hard_links(tmp_path, mo
     assert dst.read_bytes() == src.read_bytes() and os.stat(dst).st_ino != os.stat(src).st_ino
 
 
+def _count_rows(monkeypatch, cls, method: str) -> list:
+    """Patch ``cls.method`` (whose first argument is a batch) to record each call's batch size; returns the list."""
+    rows, real = [], getattr(cls, method)
+
+    def counting(self, batch, *a, **k):
+        rows.append(batch.shape[0])
+        return real(self, batch, *a, **k)
+    monkeypatch.setattr(cls, method, counting)
+    return rows
+
+
 def test_train_views_that_are_their_image_as_it_is_reuse_its_encoding_and_train_the_same(tmp_path, monkeypatch):
     """Clean train views (no anomaly, aux present) take the encoding of their image from the calibration views or
     an earlier view instead of a backbone pass and a bank search: fewer rows encoded, and the same training to
     float rounding (a sample's features can round differently in a batch of another size: at 64 px here; on
     MulSen-AD capsule at 256 px the whole run's checkpoint came out bit for bit the same)."""
-    encoded = []
-    real_encode = MambaAlign.encode
-
-    def counting(self, rgb, *a, **k):
-        encoded.append(rgb.shape[0])
-        return real_encode(self, rgb, *a, **k)
-    monkeypatch.setattr(MambaAlign, "encode", counting)
+    encoded = _count_rows(monkeypatch, MambaAlign, "encode")
     run = ["--epochs", "3", "--synthetic_train", "12", "--val_fraction", "0.25", "--batch_size", "4",
            "--synth_pool", "3"]
     _train(tmp_path / "reuse", *run)
@@ -154,13 +159,7 @@ def test_calibration_views_take_the_bank_fits_backbone_features_and_train_the_sa
     them already: their encoding takes those features (one backbone pass fewer per calibration image) and the
     run is bit for bit the one that encodes them again (the same batches, so the very same tensors)."""
     from rgbx_backbone import RGBXBackbone
-    rows = []
-    real_forward = RGBXBackbone.forward
-
-    def counting(self, rgb, *a, **k):
-        rows.append(rgb.shape[0])
-        return real_forward(self, rgb, *a, **k)
-    monkeypatch.setattr(RGBXBackbone, "forward", counting)
+    rows = _count_rows(monkeypatch, RGBXBackbone, "forward")
     run = ["--epochs", "2", "--synthetic_train", "10", "--val_fraction", "0.2", "--batch_size", "4"]
     _train(tmp_path / "kept", *run)
     kept, rows[:] = sum(rows), []
