@@ -1015,8 +1015,8 @@ def main(args):
             _keep_jsonl_rows(steps_path, lambda r: r["step"] <= state["step"])
             _keep_jsonl_rows(log_path, lambda r: r.get("epoch", 0) <= start_epoch)
         _write_splits(args.out_dir, base, train=train_idx, validation=val_idx)
-    calibrate = model.bank is not None and val_loader is not None and model.config.freeze_backbone
-    calib_idx = calibration_images(train_idx, args.seed) if calibrate else []
+    with_calibration = model.bank is not None and val_loader is not None and model.config.freeze_backbone
+    calib_idx = calibration_images(train_idx, args.seed) if with_calibration else []
     # The calibration images are bank images as they are: the bank fit's backbone pass over them is kept for
     # their encoding below (not on a resumed run, which does not fit the bank).
     known = {int(i): None for i in calib_idx}
@@ -1037,7 +1037,7 @@ def main(args):
             log(f"validation views encoded once ({time.time() - t0:.1f} s); training cycles through "
                 f"{args.synth_pool} synthetic views per train image, each encoded when an epoch first needs it")
     calib_loader = None
-    if calibrate:
+    if with_calibration:
         t0 = time.time()
         calib_loader = cached_calibration_views(model, base, calib_idx, device, args, known)
         known.clear()
