@@ -374,8 +374,12 @@ class MambaAlign(nn.Module):
     @torch.no_grad()
     def bank_patches(self, rgb: torch.Tensor, aux: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
         """{modality: (B, C, h, w)} the patch features the memory bank holds, for building it."""
+        return self._bank_patches(*self._backbone_features(rgb, aux))
+
+    def _backbone_features(self, rgb, aux):
+        """(the backbone's features of aligned inputs, the FPFH map the aux bank reads or None)."""
         cnn_aux, fpfh = self._split_aux(self._align(rgb, aux)[0])
-        return self._bank_patches(self.backbone(rgb, cnn_aux), fpfh)
+        return self.backbone(rgb, cnn_aux), fpfh
 
     def _bank_patches(self, feats, fpfh=None):
         """Pooled stage features per modality; with bank_aux="fpfh" the aux patches are the FPFH map's (BTF's
@@ -406,8 +410,7 @@ class MambaAlign(nn.Module):
         batches = _IndexedBatches(bank_batches) if keep else bank_batches
 
         def patches(rgb, aux):
-            cnn_aux, fpfh = self._split_aux(self._align(rgb, aux)[0])
-            feats = self.backbone(rgb, cnn_aux)
+            feats, fpfh = self._backbone_features(rgb, aux)
             for b, i in enumerate(batches.index if keep else ()):
                 if i in keep:
                     keep[i] = [(r[b], None if a is None else a[b]) for r, a in feats]
