@@ -180,3 +180,32 @@ def test_fold_norms_refuses_a_norm_without_a_convolution_before_it():
     from rgbx_backbone import fold_norms
     with pytest.raises(ValueError, match="no convolution registered before it"):
         fold_norms(nn.Sequential(nn.BatchNorm2d(4), nn.Conv2d(4, 4, 1)))
+
+
+def test_a_trace_records_the_stacked_network():
+    """A TorchScript trace (the ONNX exporter's) records the stacked network, bit for bit, whether or not a
+    forward has built the folded copies before it: a trace cannot record their building, and the exported graph
+    stays the one the shared convolutions make."""
+    import warnings
+    torch.manual_seed(0)
+    bb = _with_random_norms(RGBXBackbone("efficientnet_lite0", aux_ch=1, freeze=True, stages=(3,)).eval())
+    x, a = torch.randn(2, 3, 64, 64), torch.randn(2, 1, 64, 64)
+
+    class Stage3(torch.nn.Module):          # a trace's output: a tuple of tensors
+        def __init__(self):
+            super().__init__()
+            self.bb = bb
+
+        def forward(self, rgb, aux):
+            return self.bb(rgb, aux)[0]
+
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cold = torch.jit.trace(Stage3(), (x, a), check_trace=False)
+        assert bb._folded is None
+        folded = bb(x, a)[0]
+        warm = torch.jit.trace(Stage3(), (x, a), check_trace=False)
+        stacked = _stacked(bb, x, a)[0]
+        assert not torch.equal(folded[0], stacked[0])     # the two networks round differently, so:
+        for traced in (cold, warm):
+            assert all(torch.equal(g, w) for g, w in zip(traced(x, a), stacked))
