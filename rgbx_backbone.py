@@ -12,10 +12,11 @@ Inference with fixed norms (a frozen backbone always; any backbone in eval mode 
 different but equal network: each modality's own copy of the convolutions with its norms folded into their
 weights and biases (:func:`fold_norms`), one pass per modality. In eval mode a BatchNorm is a per-channel affine
 map, and applying it (with timm's activation after it) was a pass over every activation that cost as much as the
-convolution before it on a CPU: an EfficientNet-Lite0 pass over 8 image pairs at 256 px took about half the time
-folded (the same features to float rounding, about 1e-6 of their scale). The shared weights and the DualNorms stay
-the model's parameters (checkpoints, training); the folded copies are derived from them, rebuilt when they change,
-and never saved. ``RGBXBackbone.fold_norms = False`` runs the stacked network as it is (the reference).
+convolution before it on a CPU: `bench.py fit`'s EfficientNet-Lite0 pass over 122 image pairs at 256 px ran
+1.34x faster folded (docs/profile.md), with the same features to float rounding (about 1e-6 of their scale). The
+shared weights and the DualNorms stay the model's parameters (checkpoints, training); the folded copies are
+derived from them, rebuilt when they change, and never saved. ``RGBXBackbone.fold_norms = False`` runs the
+stacked network as it is (the reference).
 """
 from __future__ import annotations
 
@@ -31,8 +32,8 @@ import torch.nn as nn
 from datasets.transforms import IMAGENET_MEAN, IMAGENET_STD   # the data pipeline's normalisation
 
 
-__all__ = ["RGBXBackbone", "DualNorm", "fold_norms", "BackboneWeightsError", "BACKBONES", "STAGE_STRIDES", "torchvision_weights_file",
-           "efficientnet_lite_weights_file", "load_efficientnet_lite_state"]
+__all__ = ["RGBXBackbone", "DualNorm", "fold_norms", "BackboneWeightsError", "BACKBONES", "STAGE_STRIDES",
+           "torchvision_weights_file", "efficientnet_lite_weights_file", "load_efficientnet_lite_state"]
 
 # name -> channels of stages 2..5
 BACKBONES: Dict[str, Tuple[int, int, int, int]] = {
@@ -292,7 +293,7 @@ class RGBXBackbone(nn.Module):
         self.freeze = freeze
         self.fold_norms = True          # inference with fixed norms runs the folded copies (module docstring)
         self._norms = [m for m in body.modules() if isinstance(m, nn.BatchNorm2d)]
-        self._folded: Optional[tuple] = None      # (what they were built from, {modality: folded network})
+        self._folded: Optional[tuple] = None      # (key, the tensors it was read from, {modality: folded network})
         # the modules holding tensors, listed once: the folded copies' key reads them on every forward (0.1 ms
         # where gathering them through parameters() and buffers() took 0.7)
         self._holders = [m for m in self.modules() if m._parameters or m._buffers]
@@ -400,8 +401,8 @@ class RGBXBackbone(nn.Module):
             inputs["aux"] = aux * self.aux_scale
         feats = {}
         for name, x in inputs.items():
-            net, x = nets[name], _channels_last(inputs[name])
-            x = net[0](x)
+            net = nets[name]
+            x = net[0](_channels_last(x))
             feats[name] = []
             for stage, layer in zip((2, 3, 4, 5), net[1:]):
                 x = layer(x)
