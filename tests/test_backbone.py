@@ -209,3 +209,16 @@ def test_a_trace_records_the_stacked_network():
         assert not torch.equal(folded[0], stacked[0])     # the two networks round differently, so:
         for traced in (cold, warm):
             assert all(torch.equal(g, w) for g, w in zip(traced(x, a), stacked))
+
+
+def test_folded_copies_hold_only_the_stages_returned():
+    """A backbone returning stages 3 and 4 (the knn's) folds the stem and layers 1-3, not layer4's weights."""
+    torch.manual_seed(0)
+    bb = _with_random_norms(RGBXBackbone("resnet18", aux_ch=1, freeze=True, stages=(3, 4)).eval())
+    x, a = torch.randn(2, 3, 64, 64), torch.randn(2, 1, 64, 64)
+    with torch.no_grad():
+        _assert_same_features(bb(x, a), _stacked(bb, x, a))
+    nets = bb._folded[2]
+    assert set(nets) == {"rgb", "aux"} and all(len(n) == 4 for n in nets.values())      # stem + layers 1-3
+    copied = sum(p.numel() for p in nets["rgb"].parameters())
+    assert copied < sum(p.numel() for p in bb.parameters()) - sum(p.numel() for p in bb.layer4.parameters())
