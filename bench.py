@@ -743,7 +743,8 @@ def _spread(values: List[float], fmt: str, unit: str = "") -> str:
 
 def bench_fit(args) -> None:
     """One class: the knn fit and eval, MambaAlign's bank fit, epochs and eval, each beside the bare backbone pass
-    over the same images; then the ratios the speed goals are stated in. ``--fit_runs N`` repeats the whole
+    over the same images (and that pass through the stacked network, its norms not folded: what the folding
+    gains, in the same run); then the ratios the speed goals are stated in. ``--fit_runs N`` repeats the whole
     sequence N times, interleaved (floor, knn, MambaAlign, then again), and shows each phase's median with its
     range, each run's own ratios, and their median: on a shared machine one run's ratios move by 10-15 %."""
     from datasets import build_dataset, default_aux_ch
