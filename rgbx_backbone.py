@@ -366,7 +366,7 @@ class RGBXBackbone(nn.Module):
             return False
         if any(m.training or m.running_var is None for m in self._norms):
             return False
-        return not (torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()))
+        return not (torch.is_grad_enabled() and any(t.requires_grad for t in self._fold_sources()))
 
     def _folded_key(self) -> list:
         """What the folded copies are built from: each weight's and statistic's storage and version counter."""
