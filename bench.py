@@ -274,12 +274,16 @@ def bench_block(args) -> None:
 # ----------------------------------------------------------------------------------------------------
 
 def bench_model(args) -> None:
-    from MambaAlign import MambaAlign, MambaAlignConfig
+    from MambaAlign import PRESETS, MambaAlign, MambaAlignConfig
     from rgbx_backbone import RGBXBackbone
     rows = []
     size = args.size
     dev = args.device
-    for preset in ("tiny", "base"):
+    presets = [p.strip() for p in args.presets.split(",") if p.strip()]
+    unknown = sorted(set(presets) - set(PRESETS))
+    if unknown or not presets:
+        raise SystemExit(f"--presets {args.presets!r}: choose among {', '.join(sorted(PRESETS))}")
+    for preset in presets:
         cfg = MambaAlignConfig.preset(preset, aux_ch=3)
         model = MambaAlign(cfg, scan_backend=args.scan_backend).eval()
         if model.bank is not None:   # a full-size bank (coreset_size rows per modality) of random features
@@ -1018,6 +1022,9 @@ def get_args_parser():
     p.add_argument("--repeats", type=int, default=3, help="timed repetitions per measurement (median is shown)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = all cores of this machine)")
     p.add_argument("--size", type=int, default=256, help="model: input size")
+    p.add_argument("--presets", default="tiny,base",
+                   help="model: comma-separated presets to time (the base preset compiles its long scans first: "
+                        "minutes on a cold compile cache)")
     p.add_argument("--scan_backend", default="auto", choices=BACKENDS,
                    help="block, model: the selective-scan backend (auto: on CUDA mamba-ssm where it imports, "
                         "else our Triton kernels, else torch)")

@@ -474,3 +474,16 @@ def test_bench_decision_rates_count_scores_above_the_threshold(tmp_path):
     assert bench._rates_at(str(tmp_path), 9.0) == (0.0, 0.0)
     assert bench._flagged_cell({"good_flagged": 0.5, "anomalous_flagged": 1.0}) == "0.50 / 1.00"
     assert bench._flagged_cell({"good_flagged": math.nan, "anomalous_flagged": math.nan}) == "-"
+
+
+def test_bench_model_times_only_the_presets_asked_for(capsys):
+    """bench.py model --presets tiny: one row, the tiny preset's (the base preset compiles its scans for minutes);
+    an unknown preset is one clear line."""
+    import bench
+    args = bench.get_args_parser().parse_args(["model", "--presets", "tiny", "--size", "64", "--repeats", "1"])
+    args.device = torch.device("cpu")
+    bench.bench_model(args)
+    rows = [l for l in capsys.readouterr().out.splitlines() if l.startswith("| ") and "preset" not in l]
+    assert [r.split("|")[1].strip() for r in rows] == ["tiny"]
+    with pytest.raises(SystemExit, match="--presets 'tiny,huge': choose among base, tiny"):
+        bench.bench_model(bench.get_args_parser().parse_args(["model", "--presets", "tiny,huge"]))
