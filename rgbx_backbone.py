@@ -397,23 +397,30 @@ class RGBXBackbone(nn.Module):
         self._folded = (key, sources, nets)
         return nets
 
+    def _inputs(self, rgb: torch.Tensor, aux: Optional[torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """Each modality's input in the range its stem's pretrained weights expect, channels-last."""
+        inputs = {"rgb": _channels_last(self._rgb_in(rgb))}
+        if aux is not None:
+            inputs["aux"] = _channels_last(aux * self.aux_scale)
+        return inputs
+
+    def _run_stages(self, x: torch.Tensor, layers) -> List[torch.Tensor]:
+        """The features of ``self.stages`` from the stem's output ``x`` through ``layers`` (layer1 on), back in
+        NCHW: GroupNorm and the heads downstream run faster in it."""
+        feats = []
+        for stage, layer in zip((2, 3, 4, 5), layers):
+            x = layer(x)
+            if stage in self.stages:
+                feats.append(x.contiguous())
+            if stage >= self.stages[-1]:
+                break
+        return feats
+
     def _forward_folded(self, rgb: torch.Tensor, aux: Optional[torch.Tensor]
                         ) -> List[Tuple[torch.Tensor, Optional[torch.Tensor]]]:
         nets = self._folded_networks()
-        inputs = {"rgb": self._rgb_in(rgb)}
-        if aux is not None:
-            inputs["aux"] = aux * self.aux_scale
-        feats = {}
-        for name, x in inputs.items():
-            net = nets[name]
-            x = net[0](_channels_last(x))
-            feats[name] = []
-            for stage, layer in zip((2, 3, 4, 5), net[1:]):
-                x = layer(x)
-                if stage in self.stages:
-                    feats[name].append(x.contiguous())     # back to NCHW, as the stacked path returns them
-                if stage >= self.stages[-1]:
-                    break
+        feats = {name: self._run_stages(nets[name][0](x), nets[name][1:])
+                 for name, x in self._inputs(rgb, aux).items()}
         return [(r, a) for r, a in zip(feats["rgb"], feats.get("aux", [None] * len(self.stages)))]
 
     def _rgb_in(self, rgb: torch.Tensor) -> torch.Tensor:
@@ -435,22 +442,14 @@ class RGBXBackbone(nn.Module):
             raise ValueError("this backbone was built RGB-only (aux_ch=0) but an aux tensor was passed")
         if self._runs_folded():
             return self._forward_folded(rgb, aux)
-        if dual:
-            x = torch.cat([self.conv1(_channels_last(self._rgb_in(rgb))),
-                           self.aux_conv1(_channels_last(aux * self.aux_scale))], dim=0)
-        else:
-            x = self.conv1(_channels_last(self._rgb_in(rgb)))
-        x = self.maxpool(self.relu(self.bn1(x)))
-        feats = {}
-        for stage, layer in ((2, self.layer1), (3, self.layer2), (4, self.layer3), (5, self.layer4)):
-            x = layer(x)
-            feats[stage] = x
-            if stage >= self.stages[-1]:
-                break
-        out = []
-        for s in self.stages:
-            f = feats[s].contiguous()      # back to NCHW: GroupNorm and the heads downstream run faster in it
-            if dual:                       # (2, B, ...) halves: a dynamic batch in an exported graph, not chunk's
-                f = f.unflatten(0, (2, -1))
-            out.append((f[0], f[1]) if dual else (f, None))
-        return [tuple(p) for p in out]
+        inputs = self._inputs(rgb, aux)
+        x = self.conv1(inputs["rgb"])
+        if dual:               # (2B, C, H/2, W/2): the two modalities ride the batch axis together
+            x = torch.cat([x, self.aux_conv1(inputs["aux"])], dim=0)
+        feats = self._run_stages(self.maxpool(self.relu(self.bn1(x))),
+                                 (self.layer1, self.layer2, self.layer3, self.layer4))
+        if not dual:
+            return [(f, None) for f in feats]
+        # (2, B, ...) halves: a dynamic batch in an exported graph, not chunk's
+        halves = [f.unflatten(0, (2, -1)) for f in feats]
+        return [(h[0], h[1]) for h in halves]
