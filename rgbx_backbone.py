@@ -182,12 +182,26 @@ class DualNorm(nn.Module):
         return y
 
 
+def _shallow_tree(module: nn.Module) -> nn.Module:
+    """A new module tree of the same classes and settings as ``module`` that shares its tensors: every module a
+    shallow copy with its own registries (children, parameters, buffers, hooks), so replacing a child or a
+    parameter in the copy leaves ``module`` as it is. What the folding needs: it replaces every tensor it
+    changes. ``copy.deepcopy`` copied each tensor only to have it replaced, and walked every attribute in Python:
+    0.25 s of a 3.4 s knn fit on EfficientNet-Lite0 (both modalities' copies), against about 10 ms here."""
+    out = type(module).__new__(type(module))
+    for name, value in module.__dict__.items():   # _modules, _parameters, _buffers, the hook dicts: new ones
+        out.__dict__[name] = copy.copy(value) if isinstance(value, dict) else value
+    for name, child in module._modules.items():
+        out._modules[name] = None if child is None else _shallow_tree(child)
+    return out
+
+
 def _folded_conv(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
     """A copy of ``conv`` followed by the eval-mode norm ``bn``: weight * s and bias * s + (beta - mean * s) with
     s = gamma / sqrt(var + eps), computed in float64 and stored in the weight's dtype."""
     if bn.running_var is None or conv.out_channels != bn.num_features:
         raise ValueError(f"cannot fold {bn} into {conv}")
-    out = copy.deepcopy(conv)
+    out = _shallow_tree(conv)
     w64 = conv.weight.detach().double()
     s = torch.rsqrt(bn.running_var.double() + bn.eps)
     s = s * bn.weight.double() if bn.weight is not None else s
@@ -200,16 +214,17 @@ def _folded_conv(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
 
 def _after_norm(bn: nn.BatchNorm2d) -> nn.Module:
     """What a norm does after its affine map: timm's BatchNormAct2d drops out (identity in eval) and activates."""
-    return nn.Sequential(copy.deepcopy(bn.drop), copy.deepcopy(bn.act)) if hasattr(bn, "act") else nn.Identity()
+    return nn.Sequential(_shallow_tree(bn.drop), _shallow_tree(bn.act)) if hasattr(bn, "act") else nn.Identity()
 
 
 def fold_norms(module: nn.Module, which: Optional[str] = None) -> nn.Module:
-    """A copy of ``module`` (in eval mode) in which every norm is folded into the convolution just before it
+    """A copy of ``module`` (in eval mode; it shares the tensors the folding leaves as they are, see
+    :func:`_shallow_tree`) in which every norm is folded into the convolution just before it
     among its siblings (torchvision's ResNet blocks and timm's EfficientNet blocks register each norm right after
     the convolution it follows, the stem's aside): the convolution gets the norm's affine map, the norm becomes
     its activation (or nothing). ``which``: the half of each :class:`DualNorm` to fold, "rgb" or "aux" (None
     for plain BatchNorm2d). A norm with no convolution before it is an error, never left unfolded."""
-    out = copy.deepcopy(module).eval()
+    out = _shallow_tree(module).eval()
 
     def visit(parent: nn.Module) -> None:
         conv_name = None
