@@ -146,10 +146,11 @@ def greedy_coreset(x: torch.Tensor, k: int, projection_dim: int = 64, seed: int 
     Each row keeps ``u``, its squared distance to the chosen rows, exact up to the last refresh and an upper
     bound after it (distances only fall as rows are chosen). A step examines only the rows with the largest
     bounds: brings them up to date with the difference formula, and stops once the best exact value beats every
-    bound left (a wider search otherwise). Every ``CORESET_REFRESH`` steps all rows take in the new chosen rows:
-    one matrix product finds the (row, chosen) pairs that can lower a row's value (with a margin wider than the
-    product's float32 rounding error), and only those pairs are recomputed with the difference formula, so every
-    value is the reference's, bit for bit. The distances are computed by torch on the device of x (CPU or CUDA);
+    bound left (a wider search otherwise). Every ``CORESET_REFRESH`` steps all rows take in the new chosen rows
+    (:class:`_RefreshFilter`): one matrix product, bfloat16 where the CPU has bfloat16 units, finds the (row,
+    chosen) pairs that can lower a row's value (with :class:`BankSearch`'s bounds of the product's rounding
+    error), and only those pairs are recomputed with the difference formula, so every value is the reference's,
+    bit for bit. The distances are computed by torch on the device of x (CPU or CUDA);
     the per-step bookkeeping (bounds, candidate ranking, maxima) is numpy's on the host: a step touches a few
     dozen rows, where a torch call costs 5-10 us of dispatch and a numpy one 1-2 us (4096 of the 59 k rows of a
     real 256 px class: 1.3-1.5 s -> 1.0-1.2 s on 2 CPU cores; the refreshes' products are most of the rest).
@@ -160,7 +161,7 @@ def greedy_coreset(x: torch.Tensor, k: int, projection_dim: int = 64, seed: int 
     g = torch.Generator().manual_seed(seed)
     z = _projected(x, projection_dim, g)
     dev = z.device
-    zn = (z * z).sum(1)
+    filt = _RefreshFilter(z)
     chosen = np.empty(k, dtype=np.int64)
     chosen[0] = int(torch.randint(n, (1,), generator=g))
     centers = z.new_empty(k, z.shape[1])
@@ -199,7 +200,7 @@ def greedy_coreset(x: torch.Tensor, k: int, projection_dim: int = 64, seed: int 
         centers[i] = z[j]
         if i + 1 - done == CORESET_REFRESH or i == k - 1:
             u_dev = torch.from_numpy(u).to(dev)          # u itself on the CPU: refreshed in place
-            _refresh(z, zn, u_dev, centers[done:i + 1])
+            filt.refresh(u_dev, centers[done:i + 1])
             if u_dev.device.type != "cpu":
                 u[:] = u_dev.cpu().numpy()
             done = i + 1
@@ -213,22 +214,30 @@ def _largest(values: np.ndarray, m: int) -> np.ndarray:
     return part[np.argsort(-values[part])]
 
 
-def _refresh(z, zn, u, new):
-    """Lower every row's u (in place) to its exact distance to the chosen rows ``new`` where that is smaller."""
-    # The product form's float32 rounding error is at most about 2 * d * eps * (|z|^2 + |c|^2) (eps = 2^-24, d
-    # terms per dot product, in any summation order): a pair is recomputed where the product form is below u by
-    # less than a margin of twice that (plus 1e-6 u), i.e. where
-    #   |z|^2 + |c|^2 - 2 z.c < u + slack (|z|^2 + |c|^2) + 1e-6 u  <=>  z.c > (row_r + col_c) / 2
-    # with row_r = (1 - slack) |z|^2 - (1 + 1e-6) u and col_c = (1 - slack) |c|^2: one product with col_c taken
-    # off in it (addmm) and one comparison per block, no further (rows x chosen) temporaries. The rounding of row_r,
-    # col_c and that subtraction (a few eps of |z|^2 + |c|^2 + u) is far inside the margin.
-    slack = (4 * z.shape[1] + 16) * 2.0 ** -24
-    col = (0.5 * (1 - slack)) * (new * new).sum(1)
-    for s in range(0, z.shape[0], CORESET_ROW_BLOCK):
-        zb, ub = z[s:s + CORESET_ROW_BLOCK], u[s:s + CORESET_ROW_BLOCK]
-        row = (0.5 * (1 - slack)) * zn[s:s + CORESET_ROW_BLOCK] - (0.5 * (1 + 1e-6)) * ub
-        rows, cols = _true_positions(torch.addmm(-col[None], zb, new.T) > row[:, None])
-        _lower_by_pairs(ub, zb, rows, new, cols)
+class _RefreshFilter:
+    """The refreshes of :func:`greedy_coreset`: every row's u lowered (in place) to its exact distance to newly
+    chosen rows where that is smaller. One matrix product per block of rows finds the (row, chosen) pairs whose
+    difference-formula value can be at most the row's u, with :class:`BankSearch`'s proven error bounds (the
+    chosen rows as its bank, every row centred on the mean of all rows); only those pairs are recomputed with the
+    difference formula, so u stays the reference's, bit for bit. The product runs in :func:`search_dtype`:
+    bfloat16 on CPUs with bfloat16 units, where the 59 k-row banks of a real 256 px class spent most of their
+    refresh time in float32 products (0.8-1.0 ms against 0.2 ms per block of 16384 rows and 64 chosen rows). The
+    rows' side of the product is built once per selection."""
+
+    def __init__(self, z: torch.Tensor):
+        self.z, self.mu = z, z.mean(0)
+        self.dtype = search_dtype(z.device)
+        # the query side depends on the centre, the width and the dtype only: any bank of them makes it
+        maker = BankSearch(z[:1], self.dtype, mu=self.mu)
+        sides = [maker.query_side(z[s:s + CORESET_ROW_BLOCK]) for s in range(0, z.shape[0], CORESET_ROW_BLOCK)]
+        self.side, self.qq = torch.cat([a for a, _ in sides]), torch.cat([b for _, b in sides])
+
+    def refresh(self, u: torch.Tensor, new: torch.Tensor) -> None:
+        search = BankSearch(new, self.dtype, mu=self.mu)
+        for s in range(0, self.z.shape[0], CORESET_ROW_BLOCK):
+            e = s + CORESET_ROW_BLOCK
+            rows, at = search.pairs_at_most(self.side[s:e], self.qq[s:e], u[s:e])
+            _lower_by_pairs(u[s:e], self.z[s:e], rows, new, at)
 
 
 # Bank images per block of the leave-one-out scoring after a fit.
@@ -340,7 +349,7 @@ class BankSearch:
     |b'|^2 - 2 q'.b', within gamma (2 |q'| max|b'| + max |b'|^2) of F - |q'|^2 for every row of the bank, plus the
     same eps (on CUDA also TF32's input rounding, u = 2^-11, in case the user allowed it)."""
 
-    def __init__(self, bank: torch.Tensor, dtype: Optional[torch.dtype] = None):
+    def __init__(self, bank: torch.Tensor, dtype: Optional[torch.dtype] = None, mu: Optional[torch.Tensor] = None):
         if bank.shape[0] == 0:
             raise ValueError("nearest_distance: the bank is empty")
         self.bank = bank.float()
@@ -348,7 +357,8 @@ class BankSearch:
         if self.dtype not in (torch.float32, torch.bfloat16):
             raise ValueError(f"nearest_distance: dtype must be float32 or bfloat16, got {self.dtype}")
         n, c = self.bank.shape
-        self.mu = self.bank.mean(0)
+        # the centre: the bank's mean, or one given (the bounds hold for any centre; they are tight near the data's)
+        self.mu = self.bank.mean(0) if mu is None else mu.float()
         b = self.bank - self.mu
         bsq = (b * b).sum(1)
         self.bsq_max = bsq.max()
@@ -382,29 +392,62 @@ class BankSearch:
             cols.masked_fill_(skip, math.inf)
         return cols
 
-    def _candidates(self, qc: torch.Tensor, qq: torch.Tensor, cols: torch.Tensor):
-        """(B, n) bool: the bank rows that can be each centred query's nearest (``cols`` from ``_columns``);
-        (B,) bool: the queries whose bounds are not finite (NaN or inf in the data), to be computed the plain way."""
-        B = qc.shape[0]
+    def query_side(self, query: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(side, qq) of float32 query rows (B, c): the product's query side (bfloat16: [q', -alpha |q'|, |q'|^2 in
+        three exact bfloat16 parts, 1, 1, 1]; float32: q') and |q'|^2 (B,), q' = query - mu. It depends on the
+        centre, c and the dtype only, so searches against other banks of the same centre may reuse it."""
+        qc = query - self.mu
+        qq = (qc * qc).sum(1)
+        if self.dtype != torch.bfloat16:
+            return qc, qq
+        # |q'|^2's three bfloat16 parts, held exactly in float32 until the one conversion below
+        parts = torch.stack([p.float() for p in _split3(qq)], 1)
+        side = torch.cat([qc, -(self.alpha * qq.sqrt())[:, None], parts, qc.new_ones(qc.shape[0], 3)], 1)
+        return side.bfloat16(), qq
+
+    def _candidates(self, side: torch.Tensor, qq: torch.Tensor, cols: torch.Tensor):
+        """(B, n) bool: the bank rows that can be each query's nearest (``side``, ``qq`` from ``query_side``,
+        ``cols`` from ``_columns``); (B,) bool: the queries whose bounds are not finite (NaN or inf in the data),
+        to be computed the plain way."""
+        g, thr, plain = self._bounds(side, qq, cols)
+        return g <= thr[:, None], plain
+
+    def pairs_at_most(self, side: torch.Tensor, qq: torch.Tensor, bound: torch.Tensor):
+        """(rows, cols): every (query, bank row) pair whose difference-formula value can be at most the query's
+        ``bound`` (B,), and every pair of a query whose bounds are not finite (what a coreset refresh recomputes).
+        Rows whose smallest product is above their threshold are dropped first (one row-wise minimum): most of
+        them late in a selection, and the element-wise comparison is the slow part (0.3 ms per 16384 x 64)."""
+        g, thr, plain = self._bounds(side, qq, self._columns(None), bound)
+        hit = torch.nonzero((g.amin(1) <= thr) | plain)[:, 0]
+        mask = (g.index_select(0, hit) <= thr.index_select(0, hit)[:, None]) | plain.index_select(0, hit)[:, None]
+        rows, cols = _true_positions(mask)
+        return hit.index_select(0, rows), cols
+
+    def _bounds(self, side: torch.Tensor, qq: torch.Tensor, cols: torch.Tensor,
+                bound: Optional[torch.Tensor] = None):
+        """(g, thr, plain): the products (B, n) and each query's threshold, comparable with them (bfloat16: both
+        as int16, see below), above which a bank row cannot be the query's nearest, or with ``bound`` cannot have
+        a difference-formula value of at most ``bound``; plain (B,) bool: the queries whose bounds are not finite
+        (NaN or inf in the data; their threshold excludes every row), to be computed the plain way."""
         eps = 1.01 * (2 * self.kappa + 3 * self.gamma) * (qq + self.bsq_max)
         if self.dtype == torch.bfloat16:
-            side = (self.alpha * qq.sqrt())[:, None]
-            # |q'|^2's three bfloat16 parts, held exactly in float32 until the one conversion below
-            parts = torch.stack([p.float() for p in _split3(qq)], 1)
-            ones = qc.new_ones(B, 3)
-            g = torch.cat([qc, -side, parts, ones], 1).bfloat16() @ cols
-            low = g.amin(1).float()
-            # min F <= g(min lower) + 2 A_j (A_j <= alpha |q'| max|b'| (1 + u)^2) + eps; + eps again
-            wide = 2.03 * (1 + _UBF16) ** 2 * side[:, 0] * self.bsq_max.sqrt()
-            y = low + self.out_round * low.abs() + wide + 2 * eps
+            g = side @ cols
+            if bound is None:
+                low = g.amin(1).float()
+                # min F <= g(min lower) + 2 A_j (A_j <= alpha |q'| max|b'| (1 + u)^2) + eps; + eps again
+                wide = 2.03 * (1 + _UBF16) ** 2 * self.alpha * qq.sqrt() * self.bsq_max.sqrt()
+                y = low + self.out_round * low.abs() + wide + 2 * eps
+            else:       # F_j <= bound  =>  L_j <= bound + eps; + eps again
+                y = bound + 2 * eps
             thr = torch.where(y >= 0, y / (1 - self.out_round), y / (1 + self.out_round))
         else:
-            g = torch.addmm(cols[None], qc, self.b.T, alpha=-2)
+            g = torch.addmm(cols[None], side, self.b.T, alpha=-2)
             # On CUDA the product may run in TF32 (inputs rounded to 11 significant bits) if the user allowed it
-            u = 2.0 ** -11 if qc.device.type == "cuda" else 0.0
+            u = 2.0 ** -11 if side.device.type == "cuda" else 0.0
             qb = qq.sqrt() * self.bsq_max.sqrt()
             err = 1.01 * (2 * (2 * u + u * u) * qb + self.gamma * (2 * (1 + u) ** 2 * qb + self.bsq_max))
-            thr = g.amin(1) + 2 * (err + eps)
+            # g_j is within err + eps of F_j - |q'|^2
+            thr = (g.amin(1) if bound is None else bound - qq) + 2 * (err + eps)
         thr = thr + thr.abs() * 2.0 ** -20 + 2.0 ** -100      # the threshold's own float32 rounding
         plain = ~torch.isfinite(thr)                          # left to the plain computation
         if self.dtype == torch.bfloat16:
@@ -412,10 +455,8 @@ class BankSearch:
             # with the products as 16-bit integers: the same order for values >= 0, and every negative value
             # (sign bit set) below it. Comparing bfloat16 with float32 converted a copy first (3x the time).
             thr = (thr.clamp_min(0).masked_fill(plain, 0) * (1 + 2.0 ** -7)).bfloat16()
-            mask = g.view(torch.int16) <= thr.view(torch.int16)[:, None]
-        else:
-            mask = g <= thr.masked_fill(plain, -math.inf)[:, None]
-        return mask, plain
+            return g.view(torch.int16), thr.view(torch.int16), plain
+        return g, thr.masked_fill(plain, -math.inf), plain
 
     def __call__(self, query: torch.Tensor, skip: Optional[torch.Tensor] = None,
                  block: Optional[int] = None) -> torch.Tensor:
@@ -430,8 +471,7 @@ class BankSearch:
         out = query.new_empty(query.shape[0])
         for s in range(0, query.shape[0], block):
             q = query[s:s + block]
-            qc = q - self.mu
-            mask, plain = self._candidates(qc, (qc * qc).sum(1), cols)
+            mask, plain = self._candidates(*self.query_side(q), cols)
             rows, at = _true_positions(mask)
             best = _lower_by_pairs(q.new_full((q.shape[0],), math.inf), q, rows, bank, at)
             odd = plain | ~torch.isfinite(best)    # NaN or inf in the data: the plain way

@@ -50,6 +50,42 @@ def test_greedy_coreset_picks_exactly_what_the_reference_picks(case, small_work,
     assert torch.equal(knn.greedy_coreset(x, k, projection_dim=proj, seed=2), want)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_coreset_refreshes_are_exact_in_either_product_dtype(dtype, monkeypatch):
+    """The refreshes' candidate products in float32 and in bfloat16 (forced here; search_dtype picks by CPU) keep
+    the reference's rows; the bfloat16 filter without its rounding-error terms loses them on clustered rows, so the
+    bounds are what keeps it exact."""
+    import knn
+    monkeypatch.setattr(knn, "search_dtype", lambda device: dtype)
+    for case in ("gauss", "clustered", "dupes"):
+        x, k, proj = _coreset_inputs()[case]
+        assert torch.equal(knn.greedy_coreset(x, k, projection_dim=proj, seed=2),
+                           knn.greedy_coreset_ref(x, k, projection_dim=proj, seed=2)), case
+    if dtype == torch.bfloat16:
+        monkeypatch.setattr(knn, "_UBF16", 0.0)       # alpha and out_round without bfloat16's rounding
+        x, k, proj = _coreset_inputs()["clustered"]
+        assert not torch.equal(knn.greedy_coreset(x, k, projection_dim=proj, seed=2),
+                               knn.greedy_coreset_ref(x, k, projection_dim=proj, seed=2))
+
+
+def test_pairs_at_most_lists_every_pair_within_the_bound():
+    """BankSearch.pairs_at_most (the coreset refresh's filter): a superset of the pairs whose difference-formula
+    value is at most the bound, few beyond them, and every pair of a row with a NaN."""
+    g = torch.Generator().manual_seed(8)
+    q, bank = torch.randn(400, 24, generator=g) + 3, torch.randn(64, 24, generator=g) + 3
+    exact = ((q[:, None] - bank[None]) ** 2).sum(-1)
+    bound = exact.min(1).values * torch.rand(400, generator=g) * 1.5
+    q[5, 2] = float("nan")
+    for dtype in (torch.float32, torch.bfloat16):
+        search = BankSearch(bank, dtype, mu=q[6:].mean(0))
+        rows, cols = search.pairs_at_most(*search.query_side(q), bound)
+        got = torch.zeros(400, 64, dtype=torch.bool)
+        got[rows, cols] = True
+        want = exact <= bound[:, None]
+        assert got[want].all() and got[5].all(), dtype
+        assert got.sum() <= want.sum() + 64 + (want.sum() // 4 if dtype == torch.bfloat16 else 2), dtype
+
+
 @pytest.mark.slow
 def test_greedy_coreset_matches_the_reference_on_real_features(shared_data):
     """Real patch features (EfficientNet-Lite0 stages 3+4 of MulSen-AD capsule train images): same rows."""
@@ -133,8 +169,7 @@ def test_search_bounds_leave_few_candidates_and_catch_a_too_tight_bound(monkeypa
     q, bank = torch.randn(500, 64, generator=g), torch.randn(2000, 64, generator=g)
     for dtype, most in ((torch.bfloat16, 40), (torch.float32, 2)):
         search = BankSearch(bank, dtype)
-        qc = q - search.mu
-        mask, plain = search._candidates(qc, (qc * qc).sum(1), search._columns(None))
+        mask, plain = search._candidates(*search.query_side(q), search._columns(None))
         assert not plain.any() and 1 <= mask.sum(1).float().mean() <= most, dtype
 
 
