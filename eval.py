@@ -94,27 +94,44 @@ def _per_image_pixel_auroc(maps, masks) -> List[float]:
     return out
 
 
-def _metrics(res: Dict, idx: np.ndarray, fpr_limit: float) -> Dict[str, float]:
+# At most this many subsets' metrics at once: each holds its pooled pixels' sort keys and rankings (about 40 bytes
+# per pixel; a subset of a multi-object MVTec 3D-AD evaluation can have tens of millions of pixels).
+METRIC_THREADS = 4
+
+
+def _metrics_of_subsets(res: Dict, subsets: Dict[tuple, np.ndarray], fpr_limit: float) -> Dict[tuple, Dict]:
+    """{key: metrics.compute_metrics of the images ``subsets[key]``}, several subsets at once (up to torch's
+    thread count, at most METRIC_THREADS): their work is numpy's sorts and passes over the pooled pixels, which
+    release the GIL, where one subset at a time kept a core idle (capsule's seven subsets of 58 maps at 256 px:
+    0.37 against 0.6-0.87 s on 2 cores, the same numbers). Degenerate subsets give NaN, reported as such: their
+    warnings are silenced once around all threads (``warnings.catch_warnings`` is not thread-safe)."""
+    from concurrent.futures import ThreadPoolExecutor
+    import torch
+    one = lambda idx: metrics.compute_metrics(res["score_logit"][idx], res["label"][idx], res["maps"][idx],
+                                              res["masks"][idx], fpr_limit)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # NaN for degenerate subsets is reported as such
-        return metrics.compute_metrics(res["score_logit"][idx], res["label"][idx], res["maps"][idx],
-                                       res["masks"][idx], fpr_limit)
+        warnings.simplefilter("ignore", RuntimeWarning)
+        with ThreadPoolExecutor(max(1, min(len(subsets), torch.get_num_threads(), METRIC_THREADS))) as pool:
+            return dict(zip(subsets, pool.map(one, subsets.values())))
 
 
 def summarise(res: Dict, fpr_limit: float) -> Dict[str, object]:
     """Metrics overall, per defect type (good images + that defect), per object, and the mean over objects."""
     objects = np.asarray(res["object"])
     defects = np.asarray(res["defect"])
-    all_idx = np.arange(len(objects))
-    summary: Dict[str, object] = {"overall": _metrics(res, all_idx, fpr_limit), "per_defect": {}, "per_object": {}}
     good = defects == "good"
-    for d in sorted(set(defects) - {"good"}):
-        summary["per_defect"][d] = _metrics(res, np.nonzero(good | (defects == d))[0], fpr_limit)
-    for o in sorted(set(objects)):
-        idx = np.nonzero(objects == o)[0]
-        # one object (a class's test split): its row is the overall one, not computed twice
-        summary["per_object"][o] = dict(summary["overall"]) if len(idx) == len(objects) else \
-            _metrics(res, idx, fpr_limit)
+    subsets = {("overall",): np.arange(len(objects))}
+    subsets.update({("per_defect", d): np.nonzero(good | (defects == d))[0] for d in sorted(set(defects) - {"good"})})
+    per_object = {o: np.nonzero(objects == o)[0] for o in sorted(set(objects))}
+    # one object (a class's test split): its row is the overall one, not computed twice
+    subsets.update({("per_object", o): idx for o, idx in per_object.items() if len(idx) < len(objects)})
+    computed = _metrics_of_subsets(res, subsets, fpr_limit)
+    overall = computed[("overall",)]
+    summary: Dict[str, object] = {
+        "overall": overall,
+        "per_defect": {key[1]: v for key, v in computed.items() if key[0] == "per_defect"},
+        "per_object": {o: computed[("per_object", o)] if ("per_object", o) in computed else dict(overall)
+                       for o in per_object}}
     summary["mean_over_objects"] = {k: metrics.nanmean(v[k] for v in summary["per_object"].values())
                                     for k in metrics.METRIC_KEYS}
     summary["counts"] = {"images": int(len(objects)), "anomalous": int(res["label"].sum()),

@@ -299,6 +299,48 @@ def test_eval_writes_reports_and_visualisations(tmp_path, tiny_checkpoint):
     assert summary["counts"]["images"] == 80
 
 
+def test_summary_metrics_computed_in_threads_are_each_subsets_own(monkeypatch):
+    """eval.summarise computes its subsets in threads: every row must be that subset's compute_metrics, under
+    its own key (two objects, shared defect names, a degenerate subset: its NaN stays NaN, and no warning leaks
+    out of the threads)."""
+    import warnings
+    import numpy as np
+    import metrics
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
+    rng = np.random.default_rng(0)
+    objects = ["a"] * 10 + ["b"] * 8 + ["c"] * 2          # c: good parts only, its metrics NaN
+    defects = ["good"] * 4 + ["crack"] * 3 + ["hole"] * 3 + ["good"] * 4 + ["crack"] * 4 + ["good"] * 2
+    label = np.array([d != "good" for d in defects], dtype=float)
+    masks = np.zeros((20, 32, 32), bool)
+    for i in np.flatnonzero(label):
+        r, c = rng.integers(0, 24, 2)
+        masks[i, r:r + 6, c:c + 6] = True
+    maps = (rng.random((20, 32, 32)) + 1.5 * masks).astype(np.float32)
+    maps[6] = 0.5            # a flat map: ties
+    res = {"object": objects, "defect": defects, "label": label, "score_logit": maps.max(axis=(1, 2)),
+           "maps": maps, "masks": masks}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        summary = eval_script.summarise(res, 0.3)
+    pick = lambda keep: np.flatnonzero(keep)
+    objects_a, defects_a = np.array(objects), np.array(defects)
+    want = {("overall",): pick(np.ones(20, bool)),
+            ("per_defect", "crack"): pick((defects_a == "good") | (defects_a == "crack")),
+            ("per_defect", "hole"): pick((defects_a == "good") | (defects_a == "hole")),
+            **{("per_object", o): pick(objects_a == o) for o in "abc"}}
+    got = {("overall",): summary["overall"], **{("per_defect", d): v for d, v in summary["per_defect"].items()},
+           **{("per_object", o): v for o, v in summary["per_object"].items()}}
+    assert set(got) == set(want)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for key, idx in want.items():
+            m = metrics.compute_metrics(res["score_logit"][idx], label[idx], maps[idx], masks[idx], 0.3)
+            assert list(got[key]) == list(m), key
+            assert all(a == b or (math.isnan(a) and math.isnan(b)) for a, b in zip(got[key].values(), m.values())), key
+    assert math.isnan(summary["per_object"]["c"]["image_auroc"])
+    assert list(summary["per_object"]) == ["a", "b", "c"] and list(summary["per_defect"]) == ["crack", "hole"]
+
+
 def test_eval_raw_state_dict_needs_config(tmp_path, tiny_checkpoint):
     _, raw, cfg = tiny_checkpoint
     base = ["--checkpoint", str(raw), "--out_dir", str(tmp_path), "--quiet", "--dataset", "synthetic",
