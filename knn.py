@@ -222,7 +222,9 @@ class _RefreshFilter:
     difference formula, so u stays the reference's, bit for bit. The product runs in :func:`search_dtype`:
     bfloat16 on CPUs with bfloat16 units, where the 59 k-row banks of a real 256 px class spent most of their
     refresh time in float32 products (0.8-1.0 ms against 0.2 ms per block of 16384 rows and 64 chosen rows). The
-    rows' side of the product is built once per selection."""
+    rows' side of the product is built once per selection and held through it: a centred copy of the projected
+    rows, d + 7 bfloat16 or d float32 columns (65 k rows of 64 projected dims: 9 or 17 MB; with no projection,
+    ``projection_dim=0``, as large as the rows themselves in float32)."""
 
     def __init__(self, z: torch.Tensor):
         self.z, self.mu = z, z.mean(0)
