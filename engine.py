@@ -121,10 +121,12 @@ def _raise_terminated(signum, frame):
 # glibc mallopt parameters and the values keep_freed_memory sets: no block comes from a fresh mapping of its own
 # (M_MMAP_MAX 0: every block from the heap, whatever its size; the threshold below only matters where a later
 # call allows mappings again); freed memory stays in the process up to 1 GiB at the heap's top; the heap grows
-# 256 MiB at a time.
-_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -2, -3, -4
-MALLOC_SETTINGS = {_M_MMAP_THRESHOLD: 32 << 20, _M_MMAP_MAX: 0, _M_TRIM_THRESHOLD: 1 << 30, _M_TOP_PAD: 256 << 20}
+# 256 MiB at a time; every thread allocates from that one heap (M_ARENA_MAX 1).
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -2, -3, -4, -8
+MALLOC_SETTINGS = {_M_MMAP_THRESHOLD: 32 << 20, _M_MMAP_MAX: 0, _M_TRIM_THRESHOLD: 1 << 30, _M_TOP_PAD: 256 << 20,
+                   _M_ARENA_MAX: 1}
 _MALLOC_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_")
+_ARENA_ENV = "MALLOC_ARENA_MAX"     # set by some container images on its own: then only the arena count is left
 
 
 def keep_freed_memory() -> bool:
@@ -144,9 +146,15 @@ def keep_freed_memory() -> bool:
     16.2-16.6 s (docs/profile.md). Where the heap cannot grow (no room beside it) glibc still maps memory as its
     fallback, so no allocation fails for it.
 
+    Threads (eval.py computes its metric subsets in a few) would otherwise each get an arena of their own, fresh
+    memory outside these settings, faulted in again by every new thread: eval.py's first (and only) summary of
+    capsule took 0.93-1.23 s in threads against 0.81 s in one thread, and 0.58-0.65 s with M_ARENA_MAX 1, which
+    keeps every thread on the one heap (a knn fit ran as fast either way).
+
     The price is that the process keeps up to about 1 GiB of freed memory at the heap's top (and freed blocks
     below the top) for reuse. The scripts call it at start; a notebook can too. A no-op (False) outside glibc, and
-    where the environment sets glibc's own MALLOC_*_ variables (the user's choice wins)."""
+    where the environment sets glibc's own MALLOC_*_ variables (the user's choice wins); a MALLOC_ARENA_MAX in the
+    environment leaves the arena count alone and nothing else."""
     if not sys.platform.startswith("linux") or any(v in os.environ for v in _MALLOC_ENV):
         return False
     try:
@@ -155,7 +163,8 @@ def keep_freed_memory() -> bool:
         mallopt = libc.mallopt
     except (OSError, AttributeError):
         return False
-    return all(mallopt(param, value) == 1 for param, value in MALLOC_SETTINGS.items())
+    settings = {p: v for p, v in MALLOC_SETTINGS.items() if not (p == _M_ARENA_MAX and _ARENA_ENV in os.environ)}
+    return all(mallopt(param, value) == 1 for param, value in settings.items())
 
 
 def run_cli(main: Callable, parser: argparse.ArgumentParser, argv=None, on_interrupt: Optional[Callable] = None):

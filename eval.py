@@ -103,7 +103,8 @@ def _metrics_of_subsets(res: Dict, subsets: Dict[tuple, np.ndarray], fpr_limit: 
     """{key: metrics.compute_metrics of the images ``subsets[key]``}, several subsets at once (up to torch's
     thread count, at most METRIC_THREADS): their work is numpy's sorts and passes over the pooled pixels, which
     release the GIL, where one subset at a time kept a core idle (capsule's seven subsets of 58 maps at 256 px:
-    0.26 against 0.37-0.40 s on 2 cores with the scripts' malloc settings, the same numbers). Degenerate subsets give NaN, reported as such: their
+    0.26 against 0.37-0.40 s on 2 cores with the scripts' malloc settings, a process's first summary 0.62-0.65
+    against 0.71-0.87 s, the same numbers; the threads allocate from the main heap, engine.keep_freed_memory). Degenerate subsets give NaN, reported as such: their
     warnings are silenced once around all threads (``warnings.catch_warnings`` is not thread-safe)."""
     from concurrent.futures import ThreadPoolExecutor
     import torch

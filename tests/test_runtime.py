@@ -59,6 +59,42 @@ def test_a_block_over_32_mib_reuses_freed_memory_without_faulting_its_pages_in_a
     assert int(out.stdout.strip()) < 1000
 
 
+_THREAD_PROBE = """
+import ctypes, sys, threading, torch, engine
+engine.keep_freed_memory()
+def block():
+    torch.empty(4 << 20).fill_(1.0)           # 16 MiB, in threads of their own
+threads = [threading.Thread(target=block) for _ in range(3)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+libc = ctypes.CDLL(None)
+libc.fopen.restype = ctypes.c_void_p
+fp = libc.fopen(sys.argv[1].encode(), b"w")
+libc.malloc_info(0, ctypes.c_void_p(fp))
+libc.fclose(ctypes.c_void_p(fp))
+print(open(sys.argv[1]).read().count("<heap nr="))
+"""
+
+
+@pytest.mark.skipif(not _glibc(), reason="glibc's mallopt only (Linux with glibc)")
+def test_threads_allocate_from_the_one_heap(tmp_path):
+    """M_ARENA_MAX 1: threads (eval.py's metric threads) allocate from the main heap, whose freed memory is kept,
+    not from arenas of their own (fresh memory, faulted in again): malloc_info lists one heap."""
+    env = {k: v for k, v in os.environ.items() if k not in engine._MALLOC_ENV + (engine._ARENA_ENV,)}
+    out = subprocess.run([sys.executable, "-c", _THREAD_PROBE, str(tmp_path / "malloc.xml")], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "1"
+    # a container's own MALLOC_ARENA_MAX wins, and the other settings still apply
+    env["MALLOC_ARENA_MAX"] = "4"
+    out = subprocess.run([sys.executable, "-c", _THREAD_PROBE, str(tmp_path / "malloc.xml")], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and int(out.stdout.strip()) > 1, out.stderr
+    assert _call_in_fresh_process({"MALLOC_ARENA_MAX": "4"}) == "True"
+
+
 def test_run_cli_applies_it_before_main(monkeypatch):
     calls = []
     monkeypatch.setattr(engine, "keep_freed_memory", lambda: calls.append("malloc"))
