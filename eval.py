@@ -26,9 +26,11 @@ import os
 import shutil
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from typing import Dict, List, Tuple
 
 import numpy as np
+import torch
 from torch.utils.data import DataLoader
 
 import metrics
@@ -104,10 +106,9 @@ def _metrics_of_subsets(res: Dict, subsets: Dict[tuple, np.ndarray], fpr_limit: 
     thread count, at most METRIC_THREADS): their work is numpy's sorts and passes over the pooled pixels, which
     release the GIL, where one subset at a time kept a core idle (capsule's seven subsets of 58 maps at 256 px:
     0.26 against 0.37-0.40 s on 2 cores with the scripts' malloc settings, a process's first summary 0.62-0.65
-    against 0.71-0.87 s, the same numbers; the threads allocate from the main heap, engine.keep_freed_memory). Degenerate subsets give NaN, reported as such: their
-    warnings are silenced once around all threads (``warnings.catch_warnings`` is not thread-safe)."""
-    from concurrent.futures import ThreadPoolExecutor
-    import torch
+    against 0.71-0.87 s, the same numbers; the threads allocate from the main heap: engine.keep_freed_memory).
+    Degenerate subsets give NaN, reported as such: their warnings are silenced once around all threads
+    (``warnings.catch_warnings`` is not thread-safe)."""
     one = lambda idx: metrics.compute_metrics(res["score_logit"][idx], res["label"][idx], res["maps"][idx],
                                               res["masks"][idx], fpr_limit)
     with warnings.catch_warnings():
