@@ -84,6 +84,20 @@ def test_torch_matches_ref(L, groups, layout, scan_path):
         assert_same(g_t[name], g_r[name], f"grad {name}")
 
 
+def test_second_backward_through_the_graph_gives_the_same_gradients(scan_path):
+    """What a scan saves for backward is read, never changed: a second backward through the same graph
+    (retain_graph, as gradcheck does) gets the first one's gradients bit for bit (_StepScan saves its decays;
+    forming the adjoint's products in their buffer would fail this)."""
+    inputs = make_inputs(2, 8, 20, 4, 2, "var4")
+    leaves = {k: v.clone().requires_grad_(True) for k, v in inputs.items()}
+    out, last = selective_scan_fn(**leaves, delta_softplus=True, return_last_state=True, backend="torch")
+    loss = (out * torch.linspace(-1, 1, out.shape[-1])).sum() + last.square().sum()
+    first = torch.autograd.grad(loss, list(leaves.values()), retain_graph=True)
+    second = torch.autograd.grad(loss, list(leaves.values()))
+    for name, a, b in zip(leaves, first, second):
+        assert torch.equal(a, b), name
+
+
 @pytest.mark.parametrize("layout", ["var4", "const"])
 def test_strong_decay_finite_and_exact(layout, scan_path):
     inputs = make_inputs(2, 8, 300, 16, 4 if layout == "var4" else 1, layout, init="strong")
