@@ -256,14 +256,20 @@ class MambaAlign(nn.Module):
         return self.decode(enc)
 
     def encode(self, rgb: torch.Tensor, aux: Optional[torch.Tensor] = None, exclude: Optional[torch.Tensor] = None,
-               aux_present: Optional[torch.Tensor] = None, feats: Optional[list] = None) -> Dict[str, object]:
+               aux_present: Optional[torch.Tensor] = None, feats: Optional[list] = None, only: Optional[str] = None
+               ) -> Dict[str, object]:
         """The part of ``forward`` that a frozen backbone makes fixed for a given input: global alignment,
         backbone features and the memory bank's signal. Returns a dict ``decode`` takes: ``feats`` (a list over
         stages 2..5 of (rgb, aux or None) features), ``bank_maps`` (B, n_mod, H/8, W/8) standardised distance maps
         at the decoder's stride 8 (or None without a bank), ``bank_scores`` (B, n_mod), ``shift`` (B, 2) and
         ``size`` (H, W). train.py caches it for the fixed synthetic views it trains on (``--synth_pool``).
         ``feats``: the backbone's output for these inputs where it was computed already (the bank images' from
-        :meth:`fit_bank`'s ``keep``): then the backbone does not run again."""
+        :meth:`fit_bank`'s ``keep``): then the backbone does not run again.
+
+        ``only`` ("rgb" or "aux", where :meth:`encodes_one_modality`): that modality's part alone, its features,
+        bank map and score as the full encoding has them; the other modality's features are None and its bank map
+        and score zero. For a caller that holds the other modality's part from an encoding of the same input
+        (train.py's synthetic pool: an anomaly drawn into one modality leaves the other one's input as it was)."""
         if rgb.dim() != 4 or rgb.shape[1] != 3:
             hint = " (channels last? the model takes channels first)" if rgb.shape[-1] == 3 else ""
             raise ValueError(f"rgb must be (B, 3, H, W), got {tuple(rgb.shape)}{hint}")
@@ -274,9 +280,15 @@ class MambaAlign(nn.Module):
         if self.has_aux and aux is None:
             aux = rgb.new_zeros(B, self.config.aux_ch, H, W)
             aux_present = torch.zeros(B, dtype=torch.bool, device=rgb.device)
+        if only is not None and not (only in self.modalities and feats is None and self.encodes_one_modality()):
+            raise ValueError(f"encode(only={only!r}) needs a modality of {self.modalities}, no feats, and a model "
+                             f"that encodes one modality alone (encodes_one_modality)")
         aux, shift = self._align(rgb, aux, aux_present)
         cnn_aux, fpfh = self._split_aux(aux)
-        if feats is None:
+        if only is not None:
+            one = self.backbone.modality_features(only, rgb if only == "rgb" else cnn_aux)
+            feats = [(f, None) if only == "rgb" else (None, f) for f in one]
+        elif feats is None:
             feats = self.backbone(rgb, cnn_aux)
         elif len(feats) != len(self.backbone.stages) or feats[0][0].shape[0] != B:
             raise ValueError(f"feats must be the backbone's output for these {B} inputs: a list over stages "
@@ -286,6 +298,13 @@ class MambaAlign(nn.Module):
             bank_maps, bank_scores = self._normality(feats, (H, W), exclude, aux_present, fpfh)
             bank_maps = F.avg_pool2d(bank_maps, 8)         # (B, n_mod, H/8, W/8): the decoder's stride
         return {"feats": feats, "bank_maps": bank_maps, "bank_scores": bank_scores, "shift": shift, "size": (H, W)}
+
+    def encodes_one_modality(self) -> bool:
+        """Whether ``encode(only=...)`` can run now: two modalities each through its own folded backbone copy (a
+        frozen backbone in eval mode, no gradients), no global alignment (which moves aux by what both images
+        show) and the aux bank on the CNN's features (FPFH banks read aux as geometry)."""
+        return (self.has_aux and self.config.global_align == "none" and self.config.bank_aux == "cnn"
+                and self.backbone._runs_folded())
 
     def decode(self, enc: Dict[str, object]) -> Dict[str, torch.Tensor]:
         """The trained part of ``forward``, from what ``encode`` returned -> the output dict (see the class)."""
@@ -362,8 +381,11 @@ class MambaAlign(nn.Module):
         normal (0)."""
         with torch.no_grad():
             per = self.bank.standardised(self.bank.raw_maps(self._bank_patches(feats, fpfh), size, exclude))
-        maps = torch.cat([per[m]["map"] for m in self.modalities], dim=1).to(feats[0][0].dtype)
-        scores = torch.stack([per[m]["score"] for m in self.modalities], dim=1).to(maps.dtype)
+        some = next(iter(per.values()))     # encode(only=...): the other modality's columns are zero
+        none = {"map": torch.zeros_like(some["map"]), "score": torch.zeros_like(some["score"])}
+        dtype = next(t for t in feats[0] if t is not None).dtype
+        maps = torch.cat([per.get(m, none)["map"] for m in self.modalities], dim=1).to(dtype)
+        scores = torch.stack([per.get(m, none)["score"] for m in self.modalities], dim=1).to(maps.dtype)
         if aux_present is not None and self.has_aux:
             keep = torch.ones_like(scores)
             keep[:, 1] = aux_present.to(scores.dtype)

@@ -428,10 +428,13 @@ class RGBXBackbone(nn.Module):
 
     def _inputs(self, rgb: torch.Tensor, aux: Optional[torch.Tensor]) -> Dict[str, torch.Tensor]:
         """Each modality's input in the range its stem's pretrained weights expect, channels-last."""
-        inputs = {"rgb": _channels_last(self._rgb_in(rgb))}
+        inputs = {"rgb": self._input_of("rgb", rgb)}
         if aux is not None:
-            inputs["aux"] = _channels_last(aux * self.aux_scale)
+            inputs["aux"] = self._input_of("aux", aux)
         return inputs
+
+    def _input_of(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        return _channels_last(self._rgb_in(x) if name == "rgb" else x * self.aux_scale)
 
     def _run_stages(self, x: torch.Tensor, layers) -> List[torch.Tensor]:
         """The features of ``self.stages`` from the stem's output ``x`` through ``layers`` (layer1 on), back in
@@ -448,9 +451,24 @@ class RGBXBackbone(nn.Module):
     def _forward_folded(self, rgb: torch.Tensor, aux: Optional[torch.Tensor]
                         ) -> List[Tuple[torch.Tensor, Optional[torch.Tensor]]]:
         nets = self._folded_networks()
-        feats = {name: self._run_stages(nets[name][0](x), nets[name][1:])
-                 for name, x in self._inputs(rgb, aux).items()}
+        feats = {name: self._run_folded(nets[name], x) for name, x in self._inputs(rgb, aux).items()}
         return [(r, a) for r, a in zip(feats["rgb"], feats.get("aux", [None] * len(self.stages)))]
+
+    def modality_features(self, name: str, x: torch.Tensor) -> List[torch.Tensor]:
+        """One modality alone: ``name`` "rgb" (x the RGB input) or "aux" (x the aux input) -> its features of
+        ``self.stages``, the same as that modality's half of ``forward`` on a batch of these inputs. Only where the
+        folded copies run (each modality has its own network there; the stacked network runs both as one batch):
+        check ``_runs_folded()`` first."""
+        if name not in ("rgb", "aux") or (name == "aux" and self.aux_ch == 0):
+            raise ValueError(f"modality_features: no modality {name!r} in this backbone (aux_ch={self.aux_ch})")
+        if not self._runs_folded():
+            raise RuntimeError("modality_features runs the folded copies only: a frozen backbone in eval mode, "
+                               "without gradients, fold_norms on (see _runs_folded)")
+        return self._run_folded(self._folded_networks()[name], self._input_of(name, x))
+
+    def _run_folded(self, net: nn.Module, x: torch.Tensor) -> List[torch.Tensor]:
+        """A folded copy (stem, then the stages) on a modality's prepared input."""
+        return self._run_stages(net[0](x), net[1:])
 
     def _rgb_in(self, rgb: torch.Tensor) -> torch.Tensor:
         """ImageNet-normalised RGB -> the input range the pretrained weights were trained on."""

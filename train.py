@@ -747,12 +747,63 @@ def _plain_rows(batch) -> List[int]:
     return [b for b, d in enumerate(batch["defect"]) if d == "good" and (present is None or bool(present[b]))]
 
 
+def _one_modality_rows(batch, reuse: Dict[int, tuple]) -> Dict[int, str]:
+    """The rows of a batch of train views whose anomaly was drawn into one modality only, the other modality's
+    input being the image's as it is (aux present), and whose image's own encoding is in ``reuse``: row -> the
+    modality the anomaly changed."""
+    present = batch.get("aux_present")
+    changed = {"synthetic_rgb": "rgb", "synthetic_aux": "aux"}
+    return {b: changed[d] for b, d in enumerate(batch["defect"])
+            if d in changed and int(batch["index"][b]) in reuse and (present is None or bool(present[b]))}
+
+
+def _with_modality(enc: Optional[Dict[str, object]], part: Dict[str, object], j: int, m: int) -> Dict[str, object]:
+    """A one-row encoding: ``enc`` (one row; None: start from ``part``'s row) with modality ``m``'s features,
+    bank map and score taken from row ``j`` of ``part`` (``MambaAlign.encode(only=...)``'s)."""
+    one = lambda t: None if t is None else t[j:j + 1]
+    if enc is None:
+        return {"feats": [tuple(one(t) for t in pair) for pair in part["feats"]], "bank_maps": one(part["bank_maps"]),
+                "bank_scores": one(part["bank_scores"]), "shift": one(part["shift"]), "size": part["size"]}
+    out = dict(enc, feats=[tuple(one(part["feats"][i][k]) if k == m else pair[k] for k in (0, 1))
+                           for i, pair in enumerate(enc["feats"])])
+    if enc["bank_maps"] is not None:
+        for key in ("bank_maps", "bank_scores"):
+            out[key] = enc[key].clone()
+            out[key][0, m] = part[key][j, m].to(out[key].dtype)
+    return out
+
+
+def _encode_by_modality(model, batch, device, args, exclude: bool, rows: List[int], one: Dict[int, str],
+                        own) -> Dict[int, dict]:
+    """Row -> one-row encoding ({"enc": ...}, as ``_merge_encodings`` takes them) of the batch's ``rows``, each
+    modality encoded in one call (``MambaAlign.encode(only=...)``) over the rows that need it: every row, but a
+    row of ``one`` (row -> the modality its anomaly changed) only the modality it changed; its other modality's
+    part is ``own(row)``'s (its image's own encoding, a FeatureCache row). The same encodings as ``model.encode``
+    of the rows, to the float rounding of another batch size."""
+    names = ("rgb", "aux")
+    parts = {}
+    for name in names:
+        need = [b for b in rows if one.get(b, name) == name]
+        if need:
+            parts[name] = (need, _encode_batch(model, batch, device, args, exclude, need, only=name))
+    out = {}
+    for b in rows:
+        enc = own(b)["enc"] if b in one else None
+        for m, name in enumerate(names):
+            if name in parts and b in parts[name][0]:
+                enc = _with_modality(enc, parts[name][1], parts[name][0].index(b), m)
+        out[b] = {"enc": enc}
+    return out
+
+
 def _encode_batch(model, batch, device, args, exclude: bool, rows: Optional[List[int]] = None,
-                  feats: Optional[list] = None) -> Dict[str, object]:
+                  feats: Optional[list] = None, only: Optional[str] = None) -> Dict[str, object]:
     """``model.encode`` of a loader's batch (of its ``rows`` only, where given; ``feats``: the backbone's output
-    for the whole batch, computed before)."""
+    for the whole batch, computed before; ``only``: one modality's part, see ``MambaAlign.encode``)."""
     pick = (lambda t: t) if rows is None else (lambda t: t[torch.as_tensor(rows)])
     kw = {} if feats is None else {"feats": feats}
+    if only is not None:
+        kw["only"] = only
     if exclude and model.bank is not None:
         kw["exclude"] = pick(batch["index"]).to(device)
     if "aux_present" in batch:
@@ -835,9 +886,14 @@ def encode_views(model, loaders, n: int, device, args, exclude: bool,
                     continue
                 B, plain = len(batch["index"]), _plain_rows(batch)
                 index = [int(i) for i in batch["index"]]
-                stored = {b: reuse[index[b]][0].batch(torch.tensor([reuse[index[b]][1]]), device)
-                          for b in plain if index[b] in reuse}
+                row_of = lambda b: reuse[index[b]][0].batch(torch.tensor([reuse[index[b]][1]]), device)
+                stored = {b: row_of(b) for b in plain if index[b] in reuse}
                 todo = [b for b in range(B) if b not in stored]
+                if todo and model.encodes_one_modality():
+                    # a view with an anomaly in one modality: the other modality's part is its image's own
+                    stored.update(_encode_by_modality(model, batch, device, args, exclude, todo,
+                                                      _one_modality_rows(batch, reuse), row_of))
+                    todo = []
                 fresh = _encode_batch(model, batch, device, args, exclude, todo) if todo else None
                 row0 = cache.filled
                 cache.add(_merge_encodings(B, fresh, todo, stored) if stored else fresh, batch)

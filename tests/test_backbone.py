@@ -134,6 +134,24 @@ def test_folded_norms_give_the_stacked_networks_features(name, aux_ch):
         _assert_same_features(got, _stacked(bb, *inputs))
 
 
+def test_one_modality_alone_is_its_half_of_the_two_modality_pass():
+    """modality_features runs one folded copy: the very features forward gives that modality (the same batch, the
+    same network), for RGB and aux; only where the folded copies run, and only for a modality the backbone has."""
+    torch.manual_seed(0)
+    bb = _with_random_norms(RGBXBackbone("efficientnet_lite0", aux_ch=1, freeze=True, stages=(2, 3)).eval())
+    rgb, aux = torch.randn(3, 3, 64, 64), torch.randn(3, 1, 64, 64)
+    with torch.no_grad():
+        both = bb(rgb, aux)
+        for m, x in enumerate((rgb, aux)):
+            alone = bb.modality_features(("rgb", "aux")[m], x)
+            assert len(alone) == len(both) and all(torch.equal(a, pair[m]) for a, pair in zip(alone, both))
+    bb.fold_norms = False                                   # the stacked network runs both modalities at once
+    with torch.no_grad(), pytest.raises(RuntimeError, match="folded"):
+        bb.modality_features("rgb", rgb)
+    with torch.no_grad(), pytest.raises(ValueError, match="no modality 'aux'"):
+        RGBXBackbone("efficientnet_lite0", aux_ch=0, freeze=True).eval().modality_features("aux", aux)
+
+
 def test_folded_copies_follow_the_weights_they_come_from():
     """Loaded weights, a statistic changed in place and a dtype change each rebuild the folded copies; the
     copies are never part of the state dict."""

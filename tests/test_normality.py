@@ -62,6 +62,30 @@ def test_leave_one_out_makes_a_bank_image_look_unseen(fitted):
     assert abs(float(loo.mean())) < 1
 
 
+def test_one_modality_encoded_alone_is_that_modalitys_part_of_the_full_encoding(fitted):
+    """encode(only=...) (train.py's pool, for views with an anomaly in one modality): that modality's features,
+    leave-one-out bank map and score are the full encoding's, bit for bit (the same batch); the other modality's
+    features are None and its map and score zero. Models that cannot encode one modality alone refuse."""
+    model, _, _, bank_ds = fitted
+    batch = next(iter(DataLoader(bank_ds, batch_size=3)))
+    with torch.no_grad():
+        full = model.encode(batch["rgb"], batch["aux"], exclude=batch["index"])
+        for m, name in enumerate(model.modalities):
+            one = model.encode(batch["rgb"], batch["aux"], exclude=batch["index"], only=name)
+            for pair_one, pair_full in zip(one["feats"], full["feats"]):
+                assert torch.equal(pair_one[m], pair_full[m]) and pair_one[1 - m] is None
+            for key in ("bank_maps", "bank_scores"):
+                assert torch.equal(one[key][:, m], full[key][:, m]), (name, key)
+                assert not one[key][:, 1 - m].any(), (name, key)
+        with pytest.raises(ValueError, match="only='depth'"):
+            model.encode(batch["rgb"], batch["aux"], only="depth")
+    shifting = mambaalign_tiny(aux_ch=3, global_align="shift").eval()
+    with torch.no_grad():
+        assert model.encodes_one_modality() and not shifting.encodes_one_modality()
+        with pytest.raises(ValueError, match="encodes_one_modality"):
+            shifting.encode(batch["rgb"], batch["aux"], only="rgb")
+
+
 def test_memory_bank_state_resizes_on_load_and_reads_banks_without_owners():
     bank = MemoryBank(("rgb",), 4, coreset_size=3, projection_dim=0, sigma=0.0)
     bank.build({"rgb": torch.randn(2, 4, 2, 2)}, torch.tensor([7, 9]))
