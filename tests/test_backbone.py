@@ -152,6 +152,50 @@ def test_one_modality_alone_is_its_half_of_the_two_modality_pass():
         RGBXBackbone("efficientnet_lite0", aux_ch=0, freeze=True).eval().modality_features("aux", aux)
 
 
+@pytest.mark.parametrize("k,stride,dilation,groups", [(3, 2, 1, 1), (5, 2, 1, 4), (3, 2, 1, 4), (3, 1, 1, 1),
+                                                       (5, 2, 2, 1)])
+def test_same_padding_without_a_padded_copy_is_timms_conv2d_same(k, stride, dilation, groups):
+    """_SamePaddedConv gives timm's Conv2dSame (a padded copy, then the convolution) at even and odd sizes, square
+    or not, in both dtypes: the same values to the rounding of a convolution of another shape (a kernel tap in the
+    wrong place moves them by their own size). Only a dilated convolution still pads a copy."""
+    from timm.layers.conv2d_same import Conv2dSame
+    from rgbx_backbone import _SamePaddedConv
+    torch.manual_seed(0)
+    ref = Conv2dSame(4, 8, k, stride=stride, dilation=dilation, groups=groups, bias=True).eval()
+    ours = _SamePaddedConv(ref)
+    for h, w in [(16, 16), (15, 15), (16, 13), (2, 3), (1, 1)]:
+        for dtype in (torch.float32, torch.float64):
+            x = torch.randn(2, 4, h, w, dtype=dtype)
+            with torch.no_grad():
+                want = ref.to(dtype)(x)
+                got = _SamePaddedConv(ref)(x)
+            tol = 1e-6 if dtype == torch.float32 else 1e-14
+            assert got.shape == want.shape and torch.allclose(got, want, rtol=tol, atol=tol), (h, w, dtype)
+    pads = []
+    real_pad = F.pad
+    try:
+        F.pad = lambda x, *a, **kw: pads.append(x.shape) or real_pad(x, *a, **kw)
+        with torch.no_grad():
+            ours(torch.randn(1, 4, 16, 16, dtype=torch.float64))        # builds the extended kernel (a pad of it)
+            pads.clear()
+            ours(torch.randn(3, 4, 16, 16, dtype=torch.float64))
+    finally:
+        F.pad = real_pad
+    assert pads == ([] if dilation == 1 else [(3, 4, 16, 16)]), pads
+
+
+def test_folded_copies_pad_no_copies_of_their_inputs():
+    """EfficientNet-Lite's stride-2 convolutions pad a copy of their input (timm's Conv2dSame) in the stacked
+    network; the folded copies run them without (and give the same features: the tests above)."""
+    from timm.layers.conv2d_same import Conv2dSame
+    from rgbx_backbone import _SamePaddedConv
+    bb = RGBXBackbone("efficientnet_lite0", aux_ch=1, freeze=True).eval()
+    assert any(isinstance(m, Conv2dSame) for m in bb.modules())
+    for net in bb._folded_networks().values():
+        kinds = [type(m) for m in net.modules()]
+        assert Conv2dSame not in kinds and kinds.count(_SamePaddedConv) == 5      # the stem and 4 stages
+
+
 def test_folded_copies_follow_the_weights_they_come_from():
     """Loaded weights, a statistic changed in place and a dtype change each rebuild the folded copies; the
     copies are never part of the state dict."""
