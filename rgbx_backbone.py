@@ -256,14 +256,14 @@ class _SamePaddedConv(nn.Module):
     activations (96-240 channels at stride 2-16) took about a fifth of a frozen EfficientNet-Lite0 pass at 256 px
     on a CPU. Here the convolution pads by itself (no copy), symmetrically by the larger side, with a kernel one
     tap longer in front in each dimension whose padding is one-sided: that tap, weight zero, meets the extra zero
-    row or column before the image at the first output and an image row (times zero) at the others, so every
-    output is the same sum of the same products plus exact zeros (an inf in the image times the zero tap would
-    be a NaN: images are finite). The convolution of another shape may sum them in another order; on
-    EfficientNet-Lite0 at 256 px the features of MulSen-AD capsule's images came out bit for bit the same, and
-    its pass over them 0.56-0.65 s against 0.64-0.77 s (2 CPU cores, engine.keep_freed_memory's malloc
-    settings; 1.09-1.21 s against 1.38-1.41 s without them, each copy's pages faulted in). Dilated convolutions (none in
-    EfficientNet-Lite) pad a copy as before. Used in the folded copies only: the module tree, checkpoints and
-    exports keep timm's ``Conv2dSame``."""
+    row or column before the image at the first output and an input row (times zero) at the others, so every
+    output is the same sum of the same products plus exact zeros (an inf in the input times the zero tap would
+    be a NaN; a frozen backbone's activations of finite images are finite). The convolution of another shape may
+    sum them in another order; on EfficientNet-Lite0 at 256 px the features of MulSen-AD capsule's images came
+    out bit for bit the same, and its pass over them took 0.56-0.65 s against 0.64-0.77 s (2 CPU cores,
+    engine.keep_freed_memory's malloc settings; 1.09-1.21 s against 1.38-1.41 s without them, where each copy's
+    pages are faulted in). Dilated convolutions (none in EfficientNet-Lite) pad a copy as before. Used in the
+    folded copies only: the module tree, checkpoints and exports keep timm's ``Conv2dSame``."""
 
     def __init__(self, conv: nn.Conv2d):
         super().__init__()
