@@ -25,7 +25,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-__all__ = ["threshold_at_fpr", "image_auroc", "average_precision", "f1_max", "pixel_auroc", "pixel_ap",
+__all__ = ["threshold_at_fpr", "exceedance_bounds", "image_auroc", "average_precision", "f1_max", "pixel_auroc", "pixel_ap",
            "pixel_f1_max", "aupro",
            "aupro_key", "pro_curve", "pixel_images_kept", "compute_metrics", "METRIC_KEYS", "STRICT_LIMITS"]
 
@@ -344,6 +344,24 @@ def threshold_at_fpr(normal_scores: ArrayLike, target_fpr: float) -> float:
     if not 0.0 <= target_fpr <= 1.0:
         raise ValueError(f"target_fpr must be in [0, 1], got {target_fpr}")
     return float(np.quantile(s, 1.0 - target_fpr))
+
+
+def exceedance_bounds(normal_scores: ArrayLike, threshold: float) -> Tuple[float, float]:
+    """(lo, hi): bounds of the probability that a new good part, exchangeable with the n good parts whose
+    ``normal_scores`` set ``threshold`` (i.i.d. draws of one distribution: the same line, the same model), scores
+    above it. Of n + 1 exchangeable continuous scores each rank is equally likely, so the new one lies above the
+    k-th largest of the n with probability k / (n + 1). With a scores above the threshold: it lies between the
+    a-th and the (a + 1)-th largest (lo = a / (n + 1), hi = (a + 1) / (n + 1)), or is the (a + 1)-th (lo = hi).
+    A quantile of few scores flags more new good parts than its target: the 0.95 quantile of 5 (between the two
+    largest) flags 1/6 to 1/3 of them, of 20 about 5-10 %, of 100 about 5-6 %. Distribution-free, so it holds for
+    any model; it assumes the new parts come from where the n came from."""
+    s = _np(normal_scores).astype(np.float64).ravel()
+    if s.size < 1 or not np.isfinite(s).all() or not math.isfinite(threshold):
+        raise ValueError(f"exceedance_bounds needs finite scores and a finite threshold, got {s[:5].tolist()} "
+                         f"and {threshold}")
+    above, n = int((s > threshold).sum()), s.size
+    hi = (above + 1) / (n + 1)
+    return (hi if bool((s == threshold).any()) else above / (n + 1)), hi
 
 
 def nanmean(values) -> float:

@@ -25,7 +25,8 @@ The exit status is non-zero only for bad arguments, or when no image could be sc
 Recalibration (--calibrate_on GOOD_DIR --save_checkpoint NEW.pth): scores the good parts in GOOD_DIR (at least
 8 readable images, nothing but images in it), sets the decision threshold to the score that --target_fpr of them
 exceed, and writes a NEW checkpoint (never the input file) that records how many images, which folder and which
-quantile set it. What the model computes is unchanged; only the decision moves.
+quantile set it, and says how often a new good part like them would be flagged (metrics.exceedance_bounds: a
+quantile of few parts flags more than --target_fpr). What the model computes is unchanged; only the decision moves.
 """
 from __future__ import annotations
 
@@ -47,7 +48,7 @@ from engine import (HelpFormatter, OnnxModel, RunError, WORKERS_HELP, autocast_c
                     load_checkpoint, load_model, loader_options, positive_int, prepare_out_dir, probability,
                     resolve_device, run_cli, save_atomic, vis_names, workers, write_text_atomic,
                     write_visualisation)
-from metrics import threshold_at_fpr
+from metrics import exceedance_bounds, threshold_at_fpr
 
 PREDICTION_COLUMNS = ("path", "aux_path", "score", "score_logit", "decision", "threshold", "ms")
 SKIPPED_COLUMNS = ("path", "reason")
@@ -424,6 +425,7 @@ def run_calibration(args, model, spec, ckpt, device, use_aux) -> Dict[str, objec
               "aux_dir": (os.path.abspath(args.aux_dir) if args.aux_dir else f"sibling {args.aux_sibling}")
               if use_aux else None, "target_fpr": args.target_fpr,
               "quantile": 1.0 - args.target_fpr, "threshold": new,
+              "new_good_flagged": list(exceedance_bounds(finite, new)),
               "previous_threshold": old if math.isfinite(old) else None,
               "source_checkpoint": os.path.abspath(args.checkpoint), "git": git_revision()}
     ckpt["calibration"] = record
@@ -436,6 +438,9 @@ def run_calibration(args, model, spec, ckpt, device, use_aux) -> Dict[str, objec
           + (f" ({len(skipped)} unreadable, left out)" if skipped else "")
           + f": threshold {prev} -> {new:.4f} (the {1 - args.target_fpr:.3f} quantile of their score_logit; "
             f"{above} of them score above it)")
+    lo, hi = record["new_good_flagged"]
+    print(f"a new good part like these scores above it with a probability of {lo:.3f} to {hi:.3f} (target "
+          f"{args.target_fpr:.3f}; a quantile of {len(finite)} scores: more good parts bring it closer)")
     print(f"wrote {target}")
     return record
 

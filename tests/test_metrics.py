@@ -216,3 +216,24 @@ def test_anomalous_images_without_mask_are_left_out_of_pixel_metrics():
     assert out["pixel_auroc"] == pytest.approx(roc_auc_score(all_masks[keep].ravel(), all_maps[keep].ravel()))
     # the image metrics still see all six images
     assert out["image_auroc"] == pytest.approx(roc_auc_score(all_labels, all_maps.max(axis=(1, 2))))
+
+
+def test_exceedance_bounds_hold_for_exchangeable_scores():
+    """A new good part exchangeable with the n that set a threshold lies above the k-th largest of them with
+    probability k / (n + 1): the bounds of the quantile threshold_at_fpr takes, checked against the exact value for
+    uniform scores (1 - the threshold, averaged over many draws) and on hand-made cases."""
+    from metrics import exceedance_bounds, threshold_at_fpr
+    five = np.arange(1.0, 6.0)                                  # the 0.95 quantile: 4.8, between the two largest
+    assert exceedance_bounds(five, threshold_at_fpr(five, 0.05)) == pytest.approx((1 / 6, 2 / 6))
+    assert exceedance_bounds(five, 5.0) == pytest.approx((1 / 6, 1 / 6))      # on a score: exactly its rank
+    assert exceedance_bounds(five, 0.0) == pytest.approx((5 / 6, 1.0))
+    rng = np.random.default_rng(0)
+    for n, fpr in [(5, 0.05), (16, 0.05), (20, 0.05), (40, 0.1)]:
+        u = rng.random((20000, n))
+        thr = np.quantile(u, 1 - fpr, axis=1)
+        flagged = float(np.mean(1.0 - thr))                     # P(new uniform > thr), averaged over the draws
+        lo, hi = exceedance_bounds(u[0], threshold_at_fpr(u[0], fpr))
+        assert lo <= flagged <= hi, (n, fpr, lo, flagged, hi)
+        assert flagged > fpr                                    # a quantile of few parts flags more than its target
+    with pytest.raises(ValueError, match="finite"):
+        exceedance_bounds([1.0, float("nan")], 0.5)

@@ -174,6 +174,10 @@ def test_recalibration_writes_a_new_checkpoint_and_refuses_what_it_cannot_use(tm
     new = load_checkpoint(str(tmp_path / "new.pth"))
     rec = new["calibration"]
     assert rec["images"] == 10 and rec["quantile"] == pytest.approx(0.8) and rec["folder"] == str(whole)
+    # the 0.8 quantile of 10 scores lies between the 2nd and the 3rd largest: a new good part like them scores
+    # above it with a probability of 2/11 to 3/11 (metrics.exceedance_bounds), said in one line
+    assert rec["new_good_flagged"] == pytest.approx([2 / 11, 3 / 11])
+    assert "a new good part like these scores above it with a probability of 0.182 to 0.273 (target 0.200" in out
     # the threshold is what 20 % of these good parts exceed, and the scores are the ones predict.py gives
     assert _cli(predict_script, _predict(tmp_path / "new.pth", whole, tmp_path / "all_ir", tmp_path / "p"),
                 capsys)[0] == 0
