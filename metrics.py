@@ -25,8 +25,8 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-__all__ = ["threshold_at_fpr", "exceedance_bounds", "image_auroc", "average_precision", "f1_max", "pixel_auroc", "pixel_ap",
-           "pixel_f1_max", "aupro",
+__all__ = ["threshold_at_fpr", "exceedance_bounds", "image_auroc", "average_precision", "f1_max", "pixel_auroc",
+           "pixel_ap", "pixel_f1_max", "aupro",
            "aupro_key", "pro_curve", "pixel_images_kept", "compute_metrics", "METRIC_KEYS", "STRICT_LIMITS"]
 
 # AUPRO at FPR 0.3 saturates on small defects (a map that only outlines the object scores about 0.96 there);

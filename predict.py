@@ -26,7 +26,8 @@ Recalibration (--calibrate_on GOOD_DIR --save_checkpoint NEW.pth): scores the go
 8 readable images, nothing but images in it), sets the decision threshold to the score that --target_fpr of them
 exceed, and writes a NEW checkpoint (never the input file) that records how many images, which folder and which
 quantile set it, and says how often a new good part like them would be flagged (metrics.exceedance_bounds: a
-quantile of few parts flags more than --target_fpr). What the model computes is unchanged; only the decision moves.
+quantile of few parts flags more than --target_fpr). What the model computes is unchanged; only the decision
+moves.
 """
 from __future__ import annotations
 
