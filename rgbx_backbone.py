@@ -267,6 +267,8 @@ class _SamePaddedConv(nn.Module):
 
     def __init__(self, conv: nn.Conv2d):
         super().__init__()
+        from timm.layers.padding import get_same_padding  # Conv2dSame's own rule for the total padding
+        self._total_padding = get_same_padding
         self.weight, self.bias = conv.weight, conv.bias
         self.stride, self.dilation, self.groups = tuple(conv.stride), tuple(conv.dilation), conv.groups
         self._extended: Dict[Tuple[int, int], torch.Tensor] = {}
@@ -274,7 +276,7 @@ class _SamePaddedConv(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         before, after = [], []
         for size, k, s, d in zip(x.shape[-2:], self.weight.shape[-2:], self.stride, self.dilation):
-            total = max((-(-size // s) - 1) * s + (k - 1) * d + 1 - size, 0)
+            total = self._total_padding(size, k, s, d)
             before.append(total // 2)
             after.append(total - total // 2)
         if before == after:
