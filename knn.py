@@ -127,14 +127,18 @@ def greedy_coreset_ref(x: torch.Tensor, k: int, projection_dim: int = 64, seed: 
 
 
 # greedy_coreset's work sizes: candidates examined per step, chosen rows between exact refreshes of every row,
-# the rows kept as possible next picks, and the rows per block of a refresh (a block's products stay in cache).
-# They change the time, never the rows. 8 candidates from a pool of 512 against 32 from 2048: the two 59 k-row
-# banks of capsule at 256 px 1.23 s (median of 4, alternating) against 1.57 s; 203 k real rows (the synthetic
-# disc, 220 train images) and 230 k x 1000 clustered rows as fast as before (2.0-2.3 s per bank; 2.2-2.3 s).
-CORESET_CANDIDATES = 8
+# the rows kept as possible next picks, the rows per block of a refresh, and the widest candidate list that a run
+# of picks continues from (its pairwise distances are computed once: a list of 512 rows made a run cost more than
+# the steps it saved). They change the time, never the rows. 8 candidates from a pool of 512 against 32 from 2048:
+# the two 59 k-row banks of capsule at 256 px 1.23 s (median of 4, alternating) against 1.57 s. With runs (on the
+# AMD EPYC VM of docs/profile.md), capsule's two 65 k-row banks: 16 candidates, runs from up to 16, blocks of
+# 65536 rows 0.52-0.55 s; 8 candidates 0.55-0.60 s; blocks of 16384 0.58-0.61 s; refreshes every 128 picks
+# 0.72 s, every 32 0.83 s; runs from up to 64 rows 0.64-0.72 s; without runs 0.74-0.80 s.
+CORESET_CANDIDATES = 16
 CORESET_REFRESH = 64
 CORESET_POOL = 512
-CORESET_ROW_BLOCK = 16384
+CORESET_ROW_BLOCK = 65536
+CORESET_RUN_CANDIDATES = 16
 
 
 def greedy_coreset(x: torch.Tensor, k: int, projection_dim: int = 64, seed: int = 0) -> torch.Tensor:
@@ -146,15 +150,18 @@ def greedy_coreset(x: torch.Tensor, k: int, projection_dim: int = 64, seed: int 
     Each row keeps ``u``, its squared distance to the chosen rows, exact up to the last refresh and an upper
     bound after it (distances only fall as rows are chosen). A step examines only the rows with the largest
     bounds: brings them up to date with the difference formula, and stops once the best exact value beats every
-    bound left (a wider search otherwise). Every ``CORESET_REFRESH`` steps all rows take in the new chosen rows
-    (:class:`_RefreshFilter`): one matrix product, bfloat16 where the CPU has bfloat16 units, finds the (row,
-    chosen) pairs that can lower a row's value (with :class:`BankSearch`'s bounds of the product's rounding
-    error), and only those pairs are recomputed with the difference formula, so every value is the reference's,
-    bit for bit. The distances are computed by torch on the device of x (CPU or CUDA);
-    the per-step bookkeeping (bounds, candidate ranking, maxima) is numpy's on the host: a step touches a few
-    dozen rows, where a torch call costs 5-10 us of dispatch and a numpy one 1-2 us (4096 of the 59 k rows of a
-    real 256 px class: 1.3-1.5 s -> 1.0-1.2 s on 2 CPU cores; the refreshes' products are most of the rest).
-    Float32 comparisons and maxima are exact in either library."""
+    bound left (a wider search otherwise). The next picks come from the same candidates while they can: their
+    values lowered by each pick through their pairwise distances (computed once per list, the difference formula's
+    values), the best is the next pick as long as it stays above every other row's bound (capsule's two banks at
+    256 px: 1884 small distance computations for 8190 picks, against 8580 without runs). Every
+    ``CORESET_REFRESH`` steps all rows take in the new chosen rows (:class:`_RefreshFilter`): one matrix product,
+    bfloat16 where the CPU has bfloat16 units, finds the (row, chosen) pairs that can lower a row's value (with
+    :class:`BankSearch`'s bounds of the product's rounding error), and only those pairs are recomputed with the
+    difference formula, so every value is the reference's, bit for bit. The distances are computed by torch on the
+    device of x (CPU or CUDA); the per-step bookkeeping (bounds, candidate ranking, maxima) is numpy's on the
+    host: a step touches a few dozen rows, where a torch call costs 5-10 us of dispatch and a numpy one 1-2 us
+    (4096 of the 59 k rows of a real 256 px class: 1.3-1.5 s -> 1.0-1.2 s on 2 CPU cores). Float32 comparisons
+    and maxima are exact in either library."""
     n = x.shape[0]
     if k >= n:
         return torch.arange(n)
@@ -170,7 +177,8 @@ def greedy_coreset(x: torch.Tensor, k: int, projection_dim: int = 64, seed: int 
     upto = np.ones(n, dtype=np.int64)                    # chosen rows [0, upto) are in each row's u
     done = 1                                             # chosen rows [0, done) are in every row's u
     pool, tau = None, None
-    for i in range(1, k):
+    i = 1
+    while i < k:
         t, pool_size = CORESET_CANDIDATES, CORESET_POOL
         while True:
             if pool is None:   # the rows that can still be the farthest: every other row's u is <= tau
@@ -195,16 +203,36 @@ def greedy_coreset(x: torch.Tensor, k: int, projection_dim: int = 64, seed: int 
                 t *= 2
             else:              # the pool is used up: a wider one (ties can outnumber any fixed width)
                 pool, pool_size = None, 2 * pool_size
+        # A run of picks from these candidates: every other row's u is at most max(rest, tau) and stays an upper
+        # bound as rows are chosen, so while the candidates' best exact value (lowered by each pick through
+        # their pairwise distances, the difference formula's values) stays above it, it is the next pick.
+        limit, pairs = max(rest, tau), None
         j = int(cand[vals == best].min())
-        chosen[i] = j
-        centers[i] = z[j]
-        if i + 1 - done == CORESET_REFRESH or i == k - 1:
-            u_dev = torch.from_numpy(u).to(dev)          # u itself on the CPU: refreshed in place
-            filt.refresh(u_dev, centers[done:i + 1])
-            if u_dev.device.type != "cpu":
-                u[:] = u_dev.cpu().numpy()
-            done = i + 1
-            upto.fill(done)
+        while True:
+            chosen[i] = j
+            centers[i] = z[j]
+            if i + 1 - done == CORESET_REFRESH or i == k - 1:
+                u_dev = torch.from_numpy(u).to(dev)          # u itself on the CPU: refreshed in place
+                filt.refresh(u_dev, centers[done:i + 1])
+                if u_dev.device.type != "cpu":
+                    u[:] = u_dev.cpu().numpy()
+                done = i + 1
+                upto.fill(done)
+                i += 1
+                break
+            i += 1
+            if not 1 < cand.size <= CORESET_RUN_CANDIDATES:
+                break
+            if pairs is None:
+                at = torch.from_numpy(cand).to(dev)
+                pairs = _sq_dist(z[at], z[at]).cpu().numpy()
+            vals = np.minimum(vals, pairs[:, np.flatnonzero(cand == j)[0]])
+            u[cand] = vals
+            upto[cand] = i
+            best = vals.max()
+            if not best > limit:
+                break
+            j = int(cand[vals == best].min())
     return torch.from_numpy(chosen)
 
 
@@ -468,7 +496,12 @@ class BankSearch:
         if self.dtype == torch.bfloat16:
             g = side @ cols
             if bound is None:
-                low = g.amin(1).float()
+                # Any product L_j stands in for the smallest: min F <= F_j <= L_j + 2 A_j + eps. The row minimum of
+                # the products read as 16-bit integers is the smallest product where none is negative and else the
+                # negative one nearest zero (bfloat16 is sign-magnitude): a bound either way, looser only for
+                # queries within the rounding slack of a bank row. It reads 2 bytes per product where bfloat16's
+                # amin converts each (0.02 against 0.18 ms per 512 x 4096 block, a tenth of the block's search).
+                low = g.view(torch.int16).amin(1).view(torch.bfloat16).float()
                 # min F <= g(min lower) + 2 A_j (A_j <= alpha |q'| max|b'| (1 + u)^2) + eps; + eps again
                 wide = 2.03 * (1 + _UBF16) ** 2 * self.alpha * qq.sqrt() * self.bsq_max.sqrt()
                 y = low + self.out_round * low.abs() + wide + 2 * eps

@@ -32,18 +32,23 @@ def _coreset_inputs():
     clustered = torch.cat([c + 0.1 * torch.randn(500, 24, generator=g) for c in torch.randn(6, 24, generator=g) * 5])
     # exact duplicates, and more picks than distinct rows: ties everywhere, then distances of zero
     dupes = torch.randn(40, 12, generator=g).repeat(30, 1)[torch.randperm(1200, generator=g)]
-    return {"gauss": (gauss, 300, 16), "clustered": (clustered, 200, 0), "dupes": (dupes, 64, 0)}
+    # integer points: exact ties between a candidate's distance and other rows' bounds at every stage
+    grid = torch.cartesian_prod(torch.arange(12.0), torch.arange(12.0), torch.arange(3.0))
+    grid = grid[torch.randperm(len(grid), generator=g)]
+    return {"gauss": (gauss, 300, 16), "clustered": (clustered, 200, 0), "dupes": (dupes, 64, 0),
+            "grid": (grid, 60, 0)}
 
 
-@pytest.mark.parametrize("case", ["gauss", "clustered", "dupes"])
+@pytest.mark.parametrize("case", ["gauss", "clustered", "dupes", "grid"])
 @pytest.mark.parametrize("small_work", [False, True])
 def test_greedy_coreset_picks_exactly_what_the_reference_picks(case, small_work, monkeypatch):
     """The fast selection returns the reference's rows in the reference's order, also when its candidate lists,
-    pools and refresh intervals are tiny (every widening and rebuild path runs)."""
+    pools and refresh intervals are tiny (every widening and rebuild path runs, and runs of picks from one candidate
+    list of 2 or 4 rows, never of wider lists)."""
     import knn
     if small_work:
         for name, value in (("CORESET_CANDIDATES", 1), ("CORESET_POOL", 4), ("CORESET_REFRESH", 3),
-                            ("CORESET_ROW_BLOCK", 100)):
+                            ("CORESET_ROW_BLOCK", 100), ("CORESET_RUN_CANDIDATES", 4)):
             monkeypatch.setattr(knn, name, value)
     x, k, proj = _coreset_inputs()[case]
     want = knn.greedy_coreset_ref(x, k, projection_dim=proj, seed=2)
@@ -57,7 +62,7 @@ def test_coreset_refreshes_are_exact_in_either_product_dtype(dtype, monkeypatch)
     bounds are what keeps it exact."""
     import knn
     monkeypatch.setattr(knn, "search_dtype", lambda device: dtype)
-    for case in ("gauss", "clustered", "dupes"):
+    for case in ("gauss", "clustered", "dupes", "grid"):
         x, k, proj = _coreset_inputs()[case]
         assert torch.equal(knn.greedy_coreset(x, k, projection_dim=proj, seed=2),
                            knn.greedy_coreset_ref(x, k, projection_dim=proj, seed=2)), case
