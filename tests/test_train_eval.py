@@ -438,7 +438,7 @@ def test_bench_fit_runs_show_each_runs_ratios_and_their_median(monkeypatch, caps
                 "knn fit": knn / 2,
                 "knn eval": knn / 2, "knn total": knn, "MambaAlign train": ma - 1, "MambaAlign eval": 1.0,
                 "MambaAlign total": ma, "knn ratio": knn / floor, "MambaAlign ratio": ma / knn, "bank fit": 1.0,
-                "epoch": 1.0, "n epochs": 2, "pool": 3.0,
+                "epoch": 1.0, "n epochs": 2, "pool": 3.0, "MambaAlign rest": ma / 4, "rest ratio": ma / 4 / knn,
                 "summary": {"overall": {"image_auroc": 0.9, "aupro_0.05": 0.5}}}
     monkeypatch.setattr(bench, "_fit_once", fake_run)
     args = bench.get_args_parser().parse_args(["fit", "--object", "ring", "--img_size", "64", "--fit_runs", "3",
@@ -451,12 +451,24 @@ def test_bench_fit_runs_show_each_runs_ratios_and_their_median(monkeypatch, caps
     assert ("knn fit + eval = 10.0 (8.0-15.0) s = 4.00x (2.50-5.00x) the bare backbone pass over the same train "
             "and test images: 3.0 (2.0-4.0) s") in out
     assert "= 5.00x (5.00-6.00x) the knn fit + eval (image AUROC 0.9000, AUPRO 0.05 0.5000)" in out
+    # the recipe less its steps: 10, 22.5, 12.5 s = 1.25x, 1.50x, 1.25x the knn
+    assert "less its epochs' training steps and validations = 12.5 (10.0-22.5) s = 1.25x (1.25-1.50x) the knn" in out
     rows = [l for l in out.splitlines() if l.startswith("| 1 ") or l.startswith("| 2 ") or l.startswith("| 3 ")]
     assert [r.split("|")[4].strip() for r in rows] == ["4.00x", "5.00x", "2.50x"]
     # the stacked network's pass beside the folded one, as a ratio within each run
     stacked = next(l for l in out.splitlines() if l.startswith("| the same pass, norms not folded"))
     cells = [c.strip() for c in stacked.split("|")[1:-1]]
     assert cells[1] == "4.5 (3.0-6.0)" and cells[3] == "1.50x (1.50-1.50x)"
+
+
+def test_bench_fit_takes_the_steps_out_of_the_recipe_but_not_the_views():
+    import bench
+    rows = [{"epoch": 1, "time_s": 3.0, "pool_encode_s_total": 1.5}, {"epoch": 2, "time_s": 4.0,
+                                                                       "pool_encode_s_total": 2.5},
+            {"epoch": 3, "time_s": 1.0, "pool_encode_s_total": 2.5}]
+    # 8 s of epochs, 2.5 s of them encoding views: 5.5 s of steps and validations out of 20 s
+    assert bench._recipe_less_steps(20.0, rows) == pytest.approx(14.5)
+    assert bench._recipe_less_steps(20.0, [{"epoch": 1, "time_s": 3.0}]) == pytest.approx(17.0)   # no pool
 
 
 def test_model_flags_reach_the_config():
