@@ -5,7 +5,8 @@
   (rebuilds the MambaAlign or knn model a checkpoint holds), ``prepare_out_dir`` (creates --out_dir once the
   checks pass and removes temporaries a killed save left).
 * The run's environment: ``resolve_device``, ``autocast_context`` (one autocast for the repo), ``dist_info``,
-  ``git_revision``, ``keep_freed_memory`` (glibc's malloc keeps freed tensors' memory for the next ones).
+  ``git_revision``, ``keep_freed_memory`` (glibc's malloc keeps freed tensors' memory for the next ones),
+  ``freeze_imports`` (the cycle collector leaves the imported modules' objects alone).
 * Command lines: argument types that range-check numbers, ``HelpFormatter`` (defaults shown), ``run_cli`` (data,
   checkpoint, argument and file errors become one line and exit status 2).
 * ``run_inference``: the loop train.py (validation) and eval.py (test) share, so both compute metrics the same way;
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import gc
 import glob
 import math
 import os
@@ -36,9 +38,9 @@ from rgbx_backbone import BackboneWeightsError
 __all__ = ["resolve_device", "autocast_context", "run_inference", "FeatureCache", "available_memory",
            "git_revision", "dist_info", "load_model",
            "save_atomic", "make_checkpoint", "plain", "load_checkpoint", "prepare_out_dir", "MODEL_TYPES",
-           "RunError", "HelpFormatter", "keep_freed_memory", "positive_int", "nonneg_int", "positive_float",
-           "nonneg_float", "probability", "fraction", "fpr_limit", "image_size", "workers", "resolve_workers",
-           "loader_options", "WORKERS_HELP", "run_cli", "vis_names", "write_visualisation",
+           "RunError", "HelpFormatter", "keep_freed_memory", "freeze_imports", "positive_int", "nonneg_int",
+           "positive_float", "nonneg_float", "probability", "fraction", "fpr_limit", "image_size", "workers",
+           "resolve_workers", "loader_options", "WORKERS_HELP", "run_cli", "vis_names", "write_visualisation",
            "OnnxModel", "ONNX_FORMAT", "ONNX_META_KEYS", "Terminated", "resume_command", "write_text_atomic",
            "write_atomic", "link_atomic"]
 
@@ -167,6 +169,24 @@ def keep_freed_memory() -> bool:
     return all(mallopt(param, value) == 1 for param, value in settings.items())
 
 
+def freeze_imports() -> int:
+    """Move every object Python's cycle collector tracks now to its permanent generation (``gc.freeze``) and
+    return how many it holds: called once per process after the imports (about 320 k objects with torch, numpy
+    and the scripts imported), so the full collections that a run's allocations trigger no longer traverse them.
+    Each such collection took 0.16-0.24 s, about once per knn fit + eval on MulSen-AD capsule (3.4 s on 2 cores);
+    with the imports frozen 0.02-0.06 s. Nothing changes but the time: frozen objects are still freed when their
+    last reference goes, only a reference cycle among them would never be (none was unreachable after the
+    imports: ``gc.collect()`` found 0). The scripts call it through :func:`run_cli`, the first time only."""
+    global _FROZEN
+    if not _FROZEN:
+        gc.freeze()
+        _FROZEN = True
+    return gc.get_freeze_count()
+
+
+_FROZEN = False
+
+
 def run_cli(main: Callable, parser: argparse.ArgumentParser, argv=None, on_interrupt: Optional[Callable] = None):
     """Parse the arguments and run ``main``; a data, checkpoint, argument or file-system error becomes one line
     on stderr and exit status 2 (``--debug`` shows the traceback instead). Ctrl-C (SIGINT) and SIGTERM stop the
@@ -176,6 +196,7 @@ def run_cli(main: Callable, parser: argparse.ArgumentParser, argv=None, on_inter
     from datasets import DatasetError
     args = parser.parse_args(argv)
     keep_freed_memory()
+    freeze_imports()
     previous = None
     try:
         previous = signal.signal(signal.SIGTERM, _raise_terminated)

@@ -98,6 +98,22 @@ def test_threads_allocate_from_the_one_heap(tmp_path):
 def test_run_cli_applies_it_before_main(monkeypatch):
     calls = []
     monkeypatch.setattr(engine, "keep_freed_memory", lambda: calls.append("malloc"))
+    monkeypatch.setattr(engine, "freeze_imports", lambda: calls.append("gc"))
     parser = argparse.ArgumentParser(prog="probe")
     assert engine.run_cli(lambda args: calls.append("main") or 7, parser, []) == 7
-    assert calls == ["malloc", "main"]
+    assert calls == ["malloc", "gc", "main"]
+
+
+def test_freeze_imports_moves_the_imported_objects_out_of_the_collections_once():
+    """In a fresh process (freezing this one would keep the test session's objects from the collector): the
+    imports' objects go to the permanent generation, a second call freezes nothing more, and objects made later
+    are still collected."""
+    code = ("import gc, engine\n"
+            "n = engine.freeze_imports()\n"
+            "more = [[] for _ in range(1000)]\n"
+            "print(n > 100000, engine.freeze_imports() == n == gc.get_freeze_count())\n"
+            "a = []; a.append(a); del a\n"
+            "print(gc.collect() >= 1)\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["True", "True", "True"]
