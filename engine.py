@@ -176,15 +176,11 @@ def freeze_imports() -> int:
     Each such collection took 0.16-0.24 s, about once per knn fit + eval on MulSen-AD capsule (3.4 s on 2 cores);
     with the imports frozen 0.02-0.06 s. Nothing changes but the time: frozen objects are still freed when their
     last reference goes, only a reference cycle among them would never be (none was unreachable after the
-    imports: ``gc.collect()`` found 0). The scripts call it through :func:`run_cli`, the first time only."""
-    global _FROZEN
-    if not _FROZEN:
+    imports: ``gc.collect()`` found 0). The scripts call it through :func:`run_cli`; it freezes only while
+    nothing is frozen, so later calls (a second run_cli in one process) leave later objects to the collector."""
+    if not gc.get_freeze_count():
         gc.freeze()
-        _FROZEN = True
     return gc.get_freeze_count()
-
-
-_FROZEN = False
 
 
 def run_cli(main: Callable, parser: argparse.ArgumentParser, argv=None, on_interrupt: Optional[Callable] = None):
